@@ -1,0 +1,213 @@
+"""SDAS diffusion models on disk: presets, the diffusers-format folder, its model card and id.
+
+A model folder is what diffusers writes (``unet/`` and ``scheduler/``) plus
+``model_card.json``: categories -> class ids, resolution, training steps, a fingerprint of
+the training data, and ``model_id``, a content hash of the weights and configs, so every SIA
+sample can name exactly the model that made it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+from sia_pipeline.storage import StorageError, is_s3, open_storage
+
+log = logging.getLogger(__name__)
+
+BUNDLED_MODEL = Path(__file__).parent / "assets" / "demo_model"
+CARD_NAME = "model_card.json"
+_HASHED_FILES = ("unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                 "scheduler/scheduler_config.json")
+
+
+class ModelError(ValueError):
+    """A model folder that is missing, incomplete or corrupt (the message names it)."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """UNet shape and training defaults; ``tiny-cpu`` trains on a laptop, ``paper-gpu`` is 256 px."""
+
+    resolution: int
+    block_out_channels: tuple[int, ...]
+    down_block_types: tuple[str, ...]
+    up_block_types: tuple[str, ...]
+    layers_per_block: int
+    norm_num_groups: int
+    batch_size: int
+    train_steps: int
+    learning_rate: float
+    checkpoint_every: int
+
+
+PRESETS: dict[str, Preset] = {
+    # For tests: well under 1M parameters, 32 px.
+    "test": Preset(32, (16, 32), ("DownBlock2D", "DownBlock2D"), ("UpBlock2D", "UpBlock2D"),
+                   1, 8, 8, 20, 2e-4, 10),
+    # The bundled demo model: trains in minutes on 2 CPU cores.
+    "tiny-cpu": Preset(32, (32, 64, 96), ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                       ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), 1, 16, 32, 4000, 5e-4, 500),
+    # Paper scale (guided-diffusion-like, 256 px): one GPU, days.
+    "paper-gpu": Preset(
+        256,
+        (128, 128, 256, 256, 512, 512),
+        ("DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D",
+         "DownBlock2D"),
+        ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
+        2, 32, 16, 200_000, 1e-4, 10_000,
+    ),
+}
+
+
+def build_unet(preset: Preset, num_classes: int, resolution: int | None = None,
+               learn_sigma: bool = False) -> UNet2DModel:
+    """A class-conditional ``UNet2DModel`` (one class embedding per category)."""
+    return UNet2DModel(
+        sample_size=resolution or preset.resolution,
+        in_channels=3,
+        out_channels=6 if learn_sigma else 3,
+        block_out_channels=preset.block_out_channels,
+        down_block_types=preset.down_block_types,
+        up_block_types=preset.up_block_types,
+        layers_per_block=preset.layers_per_block,
+        norm_num_groups=preset.norm_num_groups,
+        num_class_embeds=num_classes,
+    )
+
+
+def build_scheduler(learn_sigma: bool = False, num_train_timesteps: int = 1000) -> DDPMScheduler:
+    """Linear betas over T = 1000, as in the official SDAS release."""
+    return DDPMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule="linear",
+        variance_type="learned_range" if learn_sigma else "fixed_small",
+        clip_sample=True,
+        prediction_type="epsilon",
+    )
+
+
+@dataclass
+class SDASModel:
+    """A loaded model: the UNet, its scheduler config and its card."""
+
+    unet: UNet2DModel
+    scheduler_config: dict[str, Any]
+    card: dict[str, Any]
+    path: str = ""
+    categories: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.categories = {str(k): int(v) for k, v in self.card["categories"].items()}
+
+    @property
+    def model_id(self) -> str:
+        return self.card["model_id"]
+
+    @property
+    def resolution(self) -> int:
+        return int(self.card["resolution"])
+
+    def class_id(self, category: str) -> int:
+        if category not in self.categories:
+            msg = f"unknown category {category!r}; this model knows {sorted(self.categories)}"
+            raise ValueError(msg)
+        return self.categories[category]
+
+
+def content_hash(folder: Path) -> str:
+    h = hashlib.sha256()
+    for rel in _HASHED_FILES:
+        h.update(rel.encode())
+        h.update((folder / rel).read_bytes())
+    return "sdas-" + h.hexdigest()[:16]
+
+
+def save_model(folder: str | os.PathLike, unet: UNet2DModel, scheduler: DDPMScheduler,
+               card: dict[str, Any], half: bool = False) -> str:
+    """Write the diffusers folder and the card; returns the new ``model_id``.
+
+    ``half`` stores fp16 weights (the bundled model, to stay small); loading upcasts.
+    """
+    folder = Path(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-model-", dir=folder.parent if folder.parent.exists()
+                                else None))
+    to_save = unet
+    if half:
+        to_save = UNet2DModel.from_config(unet.config)
+        to_save.load_state_dict(unet.state_dict())
+        to_save = to_save.to(torch.float16)
+    to_save.save_pretrained(tmp / "unet", safe_serialization=True)
+    scheduler.save_config(tmp / "scheduler")
+    card = dict(card, model_id=content_hash(tmp))
+    (tmp / CARD_NAME).write_text(json.dumps(card, indent=2, sort_keys=True))
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, folder)
+    return card["model_id"]
+
+
+def _fetch_s3_model(url: str, endpoint_url: str | None) -> Path:
+    cache = Path(os.environ.get("SIA_CACHE", Path.home() / ".cache" / "sia-realnet")) / "models"
+    dst = cache / hashlib.sha256(url.encode()).hexdigest()[:16]
+    storage = open_storage(url, endpoint_url)
+    names = [n for n in storage.list("") if n in (*_HASHED_FILES, CARD_NAME)]
+    if not names:
+        msg = f"no SDAS model at {url}"
+        raise ModelError(msg)
+    for name in names:
+        target = dst / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(storage.get_bytes(name))
+    return dst
+
+
+def load_model(url: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+               endpoint_url: str | None = None, verify: bool = True) -> SDASModel:
+    """Load a model folder (local path, ``file://`` or ``s3://``); None = the bundled demo model.
+
+    Raises:
+        ModelError: the folder is missing, lacks a file, or its content hash does not match
+            its card (a corrupt or tampered model).
+    """
+    url = str(url or BUNDLED_MODEL)
+    try:
+        folder = _fetch_s3_model(url, endpoint_url) if is_s3(url) else Path(
+            url.removeprefix("file://")).expanduser()
+    except StorageError as e:
+        raise ModelError(str(e)) from None
+    if not folder.is_dir():
+        msg = f"model folder not found: {url}"
+        raise ModelError(msg)
+    missing = [r for r in (*_HASHED_FILES, CARD_NAME) if not (folder / r).is_file()]
+    if missing:
+        msg = f"{url} is not an SDAS model folder: missing {', '.join(missing)}"
+        raise ModelError(msg)
+    try:
+        card = json.loads((folder / CARD_NAME).read_text())
+        scheduler_config = json.loads((folder / "scheduler/scheduler_config.json").read_text())
+        for key in ("categories", "resolution", "model_id"):
+            if key not in card:
+                msg = f"model card lacks {key!r}"
+                raise KeyError(msg)
+        if verify and content_hash(folder) != card["model_id"]:
+            msg = "content hash does not match model_id in model_card.json"
+            raise ValueError(msg)
+        unet = UNet2DModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
+    except Exception as e:
+        msg = f"corrupt model at {url}: {e}".splitlines()[0]
+        raise ModelError(msg) from None
+    unet.to(device).eval().requires_grad_(False)
+    return SDASModel(unet=unet, scheduler_config=scheduler_config, card=card, path=url)

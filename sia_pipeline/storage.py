@@ -1,0 +1,290 @@
+"""Object storage behind one small interface: a local folder or ``s3://bucket/prefix``.
+
+Everything that names a dataset, model or image root takes a URL. Writes are atomic
+(temp file + rename locally, one PUT or a completed multipart upload on S3), so a reader
+never sees half an object. Nothing here knows about diffusion or datasets.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+
+MULTIPART_THRESHOLD = 64 * 1024 * 1024
+
+
+class StorageError(RuntimeError):
+    """A permanent storage failure, with a one-line message naming the URL (never secrets)."""
+
+
+def is_s3(url: str) -> bool:
+    return str(url).startswith("s3://")
+
+
+def join_url(base: str, *parts: str) -> str:
+    base = str(base).rstrip("/")
+    rest = "/".join(p.strip("/") for p in parts if p)
+    return f"{base}/{rest}" if rest else base
+
+
+@dataclass
+class LocalStorage:
+    """A folder on disk; ``file://`` URLs and plain paths both land here."""
+
+    root: Path
+
+    @property
+    def url(self) -> str:
+        return str(self.root)
+
+    def _path(self, rel: str) -> Path:
+        return self.root / rel if rel else self.root
+
+    def check_writable(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            msg = f"cannot create output folder {self.root}: {e.strerror}"
+            raise StorageError(msg) from e
+
+    def put_file(self, local: str | os.PathLike, rel: str) -> None:
+        dst = self._path(rel)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dst.parent)
+        os.close(fd)
+        try:
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, dst)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def put_bytes(self, data: bytes, rel: str) -> None:
+        dst = self._path(rel)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dst.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, dst)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get_bytes(self, rel: str) -> bytes:
+        try:
+            return self._path(rel).read_bytes()
+        except FileNotFoundError as e:
+            msg = f"not found: {self._path(rel)}"
+            raise FileNotFoundError(msg) from e
+
+    def open_read(self, rel: str) -> IO[bytes]:
+        return open(self._path(rel), "rb")  # noqa: SIM115 - caller closes
+
+    def size(self, rel: str) -> int | None:
+        try:
+            return self._path(rel).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def exists(self, rel: str) -> bool:
+        return self._path(rel).exists()
+
+    def delete(self, rel: str) -> None:
+        p = self._path(rel)
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Relative names of all files under ``prefix``, sorted; temp files excluded."""
+        base = self._path(prefix)
+        if not base.exists():
+            return []
+        if base.is_file():
+            return [prefix]
+        out = [
+            p.relative_to(self.root).as_posix()
+            for p in base.rglob("*")
+            if p.is_file() and not p.name.startswith(".tmp-")
+        ]
+        return sorted(out)
+
+    def local_path(self, rel: str) -> Path:
+        return self._path(rel)
+
+
+class S3Storage:
+    """``s3://bucket/prefix`` through boto3 with the standard credential chain.
+
+    Transient errors (5xx, throttling, resets) are retried by botocore's "standard" retry
+    mode with backoff; permanent ones become a one-line :class:`StorageError`.
+    """
+
+    def __init__(self, url: str, endpoint_url: str | None = None) -> None:
+        import boto3
+        from botocore.config import Config
+
+        parsed = urlparse(url)
+        if not parsed.netloc:
+            msg = f"S3 URL has no bucket: {url}"
+            raise StorageError(msg)
+        self.bucket = parsed.netloc
+        self.prefix = parsed.path.strip("/")
+        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        cfg = Config(
+            retries={"mode": "standard", "max_attempts": 6},
+            connect_timeout=5,
+            read_timeout=60,
+        )
+        self.client = boto3.client("s3", endpoint_url=self.endpoint_url, config=cfg)
+
+    @property
+    def url(self) -> str:
+        return join_url(f"s3://{self.bucket}", self.prefix)
+
+    def __getstate__(self) -> dict:
+        # boto3 clients don't pickle; Ray actors rebuild their own.
+        return {"url": self.url, "endpoint_url": self.endpoint_url}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["url"], state["endpoint_url"])
+
+    def _key(self, rel: str) -> str:
+        return "/".join(p for p in (self.prefix, rel.strip("/")) if p)
+
+    def _fail(self, err: Exception, rel: str = "") -> StorageError:
+        from botocore.exceptions import (
+            ClientError,
+            EndpointConnectionError,
+            NoCredentialsError,
+            PartialCredentialsError,
+        )
+
+        where = join_url(self.url, rel)
+        if isinstance(err, NoCredentialsError | PartialCredentialsError):
+            return StorageError(f"no S3 credentials found for {where}")
+        if isinstance(err, EndpointConnectionError):
+            return StorageError(
+                f"cannot reach S3 endpoint {self.endpoint_url or 'AWS'} for {where}"
+            )
+        if isinstance(err, ClientError):
+            code = err.response.get("Error", {}).get("Code", "?")
+            if code in ("NoSuchBucket",) or (code == "404" and not rel):
+                return StorageError(f"bucket does not exist: s3://{self.bucket}")
+            if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                return StorageError(f"access denied ({code}) for {where}")
+            return StorageError(f"S3 error {code} for {where}")
+        return StorageError(f"S3 failure for {where}: {type(err).__name__}")
+
+    def _call(self, fn, rel: str, **kw):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(**kw)
+        except (BotoCoreError, ClientError) as e:
+            raise self._fail(e, rel) from None
+
+    def check_writable(self) -> None:
+        self._call(self.client.head_bucket, "", Bucket=self.bucket)
+
+    def put_file(self, local: str | os.PathLike, rel: str) -> None:
+        from boto3.s3.transfer import TransferConfig
+
+        cfg = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, use_threads=False)
+        self._call(
+            self.client.upload_file,
+            rel,
+            Filename=str(local),
+            Bucket=self.bucket,
+            Key=self._key(rel),
+            Config=cfg,
+        )
+
+    def put_bytes(self, data: bytes, rel: str) -> None:
+        self._call(self.client.put_object, rel, Bucket=self.bucket, Key=self._key(rel), Body=data)
+
+    def get_bytes(self, rel: str) -> bytes:
+        return self.open_read(rel).read()
+
+    def open_read(self, rel: str) -> IO[bytes]:
+        from botocore.exceptions import ClientError
+
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=self._key(rel))
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                msg = f"not found: {join_url(self.url, rel)}"
+                raise FileNotFoundError(msg) from None
+            raise self._fail(e, rel) from None
+        except Exception as e:  # connection, credentials
+            raise self._fail(e, rel) from None
+        return obj["Body"]
+
+    def size(self, rel: str) -> int | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._key(rel))
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise self._fail(e, rel) from None
+        except Exception as e:
+            raise self._fail(e, rel) from None
+        return int(head["ContentLength"])
+
+    def exists(self, rel: str) -> bool:
+        return self.size(rel) is not None
+
+    def delete(self, rel: str) -> None:
+        for name in self.list(rel) or [rel]:
+            self._call(self.client.delete_object, rel, Bucket=self.bucket, Key=self._key(name))
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self._key(prefix)
+        root = f"{self.prefix}/" if self.prefix else ""
+        out: list[str] = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=base):
+                out.extend(o["Key"][len(root) :] for o in page.get("Contents", []))
+        except Exception as e:
+            raise self._fail(e, prefix) from None
+        return sorted(out)
+
+
+Storage = LocalStorage | S3Storage
+
+
+def open_storage(url: str | os.PathLike, endpoint_url: str | None = None) -> Storage:
+    """Storage for a URL: ``s3://bucket/prefix``, ``file:///path`` or a plain path."""
+    url = str(url)
+    if not url:
+        msg = "empty storage URL"
+        raise StorageError(msg)
+    if is_s3(url):
+        return S3Storage(url, endpoint_url)
+    if url.startswith("file://"):
+        url = urlparse(url).path
+    elif "://" in url:
+        msg = f"unsupported URL scheme in {url!r} (use a path, file:// or s3://)"
+        raise StorageError(msg)
+    return LocalStorage(Path(url).expanduser())
+
+
+def iter_files(storage: Storage, prefix: str, suffixes: tuple[str, ...]) -> Iterator[str]:
+    """Relative names under ``prefix`` whose suffix (case-insensitive) is in ``suffixes``."""
+    for name in storage.list(prefix):
+        if name.lower().endswith(suffixes):
+            yield name

@@ -1,0 +1,112 @@
+"""Shared fixtures: a real S3 server on loopback (moto standalone), a real local Ray, tiny models.
+
+Nothing here mocks boto3 in-process: S3 tests talk HTTP to ``moto_server`` on a free port.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SIA_SHARED_DATA", ROOT.parent / "shared" / "data"))
+TEST_CATEGORIES = {"bottle": 0, "magnetic_tile": 1}
+
+# Credentials for the loopback server only; set before any boto3 client exists.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing-secret")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.pop("AWS_PROFILE", None)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """URL of a moto S3 server on loopback, started for this test session."""
+    port = _free_port()
+    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
+    proc = subprocess.Popen(
+        [exe, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"moto_server exited with {proc.returncode}")
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("moto_server did not start within 30 s")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_client(s3_endpoint):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3_endpoint)
+
+
+@pytest.fixture
+def s3_root(s3_endpoint, s3_client, monkeypatch):
+    """A fresh ``s3://bucket/prefix`` on the loopback server; AWS_ENDPOINT_URL points at it."""
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    s3_client.create_bucket(Bucket=bucket)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    return f"s3://{bucket}/data"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray instance for the session (small num_cpus)."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "mvtec_ad" / "bottle").is_dir():
+        pytest.skip(f"real data folder {SHARED_DATA} is absent (CI has it)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """An untrained, tiny (32 px, <1M params) class-conditional SDAS model folder."""
+    import torch
+
+    from sia_pipeline.model import PRESETS, build_scheduler, build_unet, save_model
+
+    torch.manual_seed(0)
+    unet = build_unet(PRESETS["test"], num_classes=len(TEST_CATEGORIES))
+    folder = tmp_path_factory.mktemp("models") / "tiny"
+    save_model(folder, unet, build_scheduler(), {"categories": TEST_CATEGORIES, "resolution": 32,
+                                                 "train_steps": 0, "preset": "test"})
+    return folder

@@ -1,0 +1,48 @@
+"""Storage against a real loopback S3 server and a local folder."""
+
+from __future__ import annotations
+
+import pytest
+
+from sia_pipeline.storage import StorageError, open_storage
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "root")
+    return request.getfixturevalue("s3_root")
+
+
+def test_put_get_list_size(root, tmp_path):
+    st = open_storage(root)
+    st.check_writable()
+    st.put_bytes(b"hello", "a/b.txt")
+    f = tmp_path / "big.bin"
+    f.write_bytes(b"x" * 1000)
+    st.put_file(f, "a/c.bin")
+    assert st.get_bytes("a/b.txt") == b"hello"
+    assert st.size("a/c.bin") == 1000
+    assert st.size("a/missing") is None
+    assert st.list("a") == ["a/b.txt", "a/c.bin"]
+    with pytest.raises(FileNotFoundError, match="missing"):
+        st.get_bytes("a/missing")
+    st.delete("a/b.txt")
+    assert not st.exists("a/b.txt")
+
+
+def test_missing_bucket_is_one_line(s3_endpoint, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    with pytest.raises(StorageError, match=r"bucket does not exist: s3://no-such-bucket"):
+        open_storage("s3://no-such-bucket/x").check_writable()
+
+
+def test_unreachable_endpoint(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    with pytest.raises(StorageError, match="cannot reach S3 endpoint"):
+        open_storage("s3://b/x").check_writable()
+
+
+def test_bad_scheme():
+    with pytest.raises(StorageError, match="unsupported URL scheme"):
+        open_storage("ftp://host/x")

@@ -26,8 +26,11 @@ log = logging.getLogger(__name__)
 
 BUNDLED_MODEL = Path(__file__).parent / "assets" / "demo_model"
 CARD_NAME = "model_card.json"
-_HASHED_FILES = ("unet/config.json", "unet/diffusion_pytorch_model.safetensors",
-                 "scheduler/scheduler_config.json")
+_HASHED_FILES = (
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "scheduler/scheduler_config.json",
+)
 
 
 class ModelError(ValueError):
@@ -36,7 +39,7 @@ class ModelError(ValueError):
 
 @dataclass(frozen=True)
 class Preset:
-    """UNet shape and training defaults; ``tiny-cpu`` trains on a laptop, ``paper-gpu`` is 256 px."""
+    """UNet shape and training defaults: ``tiny-cpu`` for a laptop, ``paper-gpu`` at 256 px."""
 
     resolution: int
     block_out_channels: tuple[int, ...]
@@ -52,25 +55,57 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # For tests: well under 1M parameters, 32 px.
-    "test": Preset(32, (16, 32), ("DownBlock2D", "DownBlock2D"), ("UpBlock2D", "UpBlock2D"),
-                   1, 8, 8, 20, 2e-4, 10),
+    "test": Preset(
+        32,
+        (16, 32),
+        ("DownBlock2D", "DownBlock2D"),
+        ("UpBlock2D", "UpBlock2D"),
+        1,
+        8,
+        8,
+        20,
+        2e-4,
+        10,
+    ),
     # The bundled demo model: trains in minutes on 2 CPU cores.
-    "tiny-cpu": Preset(32, (32, 64, 96), ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-                       ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), 1, 16, 32, 4000, 5e-4, 500),
+    "tiny-cpu": Preset(
+        32,
+        (32, 64, 96),
+        ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        1,
+        16,
+        32,
+        4000,
+        5e-4,
+        500,
+    ),
     # Paper scale (guided-diffusion-like, 256 px): one GPU, days.
     "paper-gpu": Preset(
         256,
         (128, 128, 256, 256, 512, 512),
-        ("DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D",
-         "DownBlock2D"),
+        (
+            "DownBlock2D",
+            "DownBlock2D",
+            "DownBlock2D",
+            "DownBlock2D",
+            "AttnDownBlock2D",
+            "DownBlock2D",
+        ),
         ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
-        2, 32, 16, 200_000, 1e-4, 10_000,
+        2,
+        32,
+        16,
+        200_000,
+        1e-4,
+        10_000,
     ),
 }
 
 
-def build_unet(preset: Preset, num_classes: int, resolution: int | None = None,
-               learn_sigma: bool = False) -> UNet2DModel:
+def build_unet(
+    preset: Preset, num_classes: int, resolution: int | None = None, learn_sigma: bool = False
+) -> UNet2DModel:
     """A class-conditional ``UNet2DModel`` (one class embedding per category)."""
     return UNet2DModel(
         sample_size=resolution or preset.resolution,
@@ -132,15 +167,23 @@ def content_hash(folder: Path) -> str:
     return "sdas-" + h.hexdigest()[:16]
 
 
-def save_model(folder: str | os.PathLike, unet: UNet2DModel, scheduler: DDPMScheduler,
-               card: dict[str, Any], half: bool = False) -> str:
+def save_model(
+    folder: str | os.PathLike,
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    card: dict[str, Any],
+    half: bool = False,
+) -> str:
     """Write the diffusers folder and the card; returns the new ``model_id``.
 
     ``half`` stores fp16 weights (the bundled model, to stay small); loading upcasts.
     """
     folder = Path(folder)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-model-", dir=folder.parent if folder.parent.exists()
-                                else None))
+    tmp = Path(
+        tempfile.mkdtemp(
+            prefix=".tmp-model-", dir=folder.parent if folder.parent.exists() else None
+        )
+    )
     to_save = unet
     if half:
         to_save = UNet2DModel.from_config(unet.config)
@@ -174,8 +217,12 @@ def _fetch_s3_model(url: str, endpoint_url: str | None) -> Path:
     return dst
 
 
-def load_model(url: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-               endpoint_url: str | None = None, verify: bool = True) -> SDASModel:
+def load_model(
+    url: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    endpoint_url: str | None = None,
+    verify: bool = True,
+) -> SDASModel:
     """Load a model folder (local path, ``file://`` or ``s3://``); None = the bundled demo model.
 
     Raises:
@@ -184,8 +231,11 @@ def load_model(url: str | os.PathLike | None = None, device: str | torch.device 
     """
     url = str(url or BUNDLED_MODEL)
     try:
-        folder = _fetch_s3_model(url, endpoint_url) if is_s3(url) else Path(
-            url.removeprefix("file://")).expanduser()
+        folder = (
+            _fetch_s3_model(url, endpoint_url)
+            if is_s3(url)
+            else Path(url.removeprefix("file://")).expanduser()
+        )
     except StorageError as e:
         raise ModelError(str(e)) from None
     if not folder.is_dir():

@@ -106,8 +106,11 @@ class SDASPipeline(DiffusionPipeline):
         image = image.clamp(-1, 1)
         if output_type == "np":
             image = to_uint8(image)
-        return SDASOutput(images=image, strengths=[float(s) for s in anomaly_strength],
-                          seeds=[int(s) for s in seeds])
+        return SDASOutput(
+            images=image,
+            strengths=[float(s) for s in anomaly_strength],
+            seeds=[int(s) for s in seeds],
+        )
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -119,8 +122,9 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
 class Sampler:
     """Samples a loaded :class:`SDASModel` by category name; the unit that workers hold."""
 
-    def __init__(self, model: SDASModel, sampler: SamplerName = "ddpm", steps: int = 20,
-                 eta: float = 0.0) -> None:
+    def __init__(
+        self, model: SDASModel, sampler: SamplerName = "ddpm", steps: int = 20, eta: float = 0.0
+    ) -> None:
         self.model = model
         self.sampler = sampler
         self.steps = steps
@@ -130,12 +134,18 @@ class Sampler:
 
     def config(self) -> dict:
         """The sampler fields every SIA sample records."""
-        return {"sampler": self.sampler, "steps": self.steps, "eta": self.eta,
-                "model_id": self.model.model_id}
+        return {
+            "sampler": self.sampler,
+            "steps": self.steps,
+            "eta": self.eta,
+            "model_id": self.model.model_id,
+        }
 
-    def sample(self, categories: Sequence[str], strengths: Sequence[float],
-               seeds: Sequence[int]) -> np.ndarray:
+    def sample(
+        self, categories: Sequence[str], strengths: Sequence[float], seeds: Sequence[int]
+    ) -> np.ndarray:
         """(B, H, W, 3) uint8 RGB images, one per (category, strength, seed)."""
         labels = [self.model.class_id(c) for c in categories]
-        return self.pipe(labels, strengths, seeds, num_inference_steps=self.steps,
-                         eta=self.eta).images
+        return self.pipe(
+            labels, strengths, seeds, num_inference_steps=self.steps, eta=self.eta
+        ).images

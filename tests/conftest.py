@@ -84,8 +84,7 @@ def ray_local():
     """One real local Ray instance for the session (small num_cpus)."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 
@@ -107,6 +106,10 @@ def tiny_model(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     unet = build_unet(PRESETS["test"], num_classes=len(TEST_CATEGORIES))
     folder = tmp_path_factory.mktemp("models") / "tiny"
-    save_model(folder, unet, build_scheduler(), {"categories": TEST_CATEGORIES, "resolution": 32,
-                                                 "train_steps": 0, "preset": "test"})
+    save_model(
+        folder,
+        unet,
+        build_scheduler(),
+        {"categories": TEST_CATEGORIES, "resolution": 32, "train_steps": 0, "preset": "test"},
+    )
     return folder

@@ -1,0 +1,370 @@
+"""``generate()``: the whole of ``sia-gen`` as one Python function (the CLI only parses).
+
+Order: validate everything (strengths, numbers, categories, model, storage, what the root
+already holds) before Ray starts; then sample only the shards not yet done; then write
+``manifest.parquet`` and ``index.json`` (last, per the format's commit rules) and the card.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from sia_pipeline.card import PREVIEW_NAME, write_card
+from sia_pipeline.format import (
+    CARD_NAME,
+    INDEX_NAME,
+    MANIFEST_NAME,
+    SHARDS_DIR,
+    FormatError,
+    ShardStats,
+    list_stats_names,
+    read_index,
+    read_stats,
+)
+from sia_pipeline.manifest import IO_THREADS, rebuild_from_stats
+from sia_pipeline.plan import (
+    GenSpec,
+    PlanError,
+    describe_plan,
+    make_spec,
+    make_tasks,
+    parse_strengths,
+)
+from sia_pipeline.storage import Storage, StorageError, open_storage
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+DEFAULT_OUT = "./sia-data"
+DEFAULT_PER_CATEGORY = 128
+
+
+class GenError(ValueError):
+    """Bad input or an unusable root/model/endpoint: nothing was written (CLI exit 2)."""
+
+
+class GenFailed(RuntimeError):
+    """Some shards failed after their retries; the dataset has no index yet (CLI exit 1)."""
+
+
+@dataclass
+class GenReport:
+    """What a ``generate`` call did; ``plan`` is the ``--dry-run`` text."""
+
+    out: str
+    spec_hash: str
+    plan: str
+    shards_total: int
+    shards_skipped: int = 0
+    shards_written: int = 0
+    images_written: int = 0
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+    indexed: bool = False
+    dry_run: bool = False
+    workers: str = ""
+    retries: int = 0
+    actors_lost: int = 0
+    failed: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        if self.dry_run:
+            return f"dry run: nothing written to {self.out}"
+        if not self.shards_written:
+            return f"all {self.shards_total} shards already done under {self.out}; nothing written"
+        return (
+            f"{self.shards_written} shards ({self.images_written} images) written by"
+            f" {self.workers} at {self.images_per_s:.1f} images/s ({self.seconds:.1f} s in all);"
+            f" {self.shards_skipped} were already done; dataset at {self.out}"
+        )
+
+
+@dataclass
+class RootState:
+    """What a dataset root already holds, relative to the spec of this run."""
+
+    done: dict[str, ShardStats]
+    other_spec: str | None  # why the root holds another dataset, if it does
+    index_current: bool  # index.json exists and is of this spec
+
+
+def scan_root(storage: Storage, spec_hash: str) -> RootState:
+    """Done shards (stats of this spec whose tar size matches) and foreign-spec evidence."""
+    other = None
+    try:
+        index = read_index(storage)
+    except FormatError as e:
+        index, other = None, str(e)
+    if index is not None and index.get("spec_hash") != spec_hash:
+        other = f"its index.json has spec {index.get('spec_hash')!r}"
+
+    def check(name: str) -> tuple[str, ShardStats | None]:
+        try:
+            stats = read_stats(storage, name)
+        except FormatError:
+            return name, None  # corrupt stats: the shard is simply redone
+        return name, stats
+
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        found = list(pool.map(check, list_stats_names(storage)))
+    done = {}
+    for name, stats in found:
+        if stats is None:
+            continue
+        if stats.spec_hash != spec_hash:
+            other = other or f"{name} has spec {stats.spec_hash!r}"
+        elif storage.size(stats.tar) == stats.size:
+            done[stats.shard] = stats
+    current = index is not None and other is None
+    return RootState(done, other, current)
+
+
+def clear_root(storage: Storage) -> None:
+    """Remove a dataset (index first, so no reader follows it to deleted shards)."""
+    storage.delete(INDEX_NAME)
+    storage.delete(f"{SHARDS_DIR}/")
+    for name in (MANIFEST_NAME, CARD_NAME, PREVIEW_NAME):
+        storage.delete(name)
+
+
+def command_line(spec: GenSpec, out: str, model: str | None, batch_size: int) -> str:
+    """A ``sia-gen`` command that reproduces ``spec`` (no endpoint or credentials)."""
+    args = [
+        "sia-gen",
+        f"--categories={','.join(spec.categories)}",
+        f"--strengths={spec.strengths.text}",
+        f"--per-category={spec.per_category}",
+        f"--shard-size={spec.shard_size}",
+        f"--seed={spec.seed}",
+        f"--sampler={spec.sampler}",
+        f"--steps={spec.steps}",
+        f"--batch-size={batch_size}",
+        f"--image-format={spec.image_format}",
+        f"--out={out}",
+    ]
+    if spec.sampler == "ddim":
+        args.insert(8, f"--eta={spec.eta}")
+    if model:
+        args.append(f"--model={model}")
+    return shlex.join(args)
+
+
+def _model_record(loaded: Any, model: str | None) -> dict[str, Any]:
+    card = loaded.card
+    rec = {
+        "id": loaded.model_id,
+        "source": str(model) if model else "bundled demo model",
+        "bundled": model is None,
+        "resolution": loaded.resolution,
+        "categories": loaded.categories,
+    }
+    rec.update({k: card[k] for k in ("preset", "train_steps", "data", "license") if k in card})
+    return rec
+
+
+def _check_numbers(**values: Any) -> None:
+    rules = {
+        "batch_size": ("--batch-size", 1),
+        "workers": ("--workers", 1),
+        "threads_per_worker": ("--threads-per-worker", 1),
+        "max_in_flight": ("--max-in-flight", 1),
+    }
+    for name, (flag, low) in rules.items():
+        v = values.get(name)
+        if v is not None and v < low:
+            msg = f"{flag} must be >= {low}, got {v}"
+            raise GenError(msg)
+    g = values.get("gpus_per_worker")
+    if g is not None and not 0 < g <= 64:
+        msg = f"--gpus-per-worker must be in (0, 64], got {g}"
+        raise GenError(msg)
+
+
+def generate(
+    *,
+    categories: str = "all",
+    strengths: str = "0.1:0.5",
+    per_category: int = DEFAULT_PER_CATEGORY,
+    shard_size: int = 1000,
+    seed: int = 0,
+    sampler: str = "ddpm",
+    steps: int = 20,
+    eta: float = 0.0,
+    batch_size: int = 16,
+    image_format: str = "png",
+    model: str | None = None,
+    out: str = DEFAULT_OUT,
+    s3_endpoint_url: str | None = None,
+    workers: int | None = None,
+    gpus_per_worker: float = 1.0,
+    threads_per_worker: int | None = None,
+    ray_address: str | None = None,
+    max_in_flight: int = 2,
+    max_attempts: int = 3,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    progress: bool = True,
+    on_result: Callable | None = None,
+) -> GenReport:
+    """Generate (or finish) an SIA dataset under ``out``; see ``sia-gen --help``.
+
+    Raises:
+        GenError: bad input, model, endpoint, bucket or credentials, or a root holding a
+            dataset of another spec (without ``overwrite``). Nothing was written.
+        GenFailed: shards still failing after ``max_attempts`` tries each.
+    """
+    from sia_pipeline.model import ModelError, load_model
+
+    t0 = time.perf_counter()
+    try:
+        parse_strengths(strengths)
+        _check_numbers(
+            batch_size=batch_size,
+            workers=workers,
+            threads_per_worker=threads_per_worker,
+            max_in_flight=max_in_flight,
+            gpus_per_worker=gpus_per_worker,
+        )
+        loaded = load_model(model, device="cpu", endpoint_url=s3_endpoint_url)
+        spec = make_spec(
+            model_id=loaded.model_id,
+            model_categories=loaded.categories,
+            resolution=loaded.resolution,
+            categories=categories,
+            strengths=strengths,
+            per_category=per_category,
+            shard_size=shard_size,
+            seed=seed,
+            sampler=sampler,
+            steps=steps,
+            eta=eta,
+            image_format=image_format,
+            max_steps=int(loaded.scheduler_config.get("num_train_timesteps", 1000)),
+        )
+        tasks = make_tasks(spec, batch_size)
+        storage = open_storage(out, s3_endpoint_url)
+        if not dry_run:
+            storage.check_writable()
+        state = scan_root(storage, spec.spec_hash)
+    except (PlanError, ModelError, StorageError, FormatError) as e:
+        raise GenError(str(e).splitlines()[0]) from None
+
+    plan = describe_plan(spec, tasks, done=len(state.done))
+    report = GenReport(
+        out=storage.url, spec_hash=spec.spec_hash, plan=plan, shards_total=len(tasks)
+    )
+    if state.other_spec and not overwrite:
+        msg = (
+            f"{storage.url} holds a dataset of a different spec ({state.other_spec}; this run"
+            f" is {spec.spec_hash}): use another --out, or --overwrite to replace it"
+        )
+        raise GenError(msg)
+    if not ray_address and threads_per_worker and workers:
+        cpus = os.cpu_count() or 1
+        if workers * threads_per_worker > cpus:
+            msg = (
+                f"--workers {workers} x --threads-per-worker {threads_per_worker} needs"
+                f" {workers * threads_per_worker} CPUs; this machine has {cpus}"
+            )
+            raise GenError(msg)
+    if dry_run:
+        report.dry_run = True
+        if state.other_spec:
+            report.plan += f"\n--overwrite would first delete the dataset at {storage.url}"
+        return report
+
+    if state.other_spec:
+        log.warning("--overwrite: deleting the dataset at %s (%s)", storage.url, state.other_spec)
+        clear_root(storage)
+        state = RootState({}, None, False)
+    pending = [t for t in tasks if t.shard_id not in state.done]
+    report.shards_skipped = len(tasks) - len(pending)
+    if pending:
+        worker_kwargs = {
+            "model_url": model,
+            "out_url": storage.url,
+            "endpoint_url": s3_endpoint_url,
+        }
+        _run(
+            pending,
+            report,
+            worker_kwargs,
+            ray_address=ray_address,
+            workers=workers,
+            gpus_per_worker=gpus_per_worker,
+            threads_per_worker=threads_per_worker,
+            max_in_flight=max_in_flight,
+            max_attempts=max_attempts,
+            progress=progress,
+            on_result=on_result,
+        )
+    if pending or not state.index_current:
+        extra = {
+            "model": _model_record(loaded, model),
+            "created_by": f"sia-gen {VERSION}",
+            "command": command_line(spec, out, model, batch_size),
+        }
+        table, index = rebuild_from_stats(storage, spec.to_dict(), extra)
+        write_card(storage, index, table)
+        report.indexed = True
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _run(
+    pending: list,
+    report: GenReport,
+    worker_kwargs: dict[str, Any],
+    *,
+    ray_address: str | None,
+    workers: int | None,
+    gpus_per_worker: float,
+    threads_per_worker: int | None,
+    max_in_flight: int,
+    max_attempts: int,
+    progress: bool,
+    on_result: Callable | None,
+) -> None:
+    """Sample ``pending`` shards on Ray actors; fills ``report``; raises GenFailed."""
+    import ray
+
+    from sia_pipeline.runner import ShardRunner, init_ray, plan_actors
+
+    started = init_ray(ray_address)
+    try:
+        actors = plan_actors(workers, gpus_per_worker, threads_per_worker)
+        report.workers = actors.describe()
+        log.info(
+            "%d shards to write (%d done) with %s",
+            len(pending),
+            report.shards_skipped,
+            report.workers,
+        )
+        runner = ShardRunner(
+            worker_kwargs,
+            actors,
+            max_in_flight=max_in_flight,
+            max_attempts=max_attempts,
+            progress=progress,
+            on_result=on_result,
+        )
+        run = runner.run(pending)
+    finally:
+        if started:
+            ray.shutdown()
+    report.shards_written = len(run.done)
+    report.images_written = run.images
+    report.images_per_s = run.images_per_s
+    report.retries = run.retries
+    report.actors_lost = run.actors_lost
+    report.failed = [f"{r.shard_id} ({r.error})" for r in run.failed]
+    if run.failed:
+        msg = f"{len(run.failed)} shard(s) failed: {'; '.join(report.failed[:3])}"
+        raise GenFailed(msg)

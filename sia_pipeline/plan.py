@@ -1,0 +1,397 @@
+"""The generation plan: a validated spec, turned into one :class:`ShardTask` per shard.
+
+Every sample's seed and strength are a hash of (model id, category, sample index, global
+seed, strength spec, sampler config), never of worker order, so any shard can be rerun
+alone and comes out the same. Nothing here touches Ray, storage or the model weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from sia_pipeline.format import (
+    FORMAT_VERSION,
+    IMAGE_EXTS,
+    check_category,
+    sample_key,
+    shard_id,
+    shard_stats_name,
+    shard_tar_name,
+)
+
+StrengthKind = Literal["uniform", "grid", "list"]
+MAX_SHARD_SIZE = 999_999  # the in-shard index of a key has six digits
+MAX_GRID_VALUES = 10_000
+# Rough compressed size of one image as a fraction of its raw RGB bytes (for --dry-run).
+_COMPRESSION = {"png": 0.75, "jpg": 0.15}
+_PER_SAMPLE_OVERHEAD = 2 * 512 + 512 + 900  # tar headers + padding, .json member, stats row
+
+
+class PlanError(ValueError):
+    """Bad generation input; the message is one line naming the value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class StrengthSpec:
+    """Parsed ``--strengths``: ``a:b`` uniform, ``a:b:step`` a grid, ``a,b,c`` a list.
+
+    ``values`` holds (lo, hi) for ``uniform`` and every value otherwise; ``text`` is the
+    canonical spelling, so ``0.10:0.5`` and ``0.1:0.50`` are the same spec.
+    """
+
+    kind: StrengthKind
+    values: tuple[float, ...]
+    text: str
+
+    def value(self, u: float, index: int) -> float:
+        """Strength of sample ``index`` given its hash-derived uniform ``u`` in [0, 1).
+
+        Grid and list values go round-robin over the sample index, so each value occurs
+        equally often (to within one per category).
+        """
+        if self.kind == "uniform":
+            lo, hi = self.values
+            return lo + (hi - lo) * u
+        return self.values[index % len(self.values)]
+
+    @property
+    def low(self) -> float:
+        return min(self.values)
+
+    @property
+    def high(self) -> float:
+        return max(self.values)
+
+    def describe(self) -> str:
+        if self.kind == "uniform":
+            return f"uniform in [{self.values[0]:g}, {self.values[1]:g})"
+        vals = ", ".join(f"{v:g}" for v in self.values[:8])
+        more = f", ... ({len(self.values)} values)" if len(self.values) > 8 else ""
+        return f"{self.kind} of {vals}{more}, round-robin"
+
+
+def _number(part: str, text: str) -> float:
+    try:
+        v = float(part)
+    except ValueError:
+        msg = f"--strengths {text!r}: {part.strip()!r} is not a number"
+        raise PlanError(msg) from None
+    if not math.isfinite(v):
+        msg = f"--strengths {text!r}: {part.strip()!r} is not finite"
+        raise PlanError(msg)
+    if v < 0:
+        msg = f"--strengths {text!r}: strengths must be >= 0, got {v:g}"
+        raise PlanError(msg)
+    return v
+
+
+def parse_strengths(text: str) -> StrengthSpec:
+    """Parse ``a:b`` (uniform per sample), ``a:b:step`` (grid) or ``a,b,c`` (list).
+
+    Raises:
+        PlanError: empty, not numbers, negative, not finite, or a reversed/empty range.
+    """
+    text = (text or "").strip()
+    usage = "use a:b (uniform), a:b:step (grid) or a,b,c (list)"
+    if not text:
+        msg = f"--strengths is empty: {usage}"
+        raise PlanError(msg)
+    if ":" in text and "," in text:
+        msg = f"--strengths {text!r} mixes ':' and ',': {usage}"
+        raise PlanError(msg)
+    if ":" in text:
+        parts = text.split(":")
+        if len(parts) not in (2, 3):
+            msg = f"--strengths {text!r} has {len(parts)} ':'-parts: {usage}"
+            raise PlanError(msg)
+        lo, hi = _number(parts[0], text), _number(parts[1], text)
+        if lo >= hi:
+            msg = f"--strengths {text!r}: start {lo:g} must be below end {hi:g}"
+            raise PlanError(msg)
+        if len(parts) == 2:
+            return StrengthSpec("uniform", (lo, hi), f"{lo!r}:{hi!r}")
+        step = _number(parts[2], text)
+        if step <= 0:
+            msg = f"--strengths {text!r}: step must be > 0"
+            raise PlanError(msg)
+        n = math.floor((hi - lo) / step + 1e-9) + 1
+        if n > MAX_GRID_VALUES:
+            msg = f"--strengths {text!r} gives {n} grid values (at most {MAX_GRID_VALUES})"
+            raise PlanError(msg)
+        values = tuple(round(lo + i * step, 12) for i in range(n))
+        return StrengthSpec("grid", values, f"{lo!r}:{hi!r}:{step!r}")
+    values = tuple(_number(p, text) for p in text.split(","))
+    return StrengthSpec("list", values, ",".join(repr(v) for v in values))
+
+
+@dataclass(frozen=True)
+class GenSpec:
+    """Everything that decides the images of a dataset; its hash names "the same spec"."""
+
+    model_id: str
+    categories: tuple[str, ...]
+    class_ids: tuple[int, ...]
+    strengths: StrengthSpec
+    per_category: int
+    shard_size: int
+    seed: int
+    sampler: str
+    steps: int
+    eta: float
+    image_format: str
+    resolution: int
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["categories"] = list(self.categories)
+        d["class_ids"] = list(self.class_ids)
+        d["strengths"] = {
+            "kind": self.strengths.kind,
+            "spec": self.strengths.text,
+            "values": list(self.strengths.values),
+        }
+        return d
+
+    @property
+    def spec_hash(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def shards_per_category(self) -> int:
+        return math.ceil(self.per_category / self.shard_size)
+
+    @property
+    def total_images(self) -> int:
+        return self.per_category * len(self.categories)
+
+
+def make_spec(
+    *,
+    model_id: str,
+    model_categories: dict[str, int],
+    resolution: int,
+    categories: str | list[str] = "all",
+    strengths: str = "0.1:0.5",
+    per_category: int = 128,
+    shard_size: int = 1000,
+    seed: int = 0,
+    sampler: str = "ddpm",
+    steps: int = 20,
+    eta: float = 0.0,
+    image_format: str = "png",
+    max_steps: int = 1000,
+) -> GenSpec:
+    """Validate user input against the model; every problem is a one-line :class:`PlanError`."""
+    if isinstance(categories, str):
+        names = (
+            list(model_categories)
+            if categories.strip() == "all"
+            else [c.strip() for c in categories.split(",")]
+        )
+    else:
+        names = list(categories)
+    if not names or any(not n for n in names):
+        msg = f"--categories {categories!r} names an empty category: use 'all' or a,b,c"
+        raise PlanError(msg)
+    for name in names:
+        try:
+            check_category(name)
+        except ValueError as e:
+            raise PlanError(str(e)) from None
+        if name not in model_categories:
+            known = ", ".join(sorted(model_categories))
+            msg = f"unknown category {name!r}; the model knows {known}"
+            raise PlanError(msg)
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        msg = f"--categories names {', '.join(dupes)} more than once"
+        raise PlanError(msg)
+    checks = [
+        (per_category >= 1, f"--per-category must be >= 1, got {per_category}"),
+        (
+            1 <= shard_size <= MAX_SHARD_SIZE,
+            f"--shard-size must be in [1, {MAX_SHARD_SIZE}], got {shard_size}",
+        ),
+        (seed >= 0, f"--seed must be >= 0, got {seed}"),
+        (sampler in ("ddpm", "ddim"), f"--sampler must be ddpm or ddim, got {sampler!r}"),
+        (1 <= steps <= max_steps, f"--steps must be in [1, {max_steps}], got {steps}"),
+        (math.isfinite(eta) and eta >= 0, f"--eta must be >= 0, got {eta}"),
+        (
+            image_format in IMAGE_EXTS,
+            f"--image-format must be one of {', '.join(IMAGE_EXTS)}, got {image_format!r}",
+        ),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise PlanError(msg)
+    if math.ceil(per_category / shard_size) > MAX_SHARD_SIZE:
+        msg = f"--per-category {per_category} needs more than {MAX_SHARD_SIZE} shards"
+        raise PlanError(msg)
+    return GenSpec(
+        model_id=model_id,
+        categories=tuple(names),
+        class_ids=tuple(model_categories[n] for n in names),
+        strengths=parse_strengths(strengths),
+        per_category=per_category,
+        shard_size=shard_size,
+        seed=seed,
+        sampler=sampler,
+        steps=steps,
+        eta=float(eta) if sampler == "ddim" else 0.0,
+        image_format=image_format,
+        resolution=resolution,
+    )
+
+
+def sample_params(spec: GenSpec, category: str, index: int) -> tuple[int, float]:
+    """(seed, strength) of sample ``index`` of ``category``: a pure function of the spec."""
+    parts = [
+        spec.model_id,
+        category,
+        index,
+        spec.seed,
+        spec.strengths.text,
+        spec.sampler,
+        spec.steps,
+        spec.eta,
+    ]
+    blob = json.dumps(parts, separators=(",", ":")).encode()
+    digest = hashlib.blake2b(blob, digest_size=16).digest()
+    seed = int.from_bytes(digest[:8], "big") & (2**63 - 1)
+    u = int.from_bytes(digest[8:], "big") / 2**64
+    return seed, spec.strengths.value(u, index)
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One shard to produce: what the driver hands to a worker (no image bytes).
+
+    Sample ``j`` of the shard has category-wide index ``start + j``, key
+    ``CATEGORY-SHARD-j``, and the seed and strength at position ``j``.
+    """
+
+    category: str
+    class_id: int
+    shard: int
+    start: int
+    seeds: tuple[int, ...]
+    strengths: tuple[float, ...]
+    sampler: str
+    steps: int
+    eta: float
+    image_format: str
+    model_id: str
+    resolution: int
+    spec_hash: str
+    batch_size: int = 16
+
+    @property
+    def shard_id(self) -> str:
+        return shard_id(self.category, self.shard)
+
+    @property
+    def tar_name(self) -> str:
+        return shard_tar_name(self.category, self.shard)
+
+    @property
+    def stats_name(self) -> str:
+        return shard_stats_name(self.category, self.shard)
+
+    @property
+    def count(self) -> int:
+        return len(self.seeds)
+
+    def key(self, j: int) -> str:
+        return sample_key(self.category, self.shard, j)
+
+    def sample_row(self, j: int) -> dict[str, Any]:
+        """Manifest row of sample ``j`` (the ``.json`` member is this without key and shard)."""
+        return {
+            "key": self.key(j),
+            "shard": self.shard_id,
+            "category": self.category,
+            "class_id": self.class_id,
+            "strength": self.strengths[j],
+            "seed": self.seeds[j],
+            "sample_index": self.start + j,
+            "sampler": self.sampler,
+            "steps": self.steps,
+            "eta": self.eta,
+            "model_id": self.model_id,
+            "height": self.resolution,
+            "width": self.resolution,
+            "image_format": self.image_format,
+            "format_version": FORMAT_VERSION,
+        }
+
+
+def make_tasks(spec: GenSpec, batch_size: int = 16) -> list[ShardTask]:
+    """One task per shard, category by category, in shard order."""
+    if batch_size < 1:
+        msg = f"--batch-size must be >= 1, got {batch_size}"
+        raise PlanError(msg)
+    tasks = []
+    for category, class_id in zip(spec.categories, spec.class_ids, strict=True):
+        for shard in range(spec.shards_per_category()):
+            start = shard * spec.shard_size
+            stop = min(start + spec.shard_size, spec.per_category)
+            params = [sample_params(spec, category, i) for i in range(start, stop)]
+            tasks.append(
+                ShardTask(
+                    category=category,
+                    class_id=class_id,
+                    shard=shard,
+                    start=start,
+                    seeds=tuple(p[0] for p in params),
+                    strengths=tuple(p[1] for p in params),
+                    sampler=spec.sampler,
+                    steps=spec.steps,
+                    eta=spec.eta,
+                    image_format=spec.image_format,
+                    model_id=spec.model_id,
+                    resolution=spec.resolution,
+                    spec_hash=spec.spec_hash,
+                    batch_size=batch_size,
+                )
+            )
+    return tasks
+
+
+def estimate_bytes(spec: GenSpec) -> int:
+    """A rough size of the finished dataset (tars + stats), for ``--dry-run``."""
+    raw = spec.resolution * spec.resolution * 3
+    per_image = int(raw * _COMPRESSION[spec.image_format]) + _PER_SAMPLE_OVERHEAD
+    return per_image * spec.total_images
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def describe_plan(spec: GenSpec, tasks: list[ShardTask], done: int = 0) -> str:
+    """The ``--dry-run`` summary: what would be written, and roughly how much."""
+    per_cat = spec.shards_per_category()
+    lines = [
+        f"model      {spec.model_id} ({spec.resolution} px)",
+        f"spec       {spec.spec_hash}",
+        f"sampler    {spec.sampler}, {spec.steps} steps"
+        + (f", eta {spec.eta:g}" if spec.sampler == "ddim" else ""),
+        f"strengths  {spec.strengths.describe()}",
+        f"images     {spec.per_category} per category x {len(spec.categories)} categories"
+        f" = {spec.total_images}",
+        f"shards     {len(tasks)} ({per_cat} per category, up to {spec.shard_size} images each)"
+        + (f"; {done} already done" if done else ""),
+        f"format     {spec.image_format}, about {human_bytes(estimate_bytes(spec))} in all",
+    ]
+    lines += [
+        f"  {c:<20} {spec.per_category} images in {per_cat} shard(s)" for c in spec.categories
+    ]
+    return "\n".join(lines)

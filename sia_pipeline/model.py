@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,12 +194,15 @@ def save_model(
     scheduler.save_config(tmp / "scheduler")
     card = dict(card, model_id=content_hash(tmp))
     (tmp / CARD_NAME).write_text(json.dumps(card, indent=2, sort_keys=True))
-    if folder.exists():
-        import shutil
-
-        shutil.rmtree(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, folder)
+    # Replace the model's own parts only (a training folder also holds checkpoints);
+    # the card goes last, and load_model checks the weights against its model_id.
+    folder.mkdir(parents=True, exist_ok=True)
+    for part in ("unet", "scheduler", CARD_NAME):
+        dst = folder / part
+        if dst.is_dir():
+            shutil.rmtree(dst)
+        os.replace(tmp / part, dst)
+    shutil.rmtree(tmp)
     return card["model_id"]
 
 

@@ -1,0 +1,102 @@
+"""MVTec-layout category reader from a folder or ``s3://``.
+
+Layout under ``ROOT/CATEGORY``: ``train/good/*``, ``test/<type>/*`` (``good`` is normal) and
+``ground_truth/<type>/<stem>_mask.png`` for every defective test image.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+from sia_pipeline.storage import Storage, iter_files, join_url, open_storage
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+GOOD = "good"
+
+
+@dataclass(frozen=True)
+class MVTecItem:
+    """One image of a split: path relative to the category root, label 0/1, its mask path."""
+
+    image: str
+    label: int
+    defect: str
+    mask: str | None = None
+
+
+def _stem(name: str) -> str:
+    return name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+
+
+def decode_rgb(data: bytes, size: int | None = None) -> np.ndarray:
+    """Image bytes -> (size, size, 3) uint8 RGB (grayscale becomes 3 equal channels)."""
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("RGB")
+        if size is not None:
+            im = im.resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(im, dtype=np.uint8)
+
+
+def decode_mask(data: bytes, size: int | None = None) -> np.ndarray:
+    """Mask PNG bytes -> (size, size) bool, nearest-neighbour resized."""
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("L")
+        if size is not None:
+            im = im.resize((size, size), Image.Resampling.NEAREST)
+        return np.asarray(im) > 127
+
+
+class MVTecCategory:
+    """The train and test splits of one category, read lazily through :mod:`storage`."""
+
+    def __init__(self, root: str, category: str, endpoint_url: str | None = None) -> None:
+        self.url = join_url(str(root), category)
+        self.category = category
+        self.storage: Storage = open_storage(self.url, endpoint_url)
+        self.train_items = self._list("train", require_masks=False)
+        self.test_items = self._list("test", require_masks=True)
+        if not self.train_items:
+            msg = f"no training images under {join_url(self.url, 'train/good')}"
+            raise FileNotFoundError(msg)
+
+    def _list(self, split: Literal["train", "test"], require_masks: bool) -> list[MVTecItem]:
+        names = list(iter_files(self.storage, split, IMAGE_SUFFIXES))
+        masks = set(iter_files(self.storage, "ground_truth", (".png",))) if require_masks else set()
+        items = []
+        for name in names:
+            parts = name.split("/")
+            if len(parts) != 3:
+                continue
+            defect = parts[1]
+            if split == "train" and defect != GOOD:
+                continue
+            mask = None
+            if defect != GOOD:
+                mask = f"ground_truth/{defect}/{_stem(name)}_mask.png"
+                if mask not in masks:
+                    msg = f"defective test image {join_url(self.url, name)} has no mask {mask}"
+                    raise FileNotFoundError(msg)
+            items.append(MVTecItem(name, int(defect != GOOD), defect, mask))
+        return items
+
+    def image(self, item: MVTecItem, size: int | None = None) -> np.ndarray:
+        """(size, size, 3) uint8 RGB."""
+        return decode_rgb(self.storage.get_bytes(item.image), size)
+
+    def mask(self, item: MVTecItem, size: int) -> np.ndarray:
+        """(size, size) bool ground truth; all False for normal images."""
+        if item.mask is None:
+            return np.zeros((size, size), dtype=bool)
+        return decode_mask(self.storage.get_bytes(item.mask), size)
+
+    def load_train(self, size: int) -> np.ndarray:
+        """All training images at one size, (N, size, size, 3) uint8: they fit in memory."""
+        return np.stack([self.image(it, size) for it in self.train_items])

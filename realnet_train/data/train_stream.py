@@ -1,0 +1,142 @@
+"""The training stream: normal images, some turned into composites with SIA or texture sources.
+
+Each sample is a normal image of the category; with the mixing probabilities it stays
+normal, or gets an SIA image (streamed shards) or a texture (e.g. DTD) blended in by
+:func:`compose_anomaly`. Workers seed their RNG from (seed, node, worker), so a run is
+reproducible for a fixed worker count.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from realnet_train.data.composition import ForegroundSpec, compose_anomaly, foreground_mask
+from realnet_train.data.mvtec import IMAGE_SUFFIXES, decode_rgb
+from sia_pipeline.storage import iter_files, open_storage
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("normal", "sia", "texture")
+SOURCE_ID = {name: i for i, name in enumerate(SOURCES)}
+
+
+def parse_mix(spec: str) -> dict[str, float]:
+    """``"normal=0.5,sia=0.5"`` -> probabilities over :data:`SOURCES` (must sum to 1)."""
+    mix = dict.fromkeys(SOURCES, 0.0)
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, value = part.partition("=")
+        if name not in mix:
+            msg = f"unknown source {name!r} in mix {spec!r}; choose from {SOURCES}"
+            raise ValueError(msg)
+        try:
+            mix[name] = float(value)
+        except ValueError:
+            msg = f"mix entry {part!r} is not NAME=PROBABILITY"
+            raise ValueError(msg) from None
+    total = sum(mix.values())
+    if any(v < 0 for v in mix.values()) or abs(total - 1.0) > 1e-6:
+        msg = f"mix {spec!r} must have non-negative probabilities summing to 1 (got {total})"
+        raise ValueError(msg)
+    return mix
+
+
+class TextureSource:
+    """Random images from a folder tree (DTD: ``images/<class>/*.jpg``), resized to size."""
+
+    def __init__(self, root: str, size: int, endpoint_url: str | None = None) -> None:
+        self.storage = open_storage(root, endpoint_url)
+        self.names = list(iter_files(self.storage, "", IMAGE_SUFFIXES))
+        if not self.names:
+            msg = f"no texture images under {root}"
+            raise FileNotFoundError(msg)
+        self.size = size
+
+    def sample(self, rng: np.random.Generator) -> np.ndarray:
+        data = self.storage.get_bytes(self.names[int(rng.integers(len(self.names)))])
+        img = decode_rgb(data)
+        # A random square crop keeps the texture's scale instead of squashing it.
+        h, w = img.shape[:2]
+        side = min(h, w)
+        y, x = int(rng.integers(h - side + 1)), int(rng.integers(w - side + 1))
+        crop = Image.fromarray(img[y : y + side, x : x + side])
+        return np.asarray(crop.resize((self.size, self.size), Image.Resampling.BILINEAR))
+
+
+@dataclass
+class StreamConfig:
+    size: int
+    mix: dict[str, float]
+    foreground: ForegroundSpec
+    seed: int = 0
+
+
+class CompositeStream(IterableDataset):
+    """Endless ``{image, clean, mask, source}`` samples (uint8 HWC images, float32 mask).
+
+    Args:
+        normals: (N, S, S, 3) uint8 normal training images.
+        config: size, mixing probabilities, foreground setting, seed.
+        sia: an iterable of ``{image, ...}`` SIA samples of this category (resampled).
+        textures: a :class:`TextureSource`.
+    """
+
+    def __init__(
+        self,
+        normals: np.ndarray,
+        config: StreamConfig,
+        sia: Any | None = None,
+        textures: TextureSource | None = None,
+    ) -> None:
+        super().__init__()
+        if config.mix["sia"] > 0 and sia is None:
+            msg = "mix uses 'sia' but no SIA dataset was given (--sia URL)"
+            raise ValueError(msg)
+        if config.mix["texture"] > 0 and textures is None:
+            msg = "mix uses 'texture' but no texture folder was given (--textures DIR)"
+            raise ValueError(msg)
+        self.normals = normals
+        self.config = config
+        self.sia = sia
+        self.textures = textures
+        self.epoch = 0
+
+    def _rng(self) -> np.random.Generator:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        self.epoch += 1
+        return np.random.default_rng([self.config.seed, rank, worker, self.epoch])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        cfg = self.config
+        rng = self._rng()
+        names = list(cfg.mix)
+        probs = np.array([cfg.mix[n] for n in names])
+        sia_iter = iter(self.sia) if self.sia is not None and cfg.mix["sia"] > 0 else None
+        size = cfg.size
+        while True:
+            clean = self.normals[int(rng.integers(len(self.normals)))]
+            source = names[int(rng.choice(len(names), p=probs))]
+            mask = np.zeros((size, size), dtype=np.float32)
+            image = clean
+            if source != "normal":
+                if source == "sia":
+                    sia_img = next(sia_iter)["image"]
+                    if sia_img.shape[:2] != (size, size):
+                        sia_img = np.asarray(
+                            Image.fromarray(sia_img).resize((size, size), Image.Resampling.BILINEAR)
+                        )
+                    src = sia_img
+                else:
+                    src = self.textures.sample(rng)
+                fg = foreground_mask(clean, cfg.foreground)
+                image, mask = compose_anomaly(clean, src, fg, rng)
+            yield {"image": image, "clean": clean, "mask": mask, "source": SOURCE_ID[source]}

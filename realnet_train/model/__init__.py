@@ -1,0 +1,1 @@
+"""RealNet model parts: frozen backbone, AFS, reconstruction, RRS, decoder head."""

@@ -1,0 +1,126 @@
+"""RealNet: frozen backbone -> AFS -> per-level reconstruction -> RRS -> 2-class decoder.
+
+A plain ``nn.Module`` (training lives in :mod:`realnet_train.train`). ``RealNetConfig`` is
+everything needed to rebuild the model, so checkpoints carry it as ``model_args``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from realnet_train.model.afs import AFS
+from realnet_train.model.backbone import DEFAULT_BACKBONE, DEFAULT_LEVELS, Backbone
+from realnet_train.model.head import SegmentationHead
+from realnet_train.model.reconstruction import ReconstructionUNet
+from realnet_train.model.rrs import RRS, stacked_residuals
+
+
+@dataclass
+class RealNetConfig:
+    """Model arguments (saved in checkpoints)."""
+
+    backbone: str = DEFAULT_BACKBONE
+    backbone_weights: str | None = None
+    levels: tuple[int, ...] = DEFAULT_LEVELS
+    afs_keep: float = 0.5  # fraction of each level's channels AFS keeps
+    recon_width: int = 64
+    recon_depth: int = 2
+    rrs_k: int = 16
+    head_width: int = 64
+    score_pool: int = 16  # image score = max of the score_pool x score_pool mean-pooled map
+
+    def __post_init__(self) -> None:
+        self.levels = tuple(int(i) for i in self.levels)
+        if not 0.0 < self.afs_keep <= 1.0:
+            msg = f"afs_keep={self.afs_keep} must be in (0, 1]"
+            raise ValueError(msg)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["levels"] = list(self.levels)
+        return d
+
+
+@dataclass
+class RealNetOutput:
+    """Outputs for a batch of B images of size H x W.
+
+    Attributes:
+        logits: (B, 2, H, W) normal/anomalous logits.
+        anomaly_map: (B, H, W) anomaly-class probability (the pixel score).
+        image_score: (B,) max of the mean-pooled anomaly map.
+        features: level -> (B, K, h, w) AFS-selected features of the input.
+        reconstructions: level -> (B, K, h, w) reconstructed normal features.
+    """
+
+    logits: torch.Tensor
+    anomaly_map: torch.Tensor
+    image_score: torch.Tensor
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+    reconstructions: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def image_scores(anomaly_map: torch.Tensor, pool: int) -> torch.Tensor:
+    """(B, H, W) -> (B,): max over the ``pool`` x ``pool`` average-pooled map (stride 1)."""
+    k = min(pool, *anomaly_map.shape[-2:])
+    return F.avg_pool2d(anomaly_map[:, None], k, stride=1).flatten(1).amax(1)
+
+
+class RealNet(nn.Module):
+    def __init__(self, config: RealNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = Backbone(config.backbone, config.backbone_weights, config.levels)
+        keep = {lv: max(1, round(c * config.afs_keep)) for lv, c in self.backbone.channels.items()}
+        self.afs = AFS(keep)
+        self.reconstruction = nn.ModuleDict(
+            {
+                lv: ReconstructionUNet(k, config.recon_width, config.recon_depth)
+                for lv, k in keep.items()
+            }
+        )
+        self.rrs = RRS(config.rrs_k)
+        self.head = SegmentationHead(2 * min(config.rrs_k, sum(keep.values())), config.head_width)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def selected_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, 3, H, W) in [0, 1] -> level -> (B, K, h, w), no gradient (frozen backbone)."""
+        return self.afs(self.backbone(images))
+
+    def forward(self, images: torch.Tensor) -> RealNetOutput:
+        """Args: images (B, 3, H, W) RGB in [0, 1]."""
+        return self.forward_features(self.selected_features(images), images.shape[-2:])
+
+    def forward_features(
+        self, feats: dict[str, torch.Tensor], image_size: tuple[int, int]
+    ) -> RealNetOutput:
+        """Everything after the backbone, from selected features (lets the trainer batch
+        clean and anomalous images through one backbone pass)."""
+        recons = {lv: self.reconstruction[lv](f) for lv, f in feats.items()}
+        residuals = self.rrs(stacked_residuals(feats, recons))  # (B, 2k, h1, w1)
+        logits = self.head(residuals, tuple(image_size))
+        amap = logits.softmax(1)[:, 1]
+        return RealNetOutput(
+            logits, amap, image_scores(amap, self.config.score_pool), feats, recons
+        )
+
+
+def realnet_losses(
+    out: RealNetOutput, clean_features: dict[str, torch.Tensor], masks: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Feature MSE (reconstruction vs clean image's features) and segmentation cross-entropy.
+
+    Args:
+        out: the model's output on the (possibly anomalous) images.
+        clean_features: level -> (B, K, h, w) selected features of the clean images.
+        masks: (B, H, W) target masks in {0, 1}.
+    """
+    recon = sum(F.mse_loss(out.reconstructions[lv], clean_features[lv]) for lv in clean_features)
+    seg = F.cross_entropy(out.logits, masks.long())
+    return {"recon": recon, "seg": seg, "total": recon + seg}

@@ -113,3 +113,96 @@ def tiny_model(tmp_path_factory) -> Path:
         {"categories": TEST_CATEGORIES, "resolution": 32, "train_steps": 0, "preset": "test"},
     )
     return folder
+
+
+def write_tiny_sia(root: Path, shared: Path, per_shard: int = 6) -> Path:
+    """A format-v1 SIA dataset written by hand (not by sia-gen) from perturbed real images.
+
+    Shards: bottle-000000 (strengths 0.10-0.20), bottle-000001 (0.30-0.50),
+    magnetic_tile-000000 (0.10-0.50). Images are 64 px training images with a colour shift
+    and noise, so they differ from the normal ones.
+    """
+    import hashlib
+    import io
+    import json
+
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    from sia_pipeline.format import FORMAT_VERSION, ShardStats, sample_key, shard_tar_name
+
+    sources = {
+        "bottle": shared / "mvtec_ad" / "bottle" / "train" / "good",
+        "magnetic_tile": shared / "magnetic_tile" / "magnetic_tile" / "train" / "good",
+    }
+    plan = [("bottle", 0, (0.1, 0.2)), ("bottle", 1, (0.3, 0.5)), ("magnetic_tile", 0, (0.1, 0.5))]
+    rng = np.random.default_rng(0)
+    entries = []
+    for category, shard, (lo, hi) in plan:
+        files = sorted(sources[category].glob("*.png"))[shard * per_shard : (shard + 1) * per_shard]
+        tar = root / shard_tar_name(category, shard)
+        tar.parent.mkdir(parents=True, exist_ok=True)
+        strengths = np.linspace(lo, hi, len(files))
+        keys = []
+        with wds.TarWriter(str(tar), mtime=0, encoder=False) as writer:
+            for i, (path, s) in enumerate(zip(files, strengths, strict=True)):
+                img = np.asarray(Image.open(path).convert("RGB").resize((64, 64)), dtype=np.float32)
+                img = img * rng.uniform(0.6, 1.4, 3) + rng.normal(0, 20, img.shape)
+                buf = io.BytesIO()
+                Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "PNG")
+                key = sample_key(category, shard, i)
+                meta = {
+                    "category": category,
+                    "class_id": TEST_CATEGORIES[category],
+                    "strength": float(s),
+                    "seed": i,
+                    "sample_index": shard * per_shard + i,
+                    "sampler": "ddpm",
+                    "steps": 20,
+                    "eta": 0.0,
+                    "model_id": "hand-written-test",
+                    "height": 64,
+                    "width": 64,
+                    "image_format": "png",
+                    "format_version": FORMAT_VERSION,
+                }
+                writer.write(
+                    {"__key__": key, "png": buf.getvalue(), "json": json.dumps(meta).encode()}
+                )
+                keys.append(key)
+        data = tar.read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        rel = shard_tar_name(category, shard)
+        stats = ShardStats(
+            shard=f"{category}-{shard:06d}",
+            category=category,
+            tar=rel,
+            count=len(keys),
+            size=len(data),
+            sha256=sha,
+            keys=keys,
+            strength_min=lo,
+            strength_max=hi,
+        )
+        tar.with_suffix(".json").write_bytes(stats.to_json())
+        entries.append(
+            {
+                "tar": rel,
+                "category": category,
+                "count": len(keys),
+                "strength_min": lo,
+                "strength_max": hi,
+                "sha256": sha,
+            }
+        )
+    (root / "index.json").write_text(
+        json.dumps({"format_version": FORMAT_VERSION, "shards": entries})
+    )
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_sia(shared_data, tmp_path_factory) -> Path:
+    """A small hand-written format-v1 SIA dataset (bottle: 2 shards, magnetic_tile: 1)."""
+    return write_tiny_sia(tmp_path_factory.mktemp("sia") / "tiny", shared_data)

@@ -20,6 +20,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from sia_pipeline.images import load_normal_images
+from sia_pipeline.losses import vlb_term
 from sia_pipeline.model import PRESETS, build_scheduler, build_unet, save_model
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class TrainConfig:
     checkpoint_every: int | None = None
     ema_decay: float = 0.999
     hflip: bool = False
+    learn_sigma: bool = False
     seed: int = 0
     resume: bool = False
     half: bool = False
@@ -109,8 +111,9 @@ def train(cfg: TrainConfig) -> str:
     )
 
     torch.manual_seed(cfg.seed)
-    unet = build_unet(preset, len(data.categories), cfg.resolution).to(device)
-    scheduler = build_scheduler()
+    unet = build_unet(preset, len(data.categories), cfg.resolution, cfg.learn_sigma).to(device)
+    scheduler = build_scheduler(cfg.learn_sigma)
+    vlb_scale = scheduler.config.num_train_timesteps / 1000.0
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
     rng = np.random.default_rng(cfg.seed)
@@ -134,12 +137,15 @@ def train(cfg: TrainConfig) -> str:
 
     images = torch.from_numpy(data.images).permute(0, 3, 1, 2)  # (N, 3, R, R) uint8
     labels = torch.from_numpy(data.labels)
+    by_class = [np.flatnonzero(data.labels == c) for c in range(len(data.categories))]
     alphas = scheduler.alphas_cumprod.to(device)
     unet.train()
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     t0 = time.perf_counter() - elapsed
     while step < cfg.steps:
-        idx = torch.from_numpy(rng.integers(0, len(images), cfg.batch_size))
+        # class-balanced batches: a category uniformly, then one of its images
+        cats = rng.integers(0, len(by_class), cfg.batch_size)
+        idx = torch.from_numpy(np.array([rng.choice(by_class[c]) for c in cats]))
         x0 = images[idx].to(device).float() / 127.5 - 1  # (B, 3, R, R) in [-1, 1]
         if cfg.hflip:
             flip = torch.from_numpy(rng.random(cfg.batch_size) < 0.5).to(device)
@@ -149,7 +155,12 @@ def train(cfg: TrainConfig) -> str:
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise  # q(x_t | x_0), as scheduler.add_noise
         pred = unet(xt, t, class_labels=labels[idx].to(device)).sample
-        loss = F.mse_loss(pred, noise)
+        if cfg.learn_sigma:  # L_hybrid = L_simple + L_vlb (improved DDPM)
+            eps_pred, var_pred = pred.split(3, dim=1)
+            vlb = vlb_term(alphas, x0, xt, t, eps_pred, var_pred).mean()
+            loss = F.mse_loss(eps_pred, noise) + vlb_scale * vlb
+        else:
+            loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

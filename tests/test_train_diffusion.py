@@ -64,6 +64,17 @@ def test_train_save_reload_sample(small_root, tmp_path):
     assert images.min() >= 0 and images.max() <= 255 and images.std() > 0
 
 
+def test_learned_sigma_model_trains_and_samples(small_root, tmp_path):
+    out = tmp_path / "model"
+    train(_cfg(small_root, out, learn_sigma=True, steps=2))
+    m = load_model(out)
+    assert m.unet.config.out_channels == 6
+    assert m.scheduler_config["variance_type"] == "learned_range"
+    for sampler in ("ddpm", "ddim"):
+        images = Sampler(m, sampler, steps=4).sample(["bottle"] * 2, [0.0, 0.2], [3, 4])
+        assert images.shape == (2, 32, 32, 3)
+
+
 def test_resume_continues_from_checkpoint(small_root, tmp_path):
     out = tmp_path / "model"
     train(_cfg(small_root, out, steps=2))

@@ -48,6 +48,11 @@ from sia_pipeline.storage import StorageError
     default=False,
     help="Random horizontal flips (only for flip-invariant categories).",
 )
+@click.option(
+    "--learn-sigma/--fixed-sigma",
+    default=False,
+    help="Predict the reverse variance (learned range, hybrid loss), as official SDAS models do.",
+)
 @click.option("--seed", type=int, default=0, help="Seed of initialisation and batch order.")
 @click.option(
     "--resume", is_flag=True, help="Continue from the latest checkpoint in OUT/checkpoints."

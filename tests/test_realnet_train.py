@@ -1,0 +1,104 @@
+"""A short CPU training on a small real subset lowers both losses; resume and eval work."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from realnet_train.evaluate import evaluate
+from realnet_train.model.realnet import RealNetConfig
+from realnet_train.train import TrainConfig, load_model, train
+
+
+@pytest.fixture(scope="module")
+def small_bottle(shared_data, tmp_path_factory) -> Path:
+    """MVTec-layout subset: 32 train images, 3 good + 3 broken_large test images with masks."""
+    src = shared_data / "mvtec_ad" / "bottle"
+    root = tmp_path_factory.mktemp("mvtec")
+    dst = root / "bottle"
+    picks = {
+        "train/good": sorted((src / "train/good").glob("*.png"))[:32],
+        "test/good": sorted((src / "test/good").glob("*.png"))[:3],
+        "test/broken_large": sorted((src / "test/broken_large").glob("*.png"))[:3],
+    }
+    for folder, files in picks.items():
+        (dst / folder).mkdir(parents=True)
+        for f in files:
+            shutil.copy(f, dst / folder / f.name)
+    (dst / "ground_truth/broken_large").mkdir(parents=True)
+    for f in picks["test/broken_large"]:
+        mask = src / "ground_truth/broken_large" / f"{f.stem}_mask.png"
+        shutil.copy(mask, dst / "ground_truth/broken_large" / mask.name)
+    return root
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a shared CPU, more threads only contend (and slow down)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_config(data: Path, sia: Path, out: Path, steps: int, resume: bool = False):
+    return TrainConfig(
+        category="bottle",
+        data=str(data),
+        out=str(out),
+        sia=str(sia),
+        mix="normal=0.25,sia=0.75",
+        image_size=64,
+        batch_size=4,
+        steps=steps,
+        lr=2e-3,
+        afs_batches=2,
+        checkpoint_every=10,
+        num_workers=0,
+        seed=0,
+        resume=resume,
+        model=RealNetConfig(levels=(1, 2, 3), recon_width=16, head_width=16, rrs_k=8),
+    )
+
+
+def test_short_training_lowers_both_losses_then_resumes_and_evaluates(
+    small_bottle, tiny_sia, tmp_path, one_thread
+):
+    out = tmp_path / "run"
+    result = train(small_config(small_bottle, tiny_sia, out, steps=40))
+    hist = result["history"]
+    assert result["step"] == 40 and len(hist["recon"]) == 40
+    for name in ("recon", "seg"):
+        first, last = np.mean(hist[name][:8]), np.mean(hist[name][-8:])
+        assert last < 0.8 * first, f"{name} loss did not drop: {first:.3f} -> {last:.3f}"
+
+    model, ckpt = load_model(out / "last.pt")
+    assert ckpt["step"] == 40 and ckpt["model_args"]["levels"] == [1, 2, 3]
+    assert bool(model.afs.fitted)
+    assert not any(
+        k.startswith("backbone.") for k in ckpt["model"]
+    )  # weights come from the package
+
+    resumed = train(small_config(small_bottle, tiny_sia, out, steps=45, resume=True))
+    assert resumed["step"] == 45 and resumed["steps_this_run"] == 5
+    assert len(resumed["history"]["seg"]) == 45
+    again, _ = load_model(out / "last.pt")
+    for lv in model.afs.levels:  # AFS is chosen once, not refitted on resume
+        assert again.afs.indices(lv).tolist() == model.afs.indices(lv).tolist()
+
+    metrics = evaluate(out / "last.pt", str(small_bottle), tmp_path / "eval", panels=4)
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved == metrics
+    assert metrics["n_test"] == 6 and metrics["n_anomalous"] == 3
+    for key in ("image_auroc", "pixel_auroc", "pro"):
+        assert 0.0 <= metrics[key] <= 1.0
+    pngs = sorted((tmp_path / "eval" / "panels").glob("*.png"))
+    assert len(pngs) == 4
+    with Image.open(pngs[0]) as im:
+        assert im.size == (3 * 64 + 8, 64)  # image | ground truth | anomaly map

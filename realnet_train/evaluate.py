@@ -54,8 +54,15 @@ def pick_panels(labels: np.ndarray, n: int) -> list[int]:
     anom, norm = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
     n_norm = min(len(norm), max(1, n // 4))
     n_anom = min(len(anom), n - n_norm)
-    pick = lambda idx, k: idx[np.linspace(0, len(idx) - 1, k).round().astype(int)] if k else []  # noqa: E731
-    return sorted({*map(int, pick(anom, n_anom)), *map(int, pick(norm, n_norm))})
+    chosen = {int(i) for i in spread(anom, n_anom)} | {int(i) for i in spread(norm, n_norm)}
+    return sorted(chosen)
+
+
+def spread(idx: np.ndarray, k: int) -> np.ndarray:
+    """``k`` evenly spaced entries of ``idx``."""
+    if k <= 0:
+        return idx[:0]
+    return idx[np.linspace(0, len(idx) - 1, k).round().astype(int)]
 
 
 def evaluate(

@@ -201,7 +201,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     wait_s = compute_s = 0.0
     samples = 0
     step = start
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.category}", unit="step")
+    total = cfg.steps if cfg.time_budget_s is None else None  # a time budget has no step count
+    bar = tqdm(total=total, initial=start, desc=f"train {cfg.category}", unit="step", mininterval=5)
     while step < cfg.steps:
         if cfg.time_budget_s is not None and time.perf_counter() - t0 >= cfg.time_budget_s:
             log.info("time budget of %.0f s reached at step %d", cfg.time_budget_s, step)

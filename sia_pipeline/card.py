@@ -188,7 +188,8 @@ def render_card(
         "## How it was made",
         "",
         f"- model: `{', '.join(index.get('model_ids', []))}`"
-        + (f" ({model['resolution']} px, from `{model['source']}`)" if model else ""),
+        + (f" ({model['resolution']} px)" if model.get("resolution") else "")
+        + (f", from `{model['source']}`" if model.get("source") else ""),
         f"- sampler: {spec.get('sampler')}, {spec.get('steps')} steps"
         + (f", eta {spec.get('eta')}" if spec.get("sampler") == "ddim" else ""),
         f"- strengths: `{strengths.get('spec')}` ({strengths.get('kind')})",

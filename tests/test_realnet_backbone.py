@@ -57,3 +57,25 @@ def test_missing_weights_file_names_the_path(tmp_path):
         build_classifier("tf_efficientnet_lite0", tmp_path / "nope.pth")
     with pytest.raises(ValueError, match="backbone levels"):
         Backbone(levels=(7,))
+
+
+def test_other_backbone_from_a_weights_file(tmp_path):
+    import timm
+
+    # The --backbone/--backbone-weights path (wide_resnet50_2 in the paper; a small ResNet
+    # here), with a {"state_dict": ...} wrapper as training scripts save it.
+    src = timm.create_model("resnet10t", pretrained=False)
+    path = tmp_path / "resnet10t.pth"
+    torch.save({"state_dict": src.state_dict()}, path)
+    bb = Backbone("resnet10t", weights=path, levels=(1, 2, 3, 4))
+    torch.testing.assert_close(bb.model.conv1[0].weight, src.conv1[0].weight)
+    feats = bb(torch.rand(1, 3, 64, 64))
+    assert [f.shape[1] for f in feats.values()] == [64, 128, 256, 512]
+
+
+def test_no_local_weights_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(RuntimeError, match="--backbone-weights"):
+        build_classifier("resnet10t")

@@ -102,3 +102,32 @@ def test_short_training_lowers_both_losses_then_resumes_and_evaluates(
     assert len(pngs) == 4
     with Image.open(pngs[0]) as im:
         assert im.size == (3 * 64 + 8, 64)  # image | ground truth | anomaly map
+
+
+def test_cli_train_then_eval(small_bottle, shared_data, tmp_path, one_thread):
+    from click.testing import CliRunner
+
+    from realnet_train.cli import eval_main, train_main
+
+    runner = CliRunner()
+    out = tmp_path / "cli"
+    args = ["--category", "bottle", "--data", str(small_bottle), "--out", str(out)]
+    missing = runner.invoke(train_main, args)
+    assert missing.exit_code == 2 and "--sia URL and/or --textures DIR" in missing.output
+
+    small = ["--image-size", "64", "--batch-size", "2", "--steps", "3", "--levels", "1,2"]
+    textures = ["--textures", str(shared_data / "dtd" / "images"), "--workers", "0"]
+    result = runner.invoke(train_main, args + small + textures)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["step"] == 3
+    assert json.loads((out / "train_log.json").read_text())["config"]["mix"] == (
+        "normal=0.5,texture=0.5"
+    )
+
+    result = runner.invoke(
+        eval_main, ["--checkpoint", str(out / "last.pt"), "--data", str(small_bottle)]
+    )
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    assert metrics["category"] == "bottle" and metrics["n_test"] == 6
+    assert (out / "eval" / "metrics.json").is_file()

@@ -203,14 +203,30 @@ def decide(base: str, jobs: dict[str, str], rerun_finished: bool = False) -> Dec
     return Decision("submit", nxt, f"latest attempt {latest} ended {mine[latest]}; resuming")
 
 
+def _server_error(address: str, err: Exception) -> click.ClickException:
+    """One line naming the job server; a hint when it wants a token we did not send."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "Authentication" in type(err).__name__ or "Authentication required" in text:
+        text = (
+            "it requires token authentication: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
+            "(or ~/.ray/auth_token) to the cluster's token"
+        )
+    return click.ClickException(f"Ray job server at {address}: {text}")
+
+
+def _server_errors() -> tuple[type[Exception], ...]:
+    from ray.exceptions import RayError
+
+    return (ConnectionError, RuntimeError, RayError)  # RayError: AuthenticationError
+
+
 def _client(address: str):
     from ray.job_submission import JobSubmissionClient
 
     try:
         return JobSubmissionClient(address)
-    except (ConnectionError, RuntimeError) as e:
-        msg = f"cannot reach the Ray job server at {address}: {str(e).splitlines()[0]}"
-        raise click.ClickException(msg) from None
+    except _server_errors() as e:
+        raise _server_error(address, e) from None
 
 
 def _job_statuses(client) -> dict[str, str]:
@@ -314,8 +330,11 @@ def main(
 
     Resubmitting the same spec never starts a second writer: a running job is left alone,
     a succeeded one means the dataset is done, a failed one gets a new attempt that
-    resumes the same dataset. Exit status: 0 submitted/running/done (with --wait: the job
-    succeeded), 1 the followed job failed.
+    resumes the same dataset.
+
+    Exit status: 0 submitted, running or done (with --wait: the job succeeded); 1 the
+    followed job failed, or the job server is unreachable or refused us; 2 bad options.
+    On a cluster with token auth, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     spec_extra, sched_extra = split_extra(gen_args)
@@ -331,13 +350,19 @@ def main(
         click.echo(json.dumps(plan, indent=2))
         return
     client = _client(address)
-    decision = submit(client, spec, sched, gen_command, renv, rerun_finished)
+    try:
+        decision = submit(client, spec, sched, gen_command, renv, rerun_finished)
+    except _server_errors() as e:
+        raise _server_error(address, e) from None
     verb = {"submit": "submitted", "running": "already running", "done": "already finished"}
     click.echo(f"{verb[decision.action]}: {decision.submission_id} ({decision.reason})")
     if not wait or decision.action == "done":
         return
-    status = wait_for(client, decision.submission_id)
-    click.echo(client.get_job_logs(decision.submission_id), nl=False)
+    try:
+        status = wait_for(client, decision.submission_id)
+        click.echo(client.get_job_logs(decision.submission_id), nl=False)
+    except _server_errors() as e:
+        raise _server_error(address, e) from None
     click.echo(f"{decision.submission_id}: {status}")
     if status != "SUCCEEDED":
         sys.exit(1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -41,29 +43,60 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _submit_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def _submit_cli(
+    *args: str, timeout: float = 240, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*SUBMIT, *args], capture_output=True, text=True, timeout=timeout, check=False
+        [*SUBMIT, *args], capture_output=True, text=True, timeout=timeout, check=False, env=env
     )
+
+
+@dataclass(frozen=True)
+class RayHead:
+    """A running test head: its job-server URL and what a client needs to talk to it."""
+
+    url: str
+    token: str
+    env: dict[str, str]  # for client subprocesses (token auth on)
+
+    def client(self):
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(self.url, headers={"Authorization": f"Bearer {self.token}"})
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()  # `ray start --block` stops its node's processes on SIGTERM
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # only this head's own process group
+        proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """A real Ray head (1 CPU, job server on) on loopback; yields the job-server URL.
+    """A real Ray head (1 CPU, job server on) on loopback, with token auth on.
 
-    Its own ``--temp-dir`` keeps it out of ``/tmp/ray``, so other Ray instances on this
-    machine never see it; teardown stops only this head's processes (``ray stop`` would
-    stop every Ray instance on the machine).
+    Ray 2.5x turns token auth on for a new head whenever ``~/.ray/auth_token`` exists (any
+    local ``ray.init()`` writes one), so the test sets it explicitly with its own token
+    instead of depending on that file. Its own ``--temp-dir`` keeps it out of ``/tmp/ray``,
+    so other Ray instances on this machine never see it; teardown stops only this head's
+    processes (``ray stop`` would stop every Ray instance on the machine).
     """
     dash = _free_port()
     tmp = tempfile.mkdtemp(prefix="rj-", dir="/tmp")  # short: Ray's socket paths
+    token = secrets.token_hex(32)
     env = dict(
         os.environ,
         PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         RAY_USAGE_STATS_ENABLED="0",
         RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=token,
     )
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1"]
     cmd += ["--port", str(_free_port()), "--num-cpus", "1", "--num-gpus", "0"]
     cmd += ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1"]
@@ -74,26 +107,20 @@ def ray_head():
     proc = subprocess.Popen(
         cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
-    url = f"http://127.0.0.1:{dash}"
-    from ray.job_submission import JobSubmissionClient
-
+    head = RayHead(f"http://127.0.0.1:{dash}", token, env)
     deadline = time.monotonic() + 120
     while True:
         try:
-            JobSubmissionClient(url).list_jobs()
+            head.client().list_jobs()
             break
-        except Exception:
+        except Exception as e:
             if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"Ray head did not start: {(Path(tmp) / 'head.log').read_text()}")
+                _stop(proc)
+                log.close()
+                pytest.fail(f"Ray head did not start ({e}): {(Path(tmp) / 'head.log').read_text()}")
             time.sleep(0.5)
-    yield url
-    proc.terminate()  # `ray start --block` stops its node's processes on SIGTERM
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+    yield head
+    _stop(proc)
     log.close()
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -181,21 +208,19 @@ def test_credentials_are_refused_not_echoed():
 _ECHO = "python -c 'import json, pathlib, sys; print(pathlib.Path(\"marker.txt\").read_text().strip(), json.dumps(sys.argv[1:]))'"  # noqa: E501
 
 
-def _statuses(url: str) -> dict[str, str]:
-    from ray.job_submission import JobSubmissionClient
-
-    return {j.submission_id: str(j.status.value) for j in JobSubmissionClient(url).list_jobs()}
+def _statuses(head: RayHead) -> dict[str, str]:
+    return {j.submission_id: str(j.status.value) for j in head.client().list_jobs()}
 
 
 def test_submit_wait_and_resubmit_against_real_ray_head(ray_head, tmp_path):
     (tmp_path / "marker.txt").write_text("working-dir-arrived")
-    args = ["--address", ray_head, "--working-dir", str(tmp_path), "--gen-command", _ECHO]
+    args = ["--address", ray_head.url, "--working-dir", str(tmp_path), "--gen-command", _ECHO]
     args += ["--out", "s3://bucket/jobs-test", "--per-category", "3", "--shard-size", "2"]
     args += ["--workers", "1", "--gpus-per-worker", "0", "--env", "AWS_DEFAULT_REGION=eu-west-1"]
     expected_id = _dry_run("--out", "s3://bucket/jobs-test", "--per-category", "3",
                            "--shard-size", "2")["submission_id"]  # fmt: skip
 
-    first = _submit_cli(*args, "--wait")
+    first = _submit_cli(*args, "--wait", env=ray_head.env)
     assert first.returncode == 0, first.stdout + first.stderr
     assert f"submitted: {expected_id}" in first.stdout
     assert f"{expected_id}: SUCCEEDED" in first.stdout
@@ -207,30 +232,57 @@ def test_submit_wait_and_resubmit_against_real_ray_head(ray_head, tmp_path):
     assert "--gpus-per-worker" not in argv  # CPU actors
 
     # The same spec again: found finished, nothing new submitted.
-    before = _statuses(ray_head)
-    second = _submit_cli(*args)
+    before = set(_statuses(ray_head))
+    second = _submit_cli(*args, env=ray_head.env)
     assert second.returncode == 0, second.stderr
     assert f"already finished: {expected_id}" in second.stdout
-    assert _statuses(ray_head) == before
+    assert set(_statuses(ray_head)) == before
 
     # Asked to rerun anyway: a new attempt of the same spec, not a new dataset id.
-    third = _submit_cli(*args, "--rerun-finished", "--wait")
+    third = _submit_cli(*args, "--rerun-finished", "--wait", env=ray_head.env)
     assert third.returncode == 0, third.stdout + third.stderr
     assert f"submitted: {expected_id}-r1" in third.stdout
     assert _statuses(ray_head)[f"{expected_id}-r1"] == "SUCCEEDED"
 
 
+def test_real_sia_gen_dry_run_as_a_ray_job(ray_head, tiny_model, tmp_path):
+    """The submitted command line is one sia-gen accepts: its --dry-run plan comes back."""
+    out = tmp_path / "never-written"
+    args = ["--address", ray_head.url, "--working-dir", str(tmp_path)]
+    args += ["--categories", "bottle", "--strengths", "0.1:0.3", "--per-category", "5"]
+    args += ["--shard-size", "2", "--out", str(out), "--workers", "1", "--gpus-per-worker", "0"]
+    gen_args = ["--model", str(tiny_model), "--steps", "2", "--dry-run"]
+    res = _submit_cli(*args, "--wait", "--", *gen_args, env=ray_head.env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "SUCCEEDED" in res.stdout
+    assert "shards     3 (3 per category, up to 2 images each)" in res.stdout
+    assert "dry run: nothing written" in res.stdout
+    assert not out.exists()
+
+
 def test_failed_job_is_resumed_as_a_new_attempt(ray_head, tmp_path):
-    args = ["--address", ray_head, "--working-dir", str(tmp_path)]
+    args = ["--address", ray_head.url, "--working-dir", str(tmp_path)]
     args += ["--gen-command", "python -c 'import sys; sys.exit(3)'"]
     args += ["--out", "s3://bucket/jobs-fail", "--seed", "7"]
-    first = _submit_cli(*args, "--wait")
+    first = _submit_cli(*args, "--wait", env=ray_head.env)
     assert first.returncode == 1
     job_id = first.stdout.split("submitted: ", 1)[1].split()[0]
     assert f"{job_id}: FAILED" in first.stdout
-    second = _submit_cli(*args)
+    second = _submit_cli(*args, env=ray_head.env)
     assert second.returncode == 0, second.stderr
     assert f"submitted: {job_id}-r1" in second.stdout
+
+
+def test_missing_token_is_a_one_line_error(ray_head, tmp_path):
+    env = {k: v for k, v in ray_head.env.items() if not k.startswith("RAY_AUTH")}
+    env["RAY_AUTH_MODE"] = "disabled"
+    args = ["--address", ray_head.url, "--no-working-dir", "--out", "s3://b/unauth"]
+    before = set(_statuses(ray_head))  # ids only: earlier tests' jobs may still change state
+    res = _submit_cli(*args, env=env)
+    assert res.returncode == 1
+    assert ray_head.url in res.stderr and "RAY_AUTH_TOKEN" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert set(_statuses(ray_head)) == before
 
 
 def test_unreachable_job_server_is_named():

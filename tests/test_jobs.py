@@ -365,12 +365,16 @@ def test_sbatch_dry_run_starts_head_workers_then_sia_gen():
     )
     assert res.returncode == 0, res.stderr
     cmds = [ln[2:] for ln in res.stdout.splitlines() if ln.startswith("+ ")]
-    head = shlex.split(cmds[0].removesuffix(" &"))
-    assert head[:5] == ["srun", "--nodes=1", "--ntasks=1", "-w", "gpu01"]
-    assert "--head" in head and "--block" in head and "--port=6379" in head
-    workers = [shlex.split(c.removesuffix(" &")) for c in cmds[1:3]]
-    assert [w[4] for w in workers] == ["gpu02", "gpu03"]
-    assert all("--address=gpu01:6379" in w for w in workers)
+    steps = [shlex.split(c.removesuffix(" &")) for c in cmds[:3]]
+    for step in steps:  # one srun step per node, with that node's GPUs
+        assert step[0] == "srun" and "--nodes=1" in step and "--ntasks=1" in step
+        assert "--gpus-per-node=4" in step and step[step.index("start") - 1] == "ray"
+        assert step[step.index("--num-gpus") + 1] == "4" and "--block" in step
+    head, workers = steps[0], steps[1:]
+    assert head[head.index("-w") + 1] == "gpu01"
+    assert "--head" in head and "--port=6379" in head
+    assert [w[w.index("-w") + 1] for w in workers] == ["gpu02", "gpu03"]
+    assert all("--address=gpu01:6379" in w and "--head" not in w for w in workers)
     assert cmds[3].startswith("wait until 3 Ray node(s) joined gpu01:6379")
     gen = shlex.split(cmds[4])
     assert gen[0] == "sia-gen"

@@ -216,7 +216,7 @@ def _write_card(
     """Histogram, per-category grids, the overall grid and README.md; returns the names."""
     bins = strength_bins(manifest.column("strength").to_numpy(), span=_span(index))
     written = [HISTOGRAM_NAME]
-    storage.put_bytes(strength_histogram(manifest), HISTOGRAM_NAME)
+    storage.put_bytes(strength_histogram(manifest, _span(index)), HISTOGRAM_NAME)
     categories = []
     for cat, keys in sorted(pick_preview_keys(manifest, bins, per_bin).items()):
         grid = category_grid(keys, samples, bins)

@@ -79,11 +79,16 @@ def front_matter(index: Mapping[str, Any]) -> str:
     return f"---\n{data.to_yaml()}\n---\n"
 
 
-def strength_histogram(manifest: pa.Table, n_bins: int = 30) -> bytes:
-    """Stacked per-category histogram of strengths as a PNG (width 640, height 320)."""
+def strength_histogram(
+    manifest: pa.Table, span: tuple[float, float] | None = None, n_bins: int = 30
+) -> bytes:
+    """Stacked per-category histogram of strengths as a PNG (width 640, height 320).
+
+    ``span`` is the x range (the spec's uniform range); default: the observed range.
+    """
     cats = manifest.column("category").to_numpy(zero_copy_only=False)
     s = manifest.column("strength").to_numpy()
-    lo, hi = (float(s.min()), float(s.max())) if s.size else (0.0, 1.0)
+    lo, hi = span or ((float(s.min()), float(s.max())) if s.size else (0.0, 1.0))
     if hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5
     edges = np.linspace(lo, hi, n_bins + 1)

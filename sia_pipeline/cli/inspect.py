@@ -56,7 +56,12 @@ def _die(message: str) -> None:
     help="Where --key writes KEY.png/jpg (and --regenerate KEY.regenerated.png).",
 )
 @click.option("--model", default=None, help="Model for --regenerate [default: the recorded one].")
-@click.option("--device", default="cpu", help="Torch device for --regenerate (cpu, cuda).")
+@click.option(
+    "--device",
+    default="cpu",
+    help="Torch device for --regenerate (cpu, cuda). Bit-identity holds on the kind of "
+    "device the dataset was made on.",
+)
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
@@ -85,6 +90,9 @@ def main(
     """Look inside the SIA dataset at ROOT (a folder, file:// or s3:// URL).
 
     Without options, prints a table of shards, samples, strengths and bytes per category.
+
+    Exit status: 0 done (--regenerate: bit-identical); 1 --regenerate found a difference;
+    2 bad root, key or model.
     """
     _setup_logging(verbose)
     from sia_pipeline import inspection

@@ -55,6 +55,8 @@ def main(
     manifest.parquet and index.json from the stats if missing or stale, and writes
     README.md (Hugging Face dataset card: WebDataset configs, counts per category and
     strength, provenance), strength_histogram.png, preview grids and SHA256SUMS.
+
+    Exit status: 0 published; 1 bad shards (each named); 2 not a dataset or unreachable.
     """
     _setup_logging(verbose)
     from sia_pipeline.publish import PublishError, publish

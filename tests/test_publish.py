@@ -252,3 +252,29 @@ def test_not_a_dataset_and_missing_bucket_exit_2(tmp_path, s3_endpoint, monkeypa
     res = run("s3://no-such-bucket-sia/x")
     assert res.exit_code == 2
     assert "no-such-bucket-sia" in res.output and "Traceback" not in res.output
+
+
+def test_sample_without_metadata_is_named(local_root):
+    """A tar that matches its stats byte for byte can still break the format: named too."""
+    import webdataset as wds
+
+    from sia_pipeline.format import iter_shard_samples
+
+    shard = SHARDS[2]
+    tar = local_root / tar_rel(shard)
+    samples = list(iter_shard_samples(str(tar)))
+    with wds.TarWriter(str(tar), encoder=False, mtime=0) as writer:
+        for i, s in enumerate(samples):
+            member = {"__key__": s["__key__"], "png": s["png"]}
+            if i:
+                member["json"] = s["json"]
+            writer.write(member)
+    stats_path = tar.with_suffix(".json")
+    stats = json.loads(stats_path.read_text())
+    data = tar.read_bytes()
+    stats.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    stats_path.write_text(json.dumps(stats))
+    res = run(str(local_root))
+    assert res.exit_code == 1
+    (line,) = bad_lines(res.output)
+    assert shard in line and "1 sample(s) lack an image or json member" in line

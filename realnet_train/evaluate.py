@@ -1,7 +1,9 @@
 """Evaluate a RealNet checkpoint on a category's test split: metrics JSON and PNG panels.
 
 Masks and maps are compared at the model's input size (ground truth resized by nearest
-neighbour). Panels show image | ground truth | anomaly map (fixed [0, 1] colour scale).
+neighbour). Panels show image | ground truth | anomaly map; the colour scale runs from 0 to
+the largest pixel score on the whole test split (``panel_scale_max`` in the metrics), the
+same for every panel, so panels compare with each other but not across checkpoints.
 """
 
 from __future__ import annotations
@@ -40,10 +42,11 @@ def predict(
     return np.concatenate(maps).astype(np.float32), np.concatenate(scores)
 
 
-def panel(image: np.ndarray, mask: np.ndarray, amap: np.ndarray) -> np.ndarray:
-    """(S, S, 3) uint8 image | ground truth | JET-coloured anomaly map, with 4 px gaps."""
+def panel(image: np.ndarray, mask: np.ndarray, amap: np.ndarray, vmax: float = 1.0) -> np.ndarray:
+    """(S, S, 3) uint8 image | ground truth | JET-coloured anomaly map (0..vmax), 4 px gaps."""
     gt = np.repeat((mask.astype(np.uint8) * 255)[..., None], 3, axis=2)
-    heat = cv2.applyColorMap(np.clip(amap * 255, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
+    scaled = np.clip(amap / max(vmax, 1e-8) * 255, 0, 255).astype(np.uint8)
+    heat = cv2.applyColorMap(scaled, cv2.COLORMAP_JET)
     heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
     gap = np.full((image.shape[0], 4, 3), 255, dtype=np.uint8)
     return np.concatenate([image, gap, gt, gap, heat], axis=1)
@@ -95,13 +98,14 @@ def evaluate(
         "image_auroc": image_auroc(labels, scores),
         "pixel_auroc": pixel_auroc(maps, masks),
         "pro": pro_auc(maps, masks, fpr_limit=0.3),
+        "panel_scale_max": float(maps.max()),
         "eval_s": time.perf_counter() - t0,
     }
     out = Path(out)
     (out / "panels").mkdir(parents=True, exist_ok=True)
     for i in pick_panels(labels, panels):
         stem = items[i].image.rsplit(".", 1)[0].split("/", 1)[1].replace("/", "_")
-        png = panel(images[i], masks[i], maps[i])
+        png = panel(images[i], masks[i], maps[i], metrics["panel_scale_max"])
         cv2.imwrite(str(out / "panels" / f"{stem}.png"), cv2.cvtColor(png, cv2.COLOR_RGB2BGR))
     (out / METRICS_NAME).write_text(json.dumps(metrics, indent=1))
     log.info(

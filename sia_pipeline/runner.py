@@ -88,8 +88,13 @@ def plan_actors(
     gpus_per_worker: float = 1.0,
     threads_per_worker: int | None = None,
 ) -> ActorPlan:
-    """Size the actor pool from the cluster: one actor per ``gpus_per_worker`` GPUs when
-    GPUs exist (``workers`` caps it), else ``workers`` CPU actors sharing the CPUs."""
+    """Size the actor pool from the cluster's resources.
+
+    With GPUs: one actor per ``gpus_per_worker`` GPUs (``workers`` caps it). Without:
+    by default one single-threaded actor per CPU, which beats fewer multi-threaded
+    actors for small models and degrades more gracefully on a busy machine (see
+    ``bench/sia_gen_throughput.py``).
+    """
     import ray
 
     res = ray.cluster_resources()
@@ -100,9 +105,12 @@ def plan_actors(
             count = min(count, workers)
         threads = threads_per_worker or max(1, cpus // count)
         return ActorPlan(count, num_cpus=1, num_gpus=gpus_per_worker, threads=threads)
-    count = workers or 1
-    threads = threads_per_worker or max(1, cpus // count)
-    return ActorPlan(count, num_cpus=threads, num_gpus=0, threads=threads)
+    if workers:
+        threads = threads_per_worker or max(1, cpus // workers)
+    else:
+        threads = threads_per_worker or 1
+        workers = max(1, cpus // threads)
+    return ActorPlan(workers, num_cpus=threads, num_gpus=0, threads=threads)
 
 
 class ShardRunner:
@@ -224,12 +232,14 @@ class ShardRunner:
         return self.report
 
     def _feed(self) -> None:
-        """Top every live actor up to ``max_in_flight`` queued tasks."""
-        for a, actor in list(self.actors.items()):
-            while self._queue and self._load[a] < self.max_in_flight:
-                task = self._queue.popleft()
-                self._inflight[actor.__call__.remote(task)] = (a, task)
-                self._load[a] += 1
+        """Top every live actor up to ``max_in_flight`` tasks, level by level, so that
+        a short queue is spread over all actors instead of piling onto the first."""
+        for level in range(1, self.max_in_flight + 1):
+            for a, actor in list(self.actors.items()):
+                if self._queue and self._load[a] < level:
+                    task = self._queue.popleft()
+                    self._inflight[actor.__call__.remote(task)] = (a, task)
+                    self._load[a] += 1
 
     def _next_result(self) -> ShardResult | None:
         """The next successful result; None when a task failed (and was requeued or given up)."""

@@ -38,10 +38,10 @@ def _die(status: int, message: str) -> None:
 @click.command(
     context_settings={"show_default": True, "help_option_names": ["-h", "--help"]},
     epilog=(
-        "Examples:\n\n"
-        "  sia-gen --categories all --strengths 0.1:0.5\n\n"
-        "  sia-gen --categories bottle --strengths 0.1:0.5:0.1 --per-category 10000 "
-        "--out s3://bucket/sia --ray-address auto"
+        "\b\nExamples:\n"
+        "  sia-gen --categories all --strengths 0.1:0.5\n"
+        "  sia-gen --categories bottle --strengths 0.1:0.5:0.1 --per-category 10000 \\\n"
+        "      --out s3://bucket/sia --ray-address auto"
     ),
 )
 @click.option(
@@ -96,8 +96,8 @@ def _die(status: int, message: str) -> None:
     "--workers",
     type=int,
     default=None,
-    help="Sampling actors. CPU: default 1, sharing the CPUs; GPU: default one per "
-    "--gpus-per-worker GPUs (this caps it).",
+    help="Sampling actors. CPU: default one per CPU (with --threads-per-worker 1); "
+    "GPU: default one per --gpus-per-worker GPUs (this caps it).",
 )
 @click.option(
     "--gpus-per-worker",
@@ -109,7 +109,7 @@ def _die(status: int, message: str) -> None:
     "--threads-per-worker",
     type=int,
     default=None,
-    help="Torch threads (and CPUs reserved) per CPU actor [default: CPUs / workers].",
+    help="Torch threads (and CPUs reserved) per CPU actor [default: 1, or CPUs / --workers].",
 )
 @click.option(
     "--ray-address",

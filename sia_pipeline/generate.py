@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sia_pipeline.card import PREVIEW_NAME, write_card
@@ -37,7 +38,7 @@ from sia_pipeline.plan import (
     make_tasks,
     parse_strengths,
 )
-from sia_pipeline.storage import Storage, StorageError, open_storage
+from sia_pipeline.storage import LocalStorage, Storage, StorageError, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,12 @@ def scan_root(storage: Storage, spec_hash: str) -> RootState:
             other = other or f"{name} has spec {stats.spec_hash!r}"
         elif storage.size(stats.tar) == stats.size:
             done[stats.shard] = stats
-    current = index is not None and other is None
+    current = (
+        index is not None
+        and other is None
+        and storage.exists(MANIFEST_NAME)
+        and storage.exists(CARD_NAME)
+    )
     return RootState(done, other, current)
 
 
@@ -167,6 +173,13 @@ def _model_record(loaded: Any, model: str | None) -> dict[str, Any]:
     }
     rec.update({k: card[k] for k in ("preset", "train_steps", "data", "license") if k in card})
     return rec
+
+
+def _absolute(url: str | None) -> str | None:
+    """A local model path made absolute, so actors find it whatever their directory."""
+    if not url or "://" in url:
+        return url
+    return str(Path(url).expanduser().resolve())
 
 
 def _check_numbers(**values: Any) -> None:
@@ -266,6 +279,10 @@ def generate(
         )
         tasks = make_tasks(spec, batch_size)
         storage = open_storage(out, s3_endpoint_url)
+        if isinstance(storage, LocalStorage):  # actors may run in another directory
+            storage = LocalStorage(storage.root.resolve())
+            if ray_address:
+                log.warning("a local --out with --ray-address needs a folder every node shares")
         if not dry_run:
             storage.check_writable()
         state = scan_root(storage, spec.spec_hash)
@@ -296,7 +313,7 @@ def generate(
     report.shards_skipped = len(tasks) - len(pending)
     if pending:
         worker_kwargs = {
-            "model_url": model,
+            "model_url": _absolute(model),
             "out_url": storage.url,
             "endpoint_url": s3_endpoint_url,
         }

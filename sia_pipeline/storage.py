@@ -30,6 +30,14 @@ def is_s3(url: str) -> bool:
     return str(url).startswith("s3://")
 
 
+def redact_url(url: str | None) -> str | None:
+    """``url`` without any ``user:password@`` part, for messages and logs."""
+    if not url or "@" not in url:
+        return url
+    parsed = urlparse(url)
+    return parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl()
+
+
 def join_url(base: str, *parts: str) -> str:
     base = str(base).rstrip("/")
     rest = "/".join(p.strip("/") for p in parts if p)
@@ -176,7 +184,7 @@ class S3Storage:
             return StorageError(f"no S3 credentials found for {where}")
         if isinstance(err, EndpointConnectionError):
             return StorageError(
-                f"cannot reach S3 endpoint {self.endpoint_url or 'AWS'} for {where}"
+                f"cannot reach S3 endpoint {redact_url(self.endpoint_url) or 'AWS'} for {where}"
             )
         if isinstance(err, ClientError):
             code = err.response.get("Error", {}).get("Code", "?")

@@ -6,6 +6,7 @@ writes, one shard redone bit-identically, an actor killed mid-run, and every bad
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -80,10 +81,16 @@ def snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
 
 @pytest.fixture(scope="module")
 def local_dataset(tmp_path_factory, tiny_model, ray_local) -> Path:
-    """One dataset made through the CLI; tests work on copies of it."""
-    out = tmp_path_factory.mktemp("gen") / "sia-data"
-    args = ["--model", str(tiny_model), "--out", str(out), "--workers", "1", *SMALL_ARGS]
-    result = CliRunner().invoke(main, args)
+    """One dataset made through the CLI; tests work on copies of it.
+
+    Relative --out and --model, as users type them: the actors run in another directory.
+    """
+    base = tmp_path_factory.mktemp("gen")
+    out = base / "sia-data"
+    model = os.path.relpath(tiny_model, base)
+    args = ["--model", model, "--out", "sia-data", "--workers", "1", *SMALL_ARGS]
+    with contextlib.chdir(base):
+        result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "4 shards (12 images) written" in result.stdout
     return out
@@ -149,7 +156,8 @@ def test_lost_stats_redo_only_that_shard_bit_identically(dataset_copy, tiny_mode
         elif name.startswith("shards/"):
             assert after[name] == before[name], f"{name} was touched"
     old, new = (json.loads(x["index.json"][1]) for x in (before, after))
-    assert old.pop("command") != new.pop("command")  # names this copy's --out
+    for key in ("command", "model"):  # they name this run's --out and --model spelling
+        old.pop(key), new.pop(key)
     assert new == old
     assert after["manifest.parquet"][1] == before["manifest.parquet"][1]
 
@@ -263,9 +271,12 @@ def test_corrupt_model(tiny_model, tmp_path):
 
 
 def test_unreachable_endpoint(tiny_model, tmp_path):
-    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    port = _closed_port()
+    endpoint = f"http://key:topsecret@127.0.0.1:{port}"  # userinfo is never echoed
     args = ["--model", str(tiny_model), "--out", "s3://bucket/x", "--s3-endpoint-url", endpoint]
-    assert_refused(args, f"cannot reach S3 endpoint {endpoint}")
+    assert_refused(args, f"cannot reach S3 endpoint http://127.0.0.1:{port}")
+    result = CliRunner().invoke(main, args)
+    assert "topsecret" not in result.output
 
 
 def test_missing_bucket(tiny_model, s3_endpoint, s3_client):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -114,3 +116,37 @@ def test_worker_reports_storage_errors(tiny_model, s3_endpoint, s3_root):
     result = worker(task)
     assert not result.ok
     assert "bucket does not exist" in result.error
+
+
+def test_upload_of_one_shard_overlaps_sampling_of_the_next(worker_factory, tmp_path):
+    """Two in-flight tasks (as a Ray actor with max_concurrency=2 runs them): the first
+    one's upload waits until the second has started sampling, which only works if the
+    sampling lock is released before the upload."""
+    worker = worker_factory(tmp_path)
+    first, second = tasks_for(worker.model.model_id)[:2]
+    sampler = worker._sampler(first)
+    first_sampling, second_sampling = threading.Event(), threading.Event()
+    real_sample, real_put = sampler.sample, worker.storage.put_file
+    overlapped = []
+
+    def sample(categories, strengths, seeds):
+        if seeds[0] == first.seeds[0]:
+            first_sampling.set()
+        if seeds[0] == second.seeds[0]:
+            second_sampling.set()
+        return real_sample(categories, strengths, seeds)
+
+    def put_file(local, rel):
+        if rel == first.tar_name:
+            overlapped.append(second_sampling.wait(timeout=120))
+        return real_put(local, rel)
+
+    sampler.sample = sample
+    worker.storage.put_file = put_file
+    with ThreadPoolExecutor(2) as pool:
+        a = pool.submit(worker, first)
+        assert first_sampling.wait(timeout=120)  # the first task holds the sampling lock
+        b = pool.submit(worker, second)
+        results = [a.result(), b.result()]
+    assert all(r.ok for r in results), results
+    assert overlapped == [True]

@@ -150,6 +150,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
         )
     if meta.get("sia"):
         lines += ["", f"SIA: {meta['sia']}"]
+    lines += [
+        "",
+        "loader/trainer: samples/s of the training DataLoader alone (1 worker, after its first "
+        "batch) over samples/s the trainer consumes (its compute time only); above 1 the "
+        "loader keeps up.",
+    ]
+    for note in meta.get("notes", []):
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
@@ -166,8 +174,16 @@ def main() -> None:
     p.add_argument("--sia-model", default=None, help="sia-gen --model (default: bundled)")
     p.add_argument("--runs", default=str(ROOT / "runs" / "realnet_quality"))
     p.add_argument("--tag", default="realnet_quality", help="result file name")
+    p.add_argument("--note", action="append", default=[], help="a line for the table's notes")
+    p.add_argument("--render", action="store_true", help="only rewrite the table from JSON")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.render:
+        out = json.loads((RESULTS / f"{args.tag}.json").read_text())
+        out["meta"]["notes"] = out["meta"].get("notes", []) + args.note
+        (RESULTS / f"{args.tag}.json").write_text(json.dumps(out, indent=1))
+        (RESULTS / f"{args.tag}.md").write_text(markdown(out["runs"], out["meta"]))
+        return
     torch.set_num_threads(1)
     sources = args.sources.split(",")
     meta = {
@@ -186,9 +202,10 @@ def main() -> None:
             sia_root, gen_s = make_sia(
                 Path(args.runs) / "sia", args.sia_per_category, args.sia_model
             )
+            model = f" --model {args.sia_model}" if args.sia_model else " (bundled model)"
             meta["sia"] = (
                 f"sia-gen --categories {','.join(CATEGORIES)} --strengths 0.1:0.5 "
-                f"--per-category {args.sia_per_category} ({gen_s:.0f} s)"
+                f"--per-category {args.sia_per_category}{model}, {gen_s:.0f} s"
             )
     # Runs of other (category, source) pairs from an earlier invocation are kept, so the
     # DTD and SIA halves can run at different times into one table.

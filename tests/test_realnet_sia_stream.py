@@ -65,3 +65,30 @@ def test_resampled_stream_is_endless_and_seeded(tiny_sia):
     assert len(a) == 40 > 12  # more than one pass over the 12 bottle samples
     assert a == first(0)
     assert a != first(1)
+
+
+def test_training_loader_streams_sia_from_s3_in_a_worker(tiny_sia, s3_root, s3_client, shared_data):
+    from realnet_train.data.mvtec import MVTecCategory
+    from realnet_train.data.train_stream import SOURCE_ID
+    from realnet_train.train import TrainConfig, build_loader
+
+    upload_tree(tiny_sia, s3_root, s3_client)
+    cfg = TrainConfig(
+        category="bottle",
+        data=str(shared_data / "mvtec_ad"),
+        out="unused",
+        sia=s3_root,
+        mix="normal=0.0,sia=1.0",
+        image_size=32,
+        batch_size=8,
+        num_workers=1,
+    )
+    mvtec = MVTecCategory(cfg.data, cfg.category)
+    mvtec.train_items = mvtec.train_items[:4]  # keep the normal-image load small
+    batches = build_loader(cfg, mvtec, seed=0)
+    batch = next(iter(batches))
+    assert batch["image"].shape == (8, 32, 32, 3) and batch["mask"].shape == (8, 32, 32)
+    assert (batch["source"] == SOURCE_ID["sia"]).all()
+    assert (batch["mask"].flatten(1).amax(1) > 0).all()  # every sample got an SIA blend
+    changed = (batch["image"] != batch["clean"]).flatten(1).any(1)
+    assert changed.all()

@@ -250,6 +250,8 @@ def generate(
     # Resolved here so that actors on any node use the driver's endpoint (never credentials:
     # those come from each node's own AWS chain).
     s3_endpoint_url = s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+    # Inside a Ray job (or with RAY_ADDRESS set) join that cluster, as ray.init() would.
+    ray_address = ray_address or os.environ.get("RAY_ADDRESS") or None
     try:
         parse_strengths(strengths)
         _check_numbers(

@@ -30,6 +30,12 @@ BUNDLED_DATA_LICENCE = (
     "non-commercial research use, share-alike, with attribution to both sources."
 )
 
+KNOWN_DATA_LICENCES = {
+    "mvtec": "MVTec AD: CC BY-NC-SA 4.0 (non-commercial, share-alike, with attribution)",
+    "magnetic_tile": "Magnetic-tile surface defects: research use, with citation",
+    "dtd": "Describable Textures Dataset: research use, with citation",
+}
+
 
 @dataclass(frozen=True)
 class StrengthBin:
@@ -135,15 +141,29 @@ def counts_markdown(counts: dict[str, list[int]], bins: Sequence[StrengthBin]) -
 
 
 def licence_text(index: dict[str, Any]) -> str:
+    """The model's stated licence, else the terms of the training data it names."""
     model = index.get("model", {})
     if model.get("license"):
         return f"Released under the model's stated licence: {model['license']}."
+    data = model.get("data") or []
+    data = [data] if isinstance(data, str) else [str(d) for d in data]
+    terms = [
+        text
+        for key, text in KNOWN_DATA_LICENCES.items()
+        if any(key in d.lower().replace("-", "_") for d in data)
+    ]
+    if terms:
+        names = ", ".join(f"`{d}`" for d in data)
+        return (
+            f"Synthetic images derived from a diffusion model trained on {names}; they carry "
+            "the terms of that data:\n\n" + "\n".join(f"- {t}" for t in terms)
+        )
     if model.get("bundled"):
         return BUNDLED_DATA_LICENCE
-    data = f" (`{model['data']}`)" if model.get("data") else ""
+    names = f" ({', '.join(f'`{d}`' for d in data)})" if data else ""
     return (
         "Synthetic images derived from a diffusion model trained on real images"
-        f"{data}: they carry the licence terms of that training data."
+        f"{names}: they carry the licence terms of that training data."
     )
 
 

@@ -121,3 +121,11 @@ def test_card_names_a_stated_licence():
     }
     text = render_card(index, {"bottle": [1]}, strength_bins([0.1]), preview_name=None)
     assert "CC-BY-4.0" in text and "preview" not in text.lower().split("## how")[0]
+
+
+def test_licence_follows_the_training_data_the_model_names():
+    from sia_pipeline.card import licence_text
+
+    text = licence_text({"model": {"data": ["../shared/data/mvtec_ad", "/d/magnetic_tile"]}})
+    assert "CC BY-NC-SA 4.0" in text and "Magnetic-tile" in text
+    assert "terms of that training data" in licence_text({"model": {"data": "s3://x/y"}})

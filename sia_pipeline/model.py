@@ -217,7 +217,10 @@ def _fetch_s3_model(url: str, endpoint_url: str | None) -> Path:
     for name in names:
         target = dst / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(storage.get_bytes(name))
+        # Atomic: several actors on one node may fetch and hash the same model at once.
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(storage.get_bytes(name))
+        os.replace(tmp, target)
     return dst
 
 

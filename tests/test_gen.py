@@ -314,3 +314,27 @@ def test_no_credentials(tiny_model, s3_root, s3_client, tmp_path):
 def test_generate_raises_gen_error_for_python_callers(tiny_model, tmp_path):
     with pytest.raises(GenError, match="unknown category"):
         generate(model=str(tiny_model), out=str(tmp_path / "o"), categories="screw")
+
+
+def test_model_from_s3_loaded_by_every_actor(tiny_model, ray_local, s3_root, s3_client, tmp_path):
+    bucket, _, prefix = s3_root.removeprefix("s3://").partition("/")
+    for path in sorted(p for p in tiny_model.rglob("*") if p.is_file()):
+        key = f"{prefix}/model/{path.relative_to(tiny_model).as_posix()}"
+        s3_client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+    out = tmp_path / "from-s3-model"
+    report = generate(
+        model=f"{s3_root}/model",
+        out=str(out),
+        per_category=2,
+        shard_size=1,
+        batch_size=1,
+        workers=2,
+        threads_per_worker=1,
+        progress=False,
+    )
+    assert report.shards_written == 4 and not report.failed
+    index = read_index(open_storage(str(out)))
+    assert index["model"]["source"] == f"{s3_root}/model"
+    assert index["model_ids"] == [
+        json.loads((tiny_model / "model_card.json").read_text())["model_id"]
+    ]

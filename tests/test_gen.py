@@ -103,9 +103,19 @@ def dataset_copy(local_dataset, tmp_path) -> Path:
     return dst
 
 
-def test_end_to_end_to_s3(tiny_model, ray_local, s3_root, tmp_path, caplog):
+def upload_model(model: Path, s3_url: str, client) -> None:
+    bucket, _, prefix = s3_url.removeprefix("s3://").partition("/")
+    for path in sorted(p for p in model.rglob("*") if p.is_file()):
+        key = f"{prefix}/{path.relative_to(model).as_posix()}"
+        client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+
+
+def test_end_to_end_to_s3(tiny_model, ray_local, s3_root, s3_client, tmp_path, caplog):
+    # The model comes from S3 too: both actors fetch it into their node's cache at once.
+    model_url = s3_root.replace("/data", "/models/tiny")
+    upload_model(tiny_model, model_url, s3_client)
     report = generate(
-        model=str(tiny_model),
+        model=model_url,
         out=s3_root,
         workers=2,
         threads_per_worker=1,
@@ -117,7 +127,8 @@ def test_end_to_end_to_s3(tiny_model, ray_local, s3_root, tmp_path, caplog):
         s3_root, tmp_path, **{k: SMALL[k] for k in ("per_category", "shard_size")}
     )
     assert index["format_version"] == 1
-    assert index["model_ids"] == [report.plan.split()[1]]
+    model_id = json.loads((tiny_model / "model_card.json").read_text())["model_id"]
+    assert index["model_ids"] == [model_id] and index["model"]["source"] == model_url
     # The reader side of the contract streams the same shards back from S3.
     refs = list_shards(s3_root, categories=["bottle"])
     assert [r.count for r in refs] == [4, 2]
@@ -314,27 +325,3 @@ def test_no_credentials(tiny_model, s3_root, s3_client, tmp_path):
 def test_generate_raises_gen_error_for_python_callers(tiny_model, tmp_path):
     with pytest.raises(GenError, match="unknown category"):
         generate(model=str(tiny_model), out=str(tmp_path / "o"), categories="screw")
-
-
-def test_model_from_s3_loaded_by_every_actor(tiny_model, ray_local, s3_root, s3_client, tmp_path):
-    bucket, _, prefix = s3_root.removeprefix("s3://").partition("/")
-    for path in sorted(p for p in tiny_model.rglob("*") if p.is_file()):
-        key = f"{prefix}/model/{path.relative_to(tiny_model).as_posix()}"
-        s3_client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
-    out = tmp_path / "from-s3-model"
-    report = generate(
-        model=f"{s3_root}/model",
-        out=str(out),
-        per_category=2,
-        shard_size=1,
-        batch_size=1,
-        workers=2,
-        threads_per_worker=1,
-        progress=False,
-    )
-    assert report.shards_written == 4 and not report.failed
-    index = read_index(open_storage(str(out)))
-    assert index["model"]["source"] == f"{s3_root}/model"
-    assert index["model_ids"] == [
-        json.loads((tiny_model / "model_card.json").read_text())["model_id"]
-    ]

@@ -79,7 +79,10 @@ class GenReport:
         if self.dry_run:
             return f"dry run: nothing written to {self.out}"
         if not self.shards_written:
-            return f"all {self.shards_total} shards already done under {self.out}; nothing written"
+            done = f"all {self.shards_total} shards already done under {self.out}"
+            if self.indexed:
+                return f"{done}; wrote manifest.parquet, index.json and README.md"
+            return f"{done}; nothing written"
         return (
             f"{self.shards_written} shards ({self.images_written} images) written by"
             f" {self.workers} at {self.images_per_s:.1f} images/s ({self.seconds:.1f} s in all);"

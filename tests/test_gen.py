@@ -147,8 +147,19 @@ def test_rerun_writes_nothing(dataset_copy, tiny_model, ray_local):
     before = snapshot(dataset_copy)
     report = generate(model=str(tiny_model), out=str(dataset_copy), progress=False, **SMALL)
     assert report.shards_written == 0 and report.shards_skipped == 4
-    assert not report.indexed
+    assert not report.indexed and "nothing written" in report.summary()
     assert snapshot(dataset_copy) == before
+
+
+def test_rerun_after_a_crash_before_the_index_only_indexes(dataset_copy, tiny_model):
+    before = snapshot(dataset_copy)
+    for name in ("index.json", "README.md"):
+        (dataset_copy / name).unlink()
+    report = generate(model=str(tiny_model), out=str(dataset_copy), progress=False, **SMALL)
+    assert report.shards_written == 0 and report.indexed
+    after = snapshot(dataset_copy)
+    assert set(after) == set(before)
+    assert all(after[n] == before[n] for n in before if n.startswith("shards/"))
 
 
 def test_lost_stats_redo_only_that_shard_bit_identically(dataset_copy, tiny_model, ray_local):

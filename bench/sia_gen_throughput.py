@@ -193,7 +193,10 @@ def main() -> None:
         },
         "params": {
             **vars(args),
-            "model": "bundled demo model" if model_path == str(BUNDLED_MODEL) else "tiny-cpu",
+            "model": args.model
+            or (
+                "bundled demo model" if model_path == str(BUNDLED_MODEL) else "tiny-cpu (untrained)"
+            ),
         },
         "ray_start_s": round(ray_start, 2),
         "bare": {"runs": bare, "mean_images_per_s": round(ref, 2)},

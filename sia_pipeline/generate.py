@@ -109,22 +109,25 @@ def scan_root(storage: Storage, spec_hash: str) -> RootState:
     if index is not None and index.get("spec_hash") != spec_hash:
         other = f"its index.json has spec {index.get('spec_hash')!r}"
 
-    def check(name: str) -> tuple[str, ShardStats | None]:
+    def check(name: str) -> tuple[str, ShardStats | None, bool]:
+        """(name, stats or None if unreadable, whether its tar has the recorded size)."""
         try:
             stats = read_stats(storage, name)
         except FormatError:
-            return name, None  # corrupt stats: the shard is simply redone
-        return name, stats
+            return name, None, False  # corrupt stats: the shard is simply redone
+        if stats is None or stats.spec_hash != spec_hash:
+            return name, stats, False
+        return name, stats, storage.size(stats.tar) == stats.size
 
     with ThreadPoolExecutor(IO_THREADS) as pool:
         found = list(pool.map(check, list_stats_names(storage)))
     done = {}
-    for name, stats in found:
+    for name, stats, complete in found:
         if stats is None:
             continue
         if stats.spec_hash != spec_hash:
             other = other or f"{name} has spec {stats.spec_hash!r}"
-        elif storage.size(stats.tar) == stats.size:
+        elif complete:
             done[stats.shard] = stats
     current = (
         index is not None

@@ -91,9 +91,9 @@ def plan_actors(
     """Size the actor pool from the cluster's resources.
 
     With GPUs: one actor per ``gpus_per_worker`` GPUs (``workers`` caps it). Without:
-    by default one single-threaded actor per CPU, which beats fewer multi-threaded
-    actors for small models and degrades more gracefully on a busy machine (see
-    ``bench/sia_gen_throughput.py``).
+    by default one single-threaded actor per CPU: for small models about as fast as
+    fewer multi-threaded actors, and much less hurt when other jobs share the cores
+    (see ``bench/sia_gen_throughput.py``).
     """
     import ray
 

@@ -260,16 +260,19 @@ class S3Storage:
             self._call(self.client.delete_object, rel, Bucket=self.bucket, Key=self._key(name))
 
     def list(self, prefix: str = "") -> list[str]:
+        """Like a folder listing: the object ``prefix`` itself and everything under
+        ``prefix/`` (so ``shards`` never matches ``shards_old/...``)."""
         base = self._key(prefix)
         root = f"{self.prefix}/" if self.prefix else ""
         out: list[str] = []
         paginator = self.client.get_paginator("list_objects_v2")
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=base):
-                out.extend(o["Key"][len(root) :] for o in page.get("Contents", []))
+                out.extend(o["Key"] for o in page.get("Contents", []))
         except Exception as e:
             raise self._fail(e, prefix) from None
-        return sorted(out)
+        under = f"{base}/" if base else ""
+        return sorted(k[len(root) :] for k in out if k == base or k.startswith(under))
 
 
 Storage = LocalStorage | S3Storage

@@ -29,6 +29,12 @@ def test_put_get_list_size(root, tmp_path):
         st.get_bytes("a/missing")
     st.delete("a/b.txt")
     assert not st.exists("a/b.txt")
+    # folder semantics: a sibling sharing the prefix is neither listed nor deleted
+    st.put_bytes(b"1", "a_old/x")
+    st.put_bytes(b"2", "a/b.txt.bak")
+    assert st.list("a") == ["a/b.txt.bak", "a/c.bin"]
+    st.delete("a/b.txt")
+    assert st.exists("a/b.txt.bak") and st.exists("a_old/x")
 
 
 def test_missing_bucket_is_one_line(s3_endpoint, monkeypatch):

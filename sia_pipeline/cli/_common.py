@@ -1,25 +1,35 @@
-"""Helpers shared by the ``sia-*`` commands: logging set-up and one-line usage errors."""
+"""Helpers shared by the ``sia-*`` commands: logging set-up and one-line errors."""
 
 from __future__ import annotations
 
 import logging
+import sys
 
 import click
 
 
 def setup_logging(verbose: bool) -> None:
+    """Our own INFO lines (DEBUG with -v); libraries only at WARNING."""
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("botocore", "urllib3", "filelock", "PIL"):
+    logging.getLogger("sia_pipeline").setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("botocore", "boto3", "urllib3", "filelock", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # e.g. the "accelerate not found" notice
 
 
-def fail(message: str) -> None:
-    """Exit with status 2 and one line naming the problem (click's usage-error convention)."""
-    raise click.UsageError(str(message).splitlines()[0])
+def die(message: str, status: int = 2) -> None:
+    """Exit with ``status`` (2: bad input) and one line ``PROG: error: MESSAGE`` on stderr."""
+    ctx = click.get_current_context(silent=True)
+    prog = ctx.find_root().info_name if ctx else "sia"
+    lines = str(message).splitlines()
+    click.echo(f"{prog}: error: {lines[0] if lines else 'failed'}", err=True)
+    sys.exit(status)
 
 
 def parse_list(value: str) -> list[str]:

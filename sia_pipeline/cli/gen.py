@@ -6,36 +6,14 @@ keyword arguments. Bad input exits 2 with one line; failed shards exit 1.
 
 from __future__ import annotations
 
-import logging
-import sys
-
 import click
 
+from sia_pipeline.cli._common import die, setup_logging
 from sia_pipeline.generate import DEFAULT_OUT, DEFAULT_PER_CATEGORY
-
-log = logging.getLogger("sia_pipeline")
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in ("botocore", "boto3", "urllib3", "filelock", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    log.setLevel(logging.DEBUG if verbose else logging.INFO)
-    from diffusers.utils import logging as diffusers_logging
-
-    diffusers_logging.set_verbosity_error()  # e.g. the "accelerate not found" notice
-
-
-def _die(status: int, message: str) -> None:
-    click.echo(f"sia-gen: error: {message.splitlines()[0] if message else 'failed'}", err=True)
-    sys.exit(status)
 
 
 @click.command(
+    "sia-gen",
     context_settings={"show_default": True, "help_option_names": ["-h", "--help"]},
     epilog=(
         "\b\nExamples:\n"
@@ -132,17 +110,17 @@ def main(no_progress: bool, verbose: bool, **kwargs) -> None:
     README.md card under --out. Rerunning the same command resumes: done shards are
     skipped, and a finished dataset is left untouched.
     """
-    _setup_logging(verbose)
+    setup_logging(verbose)
     from sia_pipeline.generate import GenError, GenFailed, generate
 
     try:
         report = generate(progress=not no_progress, **kwargs)
     except GenError as e:
-        _die(2, str(e))
+        die(str(e))
     except GenFailed as e:
-        _die(1, str(e))
+        die(str(e), 1)
     except KeyboardInterrupt:
-        _die(130, "interrupted; rerun the same command to finish the missing shards")
+        die("interrupted; rerun the same command to finish the missing shards", 130)
     if report.dry_run:
         click.echo(report.plan)
     click.echo(report.summary())

@@ -8,32 +8,16 @@ key or model.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
 import click
 
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in ("botocore", "boto3", "urllib3", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    from diffusers.utils import logging as diffusers_logging
-
-    diffusers_logging.set_verbosity_error()
-
-
-def _die(message: str) -> None:
-    click.echo(f"sia-inspect: error: {str(message).splitlines()[0]}", err=True)
-    sys.exit(2)
+from sia_pipeline.cli._common import die, setup_logging
 
 
 @click.command(
+    "sia-inspect",
     context_settings={"show_default": True, "help_option_names": ["-h", "--help"]},
     epilog=(
         "Examples:\n\n"
@@ -94,12 +78,12 @@ def main(
     Exit status: 0 done (--regenerate: bit-identical); 1 --regenerate found a difference;
     2 bad root, key or model.
     """
-    _setup_logging(verbose)
+    setup_logging(verbose)
     from sia_pipeline import inspection
     from sia_pipeline.storage import StorageError, open_storage
 
     if key and regenerate:
-        _die("give --key or --regenerate, not both")
+        die("give --key or --regenerate, not both")
     try:
         storage = open_storage(root, s3_endpoint_url)
         if regenerate:
@@ -111,7 +95,7 @@ def main(
         else:
             index, rows = inspection.summarize(storage)
     except (inspection.InspectError, StorageError) as e:
-        _die(str(e))
+        die(str(e))
     if regenerate:
         click.echo(result.describe())
         if result.image is not None and out_dir != Path("."):

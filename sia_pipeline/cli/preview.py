@@ -7,11 +7,13 @@ from pathlib import Path
 
 import click
 
-from sia_pipeline.cli._common import fail, parse_list, setup_logging
+from sia_pipeline.cli._common import die, parse_list, setup_logging
 from sia_pipeline.sampler import SAMPLERS
 
 
-@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.command(
+    "sia-preview", context_settings={"show_default": True, "help_option_names": ["-h", "--help"]}
+)
 @click.option("--model", help="Model folder or s3:// URL [default: the bundled demo model].")
 @click.option(
     "--strengths",
@@ -37,13 +39,13 @@ def main(model, strengths, per_strength, sampler, steps, seed, scale, out, verbo
     try:
         values = [float(s) for s in parse_list(strengths)]
     except ValueError:
-        fail(f"--strengths must be comma-separated numbers, got {strengths!r}")
+        die(f"--strengths must be comma-separated numbers, got {strengths!r}")
     if not values or any(v < 0 for v in values):
-        fail(f"--strengths must be non-empty and >= 0, got {strengths!r}")
+        die(f"--strengths must be non-empty and >= 0, got {strengths!r}")
     try:
         m = load_model(model)
     except ModelError as e:
-        fail(str(e))
+        die(str(e))
     smp = Sampler(m, sampler, steps)
     rows, labels = [], []
     seeds = [seed + j for j in range(per_strength)]

@@ -6,24 +6,15 @@ published, 1 bad shards (each named on stderr, nothing written), 2 unusable root
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import click
 
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    logging.getLogger("sia_pipeline").setLevel(logging.DEBUG if verbose else logging.INFO)
-    for noisy in ("botocore", "boto3", "urllib3", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+from sia_pipeline.cli._common import die, setup_logging
 
 
 @click.command(
+    "sia-publish",
     context_settings={"show_default": True, "help_option_names": ["-h", "--help"]},
     epilog="Examples:\n\n  sia-publish ./sia-data\n\n  sia-publish s3://bucket/sia-v1",
 )
@@ -58,15 +49,14 @@ def main(
 
     Exit status: 0 published; 1 bad shards (each named); 2 not a dataset or unreachable.
     """
-    _setup_logging(verbose)
+    setup_logging(verbose)
     from sia_pipeline.publish import PublishError, publish
     from sia_pipeline.storage import StorageError
 
     try:
         report = publish(root, s3_endpoint_url, threads, previews_per_bin)
     except (PublishError, StorageError) as e:
-        click.echo(f"sia-publish: error: {str(e).splitlines()[0]}", err=True)
-        sys.exit(2)
+        die(str(e))
     for check in report.bad:
         click.echo(f"BAD {check.describe()}", err=True)
     click.echo(report.summary(), err=bool(report.bad))

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import click
 
-from sia_pipeline.cli._common import fail, parse_list, setup_logging
+from sia_pipeline.cli._common import die, parse_list, setup_logging
 from sia_pipeline.model import PRESETS
 from sia_pipeline.storage import StorageError
 
 
-@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.command(
+    "sia-train-diffusion",
+    context_settings={"show_default": True, "help_option_names": ["-h", "--help"]},
+)
 @click.option(
     "--data",
     required=True,
@@ -79,5 +82,5 @@ def main(verbose: bool, categories: str, data: tuple[str, ...], **kwargs) -> Non
         cfg = TrainConfig(data=list(data), categories=parse_list(categories), **kwargs)
         model_id = train(cfg)
     except (ValueError, StorageError) as e:
-        fail(str(e))
+        die(str(e))
     click.echo(f"model {model_id} -> {cfg.out}")

@@ -22,6 +22,16 @@ log = logging.getLogger(__name__)
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 
 
+def _default_file_mode() -> int:
+    # mkstemp makes 0600 files; published data should get the usual umask-based mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _default_file_mode()
+
+
 class StorageError(RuntimeError):
     """A permanent storage failure, with a one-line message naming the URL (never secrets)."""
 
@@ -71,6 +81,7 @@ class LocalStorage:
         os.close(fd)
         try:
             shutil.copyfile(local, tmp)
+            os.chmod(tmp, _FILE_MODE)
             os.replace(tmp, dst)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -83,6 +94,7 @@ class LocalStorage:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+            os.chmod(tmp, _FILE_MODE)
             os.replace(tmp, dst)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

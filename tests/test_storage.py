@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from sia_pipeline.storage import StorageError, open_storage
@@ -22,6 +24,11 @@ def test_put_get_list_size(root, tmp_path):
     f.write_bytes(b"x" * 1000)
     st.put_file(f, "a/c.bin")
     assert st.get_bytes("a/b.txt") == b"hello"
+    if not root.startswith("s3://"):  # atomic temp files must not leave data private (0600)
+        umask = os.umask(0)
+        os.umask(umask)
+        for name in ("a/b.txt", "a/c.bin"):
+            assert (tmp_path / "root" / name).stat().st_mode & 0o777 == 0o666 & ~umask
     assert st.size("a/c.bin") == 1000
     assert st.size("a/missing") is None
     assert st.list("a") == ["a/b.txt", "a/c.bin"]

@@ -206,3 +206,28 @@ def write_tiny_sia(root: Path, shared: Path, per_shard: int = 6) -> Path:
 def tiny_sia(shared_data, tmp_path_factory) -> Path:
     """A small hand-written format-v1 SIA dataset (bottle: 2 shards, magnetic_tile: 1)."""
     return write_tiny_sia(tmp_path_factory.mktemp("sia") / "tiny", shared_data)
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory, tiny_model, ray_local) -> Path:
+    """One small SIA dataset made by the real ``generate()`` (read-only: copy it to change it)."""
+    from generated_dataset import generated
+
+    return generated(tmp_path_factory.mktemp("sia"), tiny_model)
+
+
+@pytest.fixture
+def local_root(dataset, tmp_path) -> Path:
+    """A private local copy of ``dataset`` that a test may damage."""
+    from generated_dataset import copy_local
+
+    return copy_local(dataset, tmp_path / "root")
+
+
+@pytest.fixture
+def s3_dataset(dataset, s3_root, s3_endpoint) -> str:
+    """``dataset`` uploaded to a fresh bucket on the loopback S3 server."""
+    from generated_dataset import upload
+
+    upload(dataset, s3_root, s3_endpoint)
+    return s3_root

@@ -16,9 +16,6 @@ from generated_dataset import (
     CATEGORIES,
     PER_CATEGORY,
     SHARD_SIZE,
-    copy_local,
-    generated,
-    upload,
 )
 from PIL import Image
 
@@ -27,22 +24,6 @@ from sia_pipeline.format import iter_shard_samples
 from sia_pipeline.writer import ShardTarWriter, encode_image
 
 TOTAL = PER_CATEGORY * len(CATEGORIES)
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory, tiny_model, ray_local):
-    return generated(tmp_path_factory.mktemp("sia"), tiny_model)
-
-
-@pytest.fixture
-def local_root(dataset, tmp_path):
-    return copy_local(dataset, tmp_path / "root")
-
-
-@pytest.fixture
-def s3_dataset(dataset, s3_root, s3_endpoint):
-    upload(dataset, s3_root, s3_endpoint)
-    return s3_root
 
 
 def run(*args: str):

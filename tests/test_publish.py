@@ -17,13 +17,10 @@ from generated_dataset import (
     CATEGORIES,
     PER_CATEGORY,
     SHARD_SIZE,
-    copy_local,
     flip_bytes,
-    generated,
     s3_bytes,
     s3_delete,
     s3_put,
-    upload,
 )
 from PIL import Image
 
@@ -31,22 +28,6 @@ from sia_pipeline.cli.publish import main as publish_main
 
 TOTAL = PER_CATEGORY * len(CATEGORIES)
 SHARDS = [f"{c}-{i:06d}" for c in CATEGORIES for i in range(-(-PER_CATEGORY // SHARD_SIZE))]
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory, tiny_model, ray_local):
-    return generated(tmp_path_factory.mktemp("sia"), tiny_model)
-
-
-@pytest.fixture
-def local_root(dataset, tmp_path):
-    return copy_local(dataset, tmp_path / "root")
-
-
-@pytest.fixture
-def s3_dataset(dataset, s3_root, s3_endpoint):
-    upload(dataset, s3_root, s3_endpoint)
-    return s3_root
 
 
 def run(*args: str):

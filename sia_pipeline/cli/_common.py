@@ -32,5 +32,17 @@ def die(message: str, status: int = 2) -> None:
     sys.exit(status)
 
 
+def s3_endpoint_option(dest: str = "s3_endpoint_url"):
+    """``--s3-endpoint-url`` (or ``AWS_ENDPOINT_URL``), the same on every command."""
+    return click.option(
+        "--s3-endpoint-url",
+        dest,
+        default=None,
+        envvar="AWS_ENDPOINT_URL",
+        show_envvar=True,
+        help="S3 endpoint for MinIO, Ceph, R2 (credentials come from the AWS chain).",
+    )
+
+
 def parse_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from sia_pipeline.cli._common import die, setup_logging
+from sia_pipeline.cli._common import die, s3_endpoint_option, setup_logging
 from sia_pipeline.generate import DEFAULT_OUT, DEFAULT_PER_CATEGORY
 
 
@@ -63,13 +63,7 @@ from sia_pipeline.generate import DEFAULT_OUT, DEFAULT_PER_CATEGORY
     default=DEFAULT_OUT,
     help="Dataset root: a local folder, file:// or s3://bucket/prefix.",
 )
-@click.option(
-    "--s3-endpoint-url",
-    default=None,
-    envvar="AWS_ENDPOINT_URL",
-    show_envvar=True,
-    help="S3 endpoint for MinIO, Ceph, R2 (credentials come from the AWS chain).",
-)
+@s3_endpoint_option()
 @click.option(
     "--workers",
     type=int,

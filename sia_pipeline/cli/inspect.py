@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from sia_pipeline.cli._common import die, setup_logging
+from sia_pipeline.cli._common import die, s3_endpoint_option, setup_logging
 
 
 @click.command(
@@ -52,13 +52,7 @@ from sia_pipeline.cli._common import die, setup_logging
     default=None,
     help="Batch for --regenerate [default: the recorded sia-gen --batch-size].",
 )
-@click.option(
-    "--s3-endpoint-url",
-    default=None,
-    envvar="AWS_ENDPOINT_URL",
-    show_envvar=True,
-    help="S3 endpoint for MinIO, Ceph, R2 (credentials come from the AWS chain).",
-)
+@s3_endpoint_option()
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(
     root: str,

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from sia_pipeline.cli._common import die, setup_logging
+from sia_pipeline.cli._common import die, s3_endpoint_option, setup_logging
 
 
 @click.command(
@@ -19,13 +19,7 @@ from sia_pipeline.cli._common import die, setup_logging
     epilog="Examples:\n\n  sia-publish ./sia-data\n\n  sia-publish s3://bucket/sia-v1",
 )
 @click.argument("root")
-@click.option(
-    "--s3-endpoint-url",
-    default=None,
-    envvar="AWS_ENDPOINT_URL",
-    show_envvar=True,
-    help="S3 endpoint for MinIO, Ceph, R2 (credentials come from the AWS chain).",
-)
+@s3_endpoint_option()
 @click.option(
     "--threads", type=click.IntRange(1, 64), default=8, help="Shards verified in parallel."
 )

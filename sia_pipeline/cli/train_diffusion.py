@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from sia_pipeline.cli._common import die, parse_list, setup_logging
+from sia_pipeline.cli._common import die, parse_list, s3_endpoint_option, setup_logging
 from sia_pipeline.model import PRESETS
 from sia_pipeline.storage import StorageError
 
@@ -63,12 +63,7 @@ from sia_pipeline.storage import StorageError
 @click.option("--half", is_flag=True, help="Store fp16 weights (half the size; loading upcasts).")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--threads", type=int, help="torch CPU threads [default: torch's choice].")
-@click.option(
-    "--s3-endpoint-url",
-    "endpoint_url",
-    envvar="AWS_ENDPOINT_URL",
-    help="S3 endpoint for s3:// data.",
-)
+@s3_endpoint_option("endpoint_url")
 @click.option("-v", "--verbose", is_flag=True)
 def main(verbose: bool, categories: str, data: tuple[str, ...], **kwargs) -> None:
     """Train a class-conditional SDAS diffusion model and save it in diffusers format.

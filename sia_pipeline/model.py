@@ -180,11 +180,9 @@ def save_model(
     ``half`` stores fp16 weights (the bundled model, to stay small); loading upcasts.
     """
     folder = Path(folder)
-    tmp = Path(
-        tempfile.mkdtemp(
-            prefix=".tmp-model-", dir=folder.parent if folder.parent.exists() else None
-        )
-    )
+    # The temp folder sits beside the target so the final os.replace never crosses devices.
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-model-", dir=folder.parent))
     to_save = unet
     if half:
         to_save = UNet2DModel.from_config(unet.config)

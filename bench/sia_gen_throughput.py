@@ -31,14 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sia_pipeline.generate import generate  # noqa: E402
-from sia_pipeline.model import (  # noqa: E402
-    BUNDLED_MODEL,
-    PRESETS,
-    build_scheduler,
-    build_unet,
-    load_model,
-    save_model,
-)
+from sia_pipeline.model import BUNDLED_MODEL, init_model, load_model  # noqa: E402
 from sia_pipeline.plan import make_spec, make_tasks  # noqa: E402
 from sia_pipeline.runner import init_ray  # noqa: E402
 from sia_pipeline.sampler import Sampler  # noqa: E402
@@ -75,14 +68,8 @@ def bench_model(path: str | None, tmp: Path) -> str:
         return path
     if (BUNDLED_MODEL / "model_card.json").is_file():
         return str(BUNDLED_MODEL)
-    torch.manual_seed(0)
     folder = tmp / "tiny-cpu"
-    save_model(
-        folder,
-        build_unet(PRESETS["tiny-cpu"], num_classes=2),
-        build_scheduler(),
-        {"categories": {"bottle": 0, "magnetic_tile": 1}, "resolution": 32, "preset": "tiny-cpu"},
-    )
+    init_model(folder, {"bottle": 0, "magnetic_tile": 1}, preset="tiny-cpu")
     return str(folder)
 
 

@@ -204,6 +204,24 @@ def save_model(
     return card["model_id"]
 
 
+def init_model(
+    folder: str | os.PathLike, categories: dict[str, int], preset: str = "test", seed: int = 0
+) -> str:
+    """An untrained model folder, so the pipeline runs end to end (tests, benchmarks) without
+    training first; returns its ``model_id``. The global torch RNG is left as it was."""
+    p = PRESETS[preset]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = build_unet(p, num_classes=len(categories))
+    card = {
+        "categories": categories,
+        "resolution": p.resolution,
+        "train_steps": 0,
+        "preset": preset,
+    }
+    return save_model(folder, unet, build_scheduler(), card)
+
+
 def _fetch_s3_model(url: str, endpoint_url: str | None) -> Path:
     cache = Path(os.environ.get("SIA_CACHE", Path.home() / ".cache" / "sia-realnet")) / "models"
     dst = cache / hashlib.sha256(url.encode()).hexdigest()[:16]

@@ -99,19 +99,10 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """An untrained, tiny (32 px, <1M params) class-conditional SDAS model folder."""
-    import torch
+    from sia_pipeline.model import init_model
 
-    from sia_pipeline.model import PRESETS, build_scheduler, build_unet, save_model
-
-    torch.manual_seed(0)
-    unet = build_unet(PRESETS["test"], num_classes=len(TEST_CATEGORIES))
     folder = tmp_path_factory.mktemp("models") / "tiny"
-    save_model(
-        folder,
-        unet,
-        build_scheduler(),
-        {"categories": TEST_CATEGORIES, "resolution": 32, "train_steps": 0, "preset": "test"},
-    )
+    init_model(folder, TEST_CATEGORIES, preset="test", seed=0)
     return folder
 
 

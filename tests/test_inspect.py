@@ -146,18 +146,10 @@ def test_regenerate_replaced_image_is_not_identical(local_root, tmp_path):
 
 
 def test_regenerate_with_the_wrong_model_is_refused(local_root, tmp_path):
-    import torch
+    from sia_pipeline.model import init_model
 
-    from sia_pipeline.model import PRESETS, build_scheduler, build_unet, save_model
-
-    torch.manual_seed(1)
     other = tmp_path / "other-model"
-    save_model(
-        other,
-        build_unet(PRESETS["test"], num_classes=2),
-        build_scheduler(),
-        {"categories": {"bottle": 0, "magnetic_tile": 1}, "resolution": 32, "train_steps": 0},
-    )
+    init_model(other, {"bottle": 0, "magnetic_tile": 1}, preset="test", seed=1)
     res = run(str(local_root), "--regenerate", "bottle-000000-000000", "--model", str(other))
     assert res.exit_code == 2
     assert "the dataset needs sdas-" in res.output

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from sia_pipeline.model import load_model
-from sia_pipeline.sampler import Sampler
+from sia_pipeline.diffusion.model import load_model
+from sia_pipeline.diffusion.sampler import Sampler
 
 
 def _plain_loop(unet, scheduler, batch: int, steps: int, seed: int) -> None:

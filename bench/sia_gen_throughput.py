@@ -30,11 +30,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sia_pipeline.generate import generate  # noqa: E402
-from sia_pipeline.model import BUNDLED_MODEL, init_model, load_model  # noqa: E402
-from sia_pipeline.plan import make_spec, make_tasks  # noqa: E402
-from sia_pipeline.runner import init_ray  # noqa: E402
-from sia_pipeline.sampler import Sampler  # noqa: E402
+from sia_pipeline.diffusion.model import BUNDLED_MODEL, init_model, load_model  # noqa: E402
+from sia_pipeline.diffusion.sampler import Sampler  # noqa: E402
+from sia_pipeline.gen.generate import generate  # noqa: E402
+from sia_pipeline.gen.plan import make_spec, make_tasks  # noqa: E402
+from sia_pipeline.gen.runner import init_ray  # noqa: E402
 
 log = logging.getLogger("bench")
 

@@ -12,5 +12,5 @@ Stages, one module each::
     metrics.py            Image AUROC, Pixel AUROC, PRO (numpy)
     train.py, evaluate.py, cli.py
 
-Only :mod:`sia_pipeline.format` (and its storage layer) is imported from ``sia_pipeline``.
+Only :mod:`sia_pipeline.dataset.format` (and its storage layer) is imported from ``sia_pipeline``.
 """

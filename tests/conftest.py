@@ -99,7 +99,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """An untrained, tiny (32 px, <1M params) class-conditional SDAS model folder."""
-    from sia_pipeline.model import init_model
+    from sia_pipeline.diffusion.model import init_model
 
     folder = tmp_path_factory.mktemp("models") / "tiny"
     init_model(folder, TEST_CATEGORIES, preset="test", seed=0)
@@ -121,7 +121,7 @@ def write_tiny_sia(root: Path, shared: Path, per_shard: int = 6) -> Path:
     import webdataset as wds
     from PIL import Image
 
-    from sia_pipeline.format import FORMAT_VERSION, ShardStats, sample_key, shard_tar_name
+    from sia_pipeline.dataset.format import FORMAT_VERSION, ShardStats, sample_key, shard_tar_name
 
     sources = {
         "bottle": shared / "mvtec_ad" / "bottle" / "train" / "good",

@@ -20,7 +20,7 @@ def generated(base: Path, model: Path) -> Path:
     """Generate the dataset once per test session (``base`` is a session temp dir)."""
     key = str(model)
     if key not in _made:
-        from sia_pipeline.generate import generate
+        from sia_pipeline.gen.generate import generate
 
         root = base / "generated"
         generate(

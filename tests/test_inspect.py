@@ -20,8 +20,8 @@ from generated_dataset import (
 from PIL import Image
 
 from sia_pipeline.cli.inspect import main as inspect_main
-from sia_pipeline.format import iter_shard_samples
-from sia_pipeline.writer import ShardTarWriter, encode_image
+from sia_pipeline.dataset.format import iter_shard_samples
+from sia_pipeline.dataset.writer import ShardTarWriter, encode_image
 
 TOTAL = PER_CATEGORY * len(CATEGORIES)
 
@@ -146,7 +146,7 @@ def test_regenerate_replaced_image_is_not_identical(local_root, tmp_path):
 
 
 def test_regenerate_with_the_wrong_model_is_refused(local_root, tmp_path):
-    from sia_pipeline.model import init_model
+    from sia_pipeline.diffusion.model import init_model
 
     other = tmp_path / "other-model"
     init_model(other, {"bottle": 0, "magnetic_tile": 1}, preset="test", seed=1)

@@ -9,12 +9,17 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from sia_pipeline.card import count_table, render_card, strength_bins, write_card
-from sia_pipeline.format import SAMPLE_SCHEMA, FormatError, list_shards, read_index
-from sia_pipeline.manifest import manifest_table, read_all_stats, read_manifest, rebuild_from_stats
-from sia_pipeline.plan import make_spec, make_tasks
-from sia_pipeline.storage import open_storage
-from sia_pipeline.worker import SamplerWorker
+from sia_pipeline.dataset.card import count_table, render_card, strength_bins, write_card
+from sia_pipeline.dataset.format import SAMPLE_SCHEMA, FormatError, list_shards, read_index
+from sia_pipeline.dataset.manifest import (
+    manifest_table,
+    read_all_stats,
+    read_manifest,
+    rebuild_from_stats,
+)
+from sia_pipeline.dataset.storage import open_storage
+from sia_pipeline.gen.plan import make_spec, make_tasks
+from sia_pipeline.gen.worker import SamplerWorker
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +129,7 @@ def test_card_names_a_stated_licence():
 
 
 def test_licence_follows_the_training_data_the_model_names():
-    from sia_pipeline.card import licence_text
+    from sia_pipeline.dataset.card import licence_text
 
     text = licence_text({"model": {"data": ["../shared/data/mvtec_ad", "/d/magnetic_tile"]}})
     assert "CC BY-NC-SA 4.0" in text and "Magnetic-tile" in text

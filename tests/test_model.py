@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from sia_pipeline.cli.preview import main as preview_cli
-from sia_pipeline.model import BUNDLED_MODEL, ModelError, load_model
-from sia_pipeline.sampler import Sampler
+from sia_pipeline.diffusion.model import BUNDLED_MODEL, ModelError, load_model
+from sia_pipeline.diffusion.sampler import Sampler
 
 
 def test_load_tiny_and_sample(tiny_model):

@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from sia_pipeline.format import parse_key
-from sia_pipeline.plan import (
+from sia_pipeline.dataset.format import parse_key
+from sia_pipeline.gen.plan import (
     PlanError,
     describe_plan,
     estimate_bytes,

@@ -239,7 +239,7 @@ def test_sample_without_metadata_is_named(local_root):
     """A tar that matches its stats byte for byte can still break the format: named too."""
     import webdataset as wds
 
-    from sia_pipeline.format import iter_shard_samples
+    from sia_pipeline.dataset.format import iter_shard_samples
 
     shard = SHARDS[2]
     tar = local_root / tar_rel(shard)

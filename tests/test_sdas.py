@@ -7,9 +7,13 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
-from sia_pipeline.model import PRESETS, build_scheduler, build_unet
-from sia_pipeline.sampler import SDASPipeline
-from sia_pipeline.sdas import SDASDDIMScheduler, SDASDDPMScheduler, learned_range_log_variance
+from sia_pipeline.diffusion.model import PRESETS, build_scheduler, build_unet
+from sia_pipeline.diffusion.sampler import SDASPipeline
+from sia_pipeline.diffusion.sdas import (
+    SDASDDIMScheduler,
+    SDASDDPMScheduler,
+    learned_range_log_variance,
+)
 
 SEEDS = [11, 22, 33]
 LABELS = [0, 1, 0]

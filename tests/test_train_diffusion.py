@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from sia_pipeline.cli.train_diffusion import main as train_cli
-from sia_pipeline.model import load_model
-from sia_pipeline.sampler import Sampler
-from sia_pipeline.train_diffusion import TrainConfig, train
+from sia_pipeline.diffusion.model import load_model
+from sia_pipeline.diffusion.sampler import Sampler
+from sia_pipeline.diffusion.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from sia_pipeline.format import ShardStats, decode_image
-from sia_pipeline.plan import make_spec, make_tasks
-from sia_pipeline.worker import SamplerWorker
-from sia_pipeline.writer import ShardTarWriter, encode_image
+from sia_pipeline.dataset.format import ShardStats, decode_image
+from sia_pipeline.dataset.writer import ShardTarWriter, encode_image
+from sia_pipeline.gen.plan import make_spec, make_tasks
+from sia_pipeline.gen.worker import SamplerWorker
 
 
 def tasks_for(model_id, **kw):

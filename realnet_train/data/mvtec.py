@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from sia_pipeline.storage import Storage, iter_files, join_url, open_storage
+from sia_pipeline.dataset.storage import Storage, iter_files, join_url, open_storage
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Streaming reader of SIA shards (format v1) with WebDataset's pipeline stages.
 
 Shards are listed from ``index.json`` (filtered by category and strength range), opened
-through :func:`sia_pipeline.format.open_url_stream` (S3 streams through boto3's
+through :func:`sia_pipeline.dataset.format.open_url_stream` (S3 streams through boto3's
 ``get_object`` body: nothing is downloaded first), and expanded by WebDataset's tar reader.
 Training resamples shards forever (each DataLoader worker and node draws its own seeded
 sequence); a finite pass splits the shard list across nodes, then workers.
@@ -16,7 +16,7 @@ from typing import Any
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from sia_pipeline.format import ShardRef, decode_sample, list_shards, open_url_stream
+from sia_pipeline.dataset.format import ShardRef, decode_sample, list_shards, open_url_stream
 
 log = logging.getLogger(__name__)
 

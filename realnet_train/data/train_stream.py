@@ -20,7 +20,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from realnet_train.data.composition import ForegroundSpec, compose_anomaly, foreground_mask
 from realnet_train.data.mvtec import IMAGE_SUFFIXES, decode_rgb
-from sia_pipeline.storage import iter_files, open_storage
+from sia_pipeline.dataset.storage import iter_files, open_storage
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """``sia-gen``: distributed SDAS generation into a sharded SIA dataset (format v1).
 
-Thin: parses options and calls :func:`sia_pipeline.generate.generate` with the same
+Thin: parses options and calls :func:`sia_pipeline.gen.generate.generate` with the same
 keyword arguments. Bad input exits 2 with one line; failed shards exit 1.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from sia_pipeline.cli._common import die, s3_endpoint_option, setup_logging
-from sia_pipeline.generate import DEFAULT_OUT, DEFAULT_PER_CATEGORY
+from sia_pipeline.gen.generate import DEFAULT_OUT, DEFAULT_PER_CATEGORY
 
 
 @click.command(
@@ -105,7 +105,7 @@ def main(no_progress: bool, verbose: bool, **kwargs) -> None:
     skipped, and a finished dataset is left untouched.
     """
     setup_logging(verbose)
-    from sia_pipeline.generate import GenError, GenFailed, generate
+    from sia_pipeline.gen.generate import GenError, GenFailed, generate
 
     try:
         report = generate(progress=not no_progress, **kwargs)

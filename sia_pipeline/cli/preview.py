@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from sia_pipeline.cli._common import die, parse_list, setup_logging
-from sia_pipeline.sampler import SAMPLERS
+from sia_pipeline.diffusion.sampler import SAMPLERS
 
 
 @click.command(
@@ -32,9 +32,9 @@ from sia_pipeline.sampler import SAMPLERS
 def main(model, strengths, per_strength, sampler, steps, seed, scale, out, verbose) -> None:
     """Rows: category x strength; columns: the same seeds, so a row differs only by s."""
     setup_logging(verbose)
-    from sia_pipeline.model import ModelError, load_model
-    from sia_pipeline.preview import make_grid
-    from sia_pipeline.sampler import Sampler
+    from sia_pipeline.dataset.preview import make_grid
+    from sia_pipeline.diffusion.model import ModelError, load_model
+    from sia_pipeline.diffusion.sampler import Sampler
 
     try:
         values = [float(s) for s in parse_list(strengths)]

@@ -1,6 +1,6 @@
 """``sia-publish ROOT``: verify every shard in full, then write the published dataset card.
 
-Thin: parses options and calls :func:`sia_pipeline.publish.publish`. Exit status: 0
+Thin: parses options and calls :func:`sia_pipeline.dataset.publish.publish`. Exit status: 0
 published, 1 bad shards (each named on stderr, nothing written), 2 unusable root.
 """
 
@@ -44,8 +44,8 @@ def main(
     Exit status: 0 published; 1 bad shards (each named); 2 not a dataset or unreachable.
     """
     setup_logging(verbose)
-    from sia_pipeline.publish import PublishError, publish
-    from sia_pipeline.storage import StorageError
+    from sia_pipeline.dataset.publish import PublishError, publish
+    from sia_pipeline.dataset.storage import StorageError
 
     try:
         report = publish(root, s3_endpoint_url, threads, previews_per_bin)

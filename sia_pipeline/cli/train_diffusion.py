@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from sia_pipeline.cli._common import die, parse_list, s3_endpoint_option, setup_logging
-from sia_pipeline.model import PRESETS
-from sia_pipeline.storage import StorageError
+from sia_pipeline.dataset.storage import StorageError
+from sia_pipeline.diffusion.model import PRESETS
 
 
 @click.command(
@@ -71,7 +71,7 @@ def main(verbose: bool, categories: str, data: tuple[str, ...], **kwargs) -> Non
     Example: sia-train-diffusion --data ../shared/data/mvtec_ad --categories bottle --out runs/m
     """
     setup_logging(verbose)
-    from sia_pipeline.train_diffusion import TrainConfig, train
+    from sia_pipeline.diffusion.train import TrainConfig, train
 
     try:
         cfg = TrainConfig(data=list(data), categories=parse_list(categories), **kwargs)

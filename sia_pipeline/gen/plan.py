@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from sia_pipeline.format import (
+from sia_pipeline.dataset.format import (
     FORMAT_VERSION,
     IMAGE_EXTS,
     check_category,

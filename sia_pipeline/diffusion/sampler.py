@@ -17,8 +17,8 @@ from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from sia_pipeline.model import SDASModel
-from sia_pipeline.sdas import SDASDDIMScheduler, SDASDDPMScheduler
+from sia_pipeline.diffusion.model import SDASModel
+from sia_pipeline.diffusion.sdas import SDASDDIMScheduler, SDASDDPMScheduler
 
 SamplerName = Literal["ddpm", "ddim"]
 SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")

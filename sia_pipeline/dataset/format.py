@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from sia_pipeline.storage import Storage, open_storage
+from sia_pipeline.dataset.storage import Storage, open_storage
 
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"

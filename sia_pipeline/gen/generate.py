@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sia_pipeline.card import PREVIEW_NAME, write_card
-from sia_pipeline.format import (
+from sia_pipeline.dataset.card import PREVIEW_NAME, write_card
+from sia_pipeline.dataset.format import (
     CARD_NAME,
     INDEX_NAME,
     MANIFEST_NAME,
@@ -29,8 +29,9 @@ from sia_pipeline.format import (
     read_index,
     read_stats,
 )
-from sia_pipeline.manifest import IO_THREADS, rebuild_from_stats
-from sia_pipeline.plan import (
+from sia_pipeline.dataset.manifest import IO_THREADS, rebuild_from_stats
+from sia_pipeline.dataset.storage import LocalStorage, Storage, StorageError, open_storage
+from sia_pipeline.gen.plan import (
     GenSpec,
     PlanError,
     describe_plan,
@@ -38,7 +39,6 @@ from sia_pipeline.plan import (
     make_tasks,
     parse_strengths,
 )
-from sia_pipeline.storage import LocalStorage, Storage, StorageError, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ def generate(
             dataset of another spec (without ``overwrite``). Nothing was written.
         GenFailed: shards still failing after ``max_attempts`` tries each.
     """
-    from sia_pipeline.model import ModelError, load_model
+    from sia_pipeline.diffusion.model import ModelError, load_model
 
     t0 = time.perf_counter()
     # Resolved here so that actors on any node use the driver's endpoint (never credentials:
@@ -368,7 +368,7 @@ def _run(
     """Sample ``pending`` shards on Ray actors; fills ``report``; raises GenFailed."""
     import ray
 
-    from sia_pipeline.runner import ShardRunner, init_ray, plan_actors
+    from sia_pipeline.gen.runner import ShardRunner, init_ray, plan_actors
 
     started = init_ray(ray_address)
     try:

@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from sia_pipeline.storage import StorageError, is_s3, open_storage
+from sia_pipeline.dataset.storage import StorageError, is_s3, open_storage
 
 log = logging.getLogger(__name__)
 
-BUNDLED_MODEL = Path(__file__).parent / "assets" / "demo_model"
+BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "assets" / "demo_model"
 CARD_NAME = "model_card.json"
 _HASHED_FILES = (
     "unet/config.json",

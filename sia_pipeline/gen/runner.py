@@ -17,8 +17,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from sia_pipeline.plan import ShardTask
-from sia_pipeline.worker import SamplerWorker, ShardResult
+from sia_pipeline.gen.plan import ShardTask
+from sia_pipeline.gen.worker import SamplerWorker, ShardResult
 
 log = logging.getLogger(__name__)
 

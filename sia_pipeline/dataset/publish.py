@@ -16,14 +16,14 @@ from typing import Any
 
 import pyarrow as pa
 
-from sia_pipeline.card import (
+from sia_pipeline.dataset.card import (
     PREVIEW_NAME,
     count_table,
     preview_png,
     render_card,
     strength_bins,
 )
-from sia_pipeline.format import (
+from sia_pipeline.dataset.format import (
     CARD_NAME,
     INDEX_NAME,
     MANIFEST_NAME,
@@ -33,13 +33,13 @@ from sia_pipeline.format import (
     list_stats_names,
     read_index,
 )
-from sia_pipeline.manifest import (
+from sia_pipeline.dataset.manifest import (
     build_index,
     manifest_table,
     read_manifest,
     rebuild_from_stats,
 )
-from sia_pipeline.publish_card import (
+from sia_pipeline.dataset.publish_card import (
     CHECKSUMS_NAME,
     HISTOGRAM_NAME,
     PREVIEWS_PER_BIN,
@@ -52,8 +52,8 @@ from sia_pipeline.publish_card import (
     provenance_markdown,
     strength_histogram,
 )
-from sia_pipeline.storage import Storage, open_storage
-from sia_pipeline.verify import (
+from sia_pipeline.dataset.storage import Storage, open_storage
+from sia_pipeline.dataset.verify import (
     VERIFY_THREADS,
     ShardCheck,
     layout_problems,

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sia_pipeline.format import ShardStats
-from sia_pipeline.plan import ShardTask
-from sia_pipeline.storage import open_storage
-from sia_pipeline.writer import ShardTarWriter, encode_image
+from sia_pipeline.dataset.format import ShardStats
+from sia_pipeline.dataset.storage import open_storage
+from sia_pipeline.dataset.writer import ShardTarWriter, encode_image
+from sia_pipeline.gen.plan import ShardTask
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class SamplerWorker:
         import torch
         from diffusers.utils import logging as dlogging
 
-        from sia_pipeline.model import load_model
+        from sia_pipeline.diffusion.model import load_model
 
         dlogging.set_verbosity_error()
         if threads:
@@ -88,7 +88,7 @@ class SamplerWorker:
         return self.model.model_id
 
     def _sampler(self, task: ShardTask):
-        from sia_pipeline.sampler import Sampler
+        from sia_pipeline.diffusion.sampler import Sampler
 
         key = (task.sampler, task.steps, task.eta)
         if key not in self._samplers:

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from sia_pipeline.images import load_normal_images
-from sia_pipeline.losses import vlb_term
-from sia_pipeline.model import PRESETS, build_scheduler, build_unet, save_model
+from sia_pipeline.diffusion.images import load_normal_images
+from sia_pipeline.diffusion.losses import vlb_term
+from sia_pipeline.diffusion.model import PRESETS, build_scheduler, build_unet, save_model
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sia_pipeline.format import (
+from sia_pipeline.dataset.format import (
     FORMAT_VERSION,
     INDEX_NAME,
     MANIFEST_NAME,
@@ -28,7 +28,7 @@ from sia_pipeline.format import (
     read_stats,
     shard_done,
 )
-from sia_pipeline.storage import Storage
+from sia_pipeline.dataset.storage import Storage
 
 log = logging.getLogger(__name__)
 

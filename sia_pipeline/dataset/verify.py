@@ -16,14 +16,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO
 
-from sia_pipeline.format import (
+from sia_pipeline.dataset.format import (
     IMAGE_EXTS,
     SHARDS_DIR,
     FormatError,
     ShardStats,
     shard_id,
 )
-from sia_pipeline.storage import Storage, StorageError
+from sia_pipeline.dataset.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 

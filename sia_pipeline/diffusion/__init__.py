@@ -1,0 +1,1 @@
+"""Diffusion stage: SDAS schedulers, the sampling pipeline, model folders, losses, training."""

@@ -1,0 +1,1 @@
+"""Generation stage: the plan (spec -> shard tasks), Ray runner, sampler worker, ``generate``."""

@@ -59,3 +59,27 @@ def test_unreachable_endpoint(monkeypatch):
 def test_bad_scheme():
     with pytest.raises(StorageError, match="unsupported URL scheme"):
         open_storage("ftp://host/x")
+
+
+def test_put_if_absent(root):
+    st = open_storage(root)
+    st.check_writable()
+    assert st.put_if_absent("lease.json", b"first") is True
+    assert st.put_if_absent("lease.json", b"second") is False
+    assert st.get_bytes("lease.json") == b"first"
+    assert st.list("") == ["lease.json"]  # no temp file left behind
+    st.delete("lease.json")
+    assert st.put_if_absent("lease.json", b"third") is True
+    assert st.get_bytes("lease.json") == b"third"
+
+
+def test_put_if_absent_one_winner(root):
+    """Of many concurrent writers exactly one gets True, and its bytes are what is stored."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    st = open_storage(root)
+    st.check_writable()
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(lambda i: st.put_if_absent("x/lock", f"w{i}".encode()), range(8)))
+    assert won.count(True) == 1
+    assert st.get_bytes("x/lock") == f"w{won.index(True)}".encode()

@@ -100,6 +100,41 @@ class LocalStorage:
             Path(tmp).unlink(missing_ok=True)
             raise
 
+    def put_if_absent(self, name: str, data: bytes) -> bool:
+        """Write ``data`` at ``name`` unless something is there: True if written, False if not.
+
+        Atomic and exclusive: the data goes to a temp file that is then hard-linked to ``name``
+        (``link`` fails if the target exists), so a reader never sees a partial object and of
+        two concurrent writers exactly one wins. Falls back to ``O_EXCL`` where hard links
+        are not supported.
+        """
+        dst = self._path(name)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dst.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, _FILE_MODE)
+            try:
+                os.link(tmp, dst)
+            except FileExistsError:
+                return False
+            except OSError:  # no hard links on this filesystem
+                return self._create_exclusive(dst, data)
+            return True
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    @staticmethod
+    def _create_exclusive(dst: Path, data: bytes) -> bool:
+        try:
+            fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+
     def get_bytes(self, rel: str) -> bytes:
         try:
             return self._path(rel).read_bytes()
@@ -233,6 +268,35 @@ class S3Storage:
 
     def put_bytes(self, data: bytes, rel: str) -> None:
         self._call(self.client.put_object, rel, Bucket=self.bucket, Key=self._key(rel), Body=data)
+
+    def put_if_absent(self, name: str, data: bytes) -> bool:
+        """Write ``data`` at ``name`` unless an object is there: True if written, False if not.
+
+        One conditional PUT (``If-None-Match: *``): S3 answers 412 when the key exists, so of
+        two concurrent writers exactly one wins. If a retried PUT meets 412, our own first
+        attempt may have landed before the connection dropped: the object is read back and
+        counts as ours when its bytes equal ``data`` (so put something unique, e.g. a token).
+        """
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.put_object(
+                Bucket=self.bucket, Key=self._key(name), Body=data, IfNoneMatch="*"
+            )
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code")
+            if code not in ("PreconditionFailed", "412"):
+                raise self._fail(e, name) from None
+            retried = e.response.get("ResponseMetadata", {}).get("RetryAttempts", 0)
+            if not retried:
+                return False
+            try:
+                return self.get_bytes(name) == data
+            except FileNotFoundError:
+                return False
+        except BotoCoreError as e:
+            raise self._fail(e, name) from None
+        return True
 
     def get_bytes(self, rel: str) -> bytes:
         return self.open_read(rel).read()

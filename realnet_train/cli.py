@@ -10,6 +10,7 @@ import click
 
 from realnet_train.model.backbone import DEFAULT_BACKBONE
 from realnet_train.model.realnet import RealNetConfig
+from sia_pipeline.compose.foreground import CHOICES as FOREGROUND_CHOICES
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -68,6 +69,13 @@ def default_mix(sia: str | None, textures: str | None) -> str:
 @click.option("--afs-keep", default=0.5, show_default=True, help="Fraction of channels kept.")
 @click.option("--recon-width", default=32, show_default=True)
 @click.option("--rrs-k", default=16, show_default=True)
+@click.option(
+    "--foreground",
+    type=click.Choice(FOREGROUND_CHOICES),
+    default=None,
+    help="Where anomalies go: default the authors' rule for a known category, else auto "
+    "(Otsu if the image has a plain background, else everywhere); logged and in train_log.json.",
+)
 @click.option("--s3-endpoint-url", default=None, help="S3 endpoint (else AWS_ENDPOINT_URL).")
 @click.option("-v", "--verbose", is_flag=True)
 def train_main(**kw) -> None:
@@ -111,6 +119,7 @@ def train_main(**kw) -> None:
         seed=kw["seed"],
         resume=kw["resume"],
         endpoint_url=kw["s3_endpoint_url"],
+        foreground=kw["foreground"],
         model=model,
     )
     result = train(cfg)

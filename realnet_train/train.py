@@ -19,12 +19,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from realnet_train.data.composition import foreground_spec
 from realnet_train.data.mvtec import MVTecCategory
 from realnet_train.data.sia_stream import sia_pipeline
 from realnet_train.data.train_stream import CompositeStream, StreamConfig, TextureSource, parse_mix
 from realnet_train.model.afs import channel_mask_errors
 from realnet_train.model.realnet import RealNet, RealNetConfig, realnet_losses
+from sia_pipeline.compose import choose_rule
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     endpoint_url: str | None = None
+    foreground: str | None = None  # None: the authors' table, else auto
     model: RealNetConfig = field(default_factory=RealNetConfig)
 
 
@@ -81,9 +82,11 @@ def build_loader(cfg: TrainConfig, mvtec: MVTecCategory, seed: int) -> DataLoade
     textures = None
     if cfg.textures and mix["texture"] > 0:
         textures = TextureSource(cfg.textures, cfg.image_size, cfg.endpoint_url)
+    rule = choose_rule(cfg.category, cfg.foreground, list(normals[:8]))
+    log.info("%s: foreground rule %s", cfg.category, rule.describe())
     stream = CompositeStream(
         normals,
-        StreamConfig(cfg.image_size, mix, foreground_spec(cfg.category), seed),
+        StreamConfig(cfg.image_size, mix, rule, seed),
         sia=sia,
         textures=textures,
     )
@@ -242,6 +245,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "trainer_samples_per_s": samples / compute_s if compute_s else None,
         "checkpoint": str(ckpt_path),
         "config": {**asdict(cfg), "model": model.config.to_dict()},
+        "foreground": loader.dataset.config.foreground.to_dict(),
         "history": history,
     }
     (out / LOG_NAME).write_text(json.dumps(result, indent=1))

@@ -14,6 +14,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from sia_pipeline.compose.resize import letterbox
 from sia_pipeline.dataset.storage import Storage, iter_files, join_url, open_storage
 
 log = logging.getLogger(__name__)
@@ -37,21 +38,23 @@ def _stem(name: str) -> str:
 
 
 def decode_rgb(data: bytes, size: int | None = None) -> np.ndarray:
-    """Image bytes -> (size, size, 3) uint8 RGB (grayscale becomes 3 equal channels)."""
+    """Image bytes -> (size, size, 3) uint8 RGB (grayscale becomes 3 equal channels).
+
+    A non-square image keeps its aspect ratio: the long side becomes ``size`` and the short
+    one is edge-padded (:func:`sia_pipeline.compose.resize.letterbox`).
+    """
     with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("RGB")
-        if size is not None:
-            im = im.resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(im, dtype=np.uint8)
+        rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return rgb if size is None else letterbox(rgb, size)
 
 
 def decode_mask(data: bytes, size: int | None = None) -> np.ndarray:
-    """Mask PNG bytes -> (size, size) bool, nearest-neighbour resized."""
+    """Mask PNG bytes -> (size, size) bool, nearest-neighbour letterboxed (padding is 0)."""
     with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("L")
-        if size is not None:
-            im = im.resize((size, size), Image.Resampling.NEAREST)
-        return np.asarray(im) > 127
+        mask = np.asarray(im.convert("L"), dtype=np.uint8)
+    if size is not None:
+        mask = letterbox(mask, size, Image.Resampling.NEAREST, pad="zero")
+    return mask > 127
 
 
 class MVTecCategory:

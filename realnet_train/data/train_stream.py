@@ -18,8 +18,14 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from realnet_train.data.composition import ForegroundSpec, compose_anomaly, foreground_mask
 from realnet_train.data.mvtec import IMAGE_SUFFIXES, decode_rgb
+from sia_pipeline.compose import (
+    OPACITY_RANGE,
+    ForegroundRule,
+    compose_anomaly,
+    foreground_mask,
+    texture_source,
+)
 from sia_pipeline.dataset.storage import iter_files, open_storage
 
 log = logging.getLogger(__name__)
@@ -49,7 +55,7 @@ def parse_mix(spec: str) -> dict[str, float]:
 
 
 class TextureSource:
-    """Random images from a folder tree (DTD: ``images/<class>/*.jpg``), resized to size."""
+    """Random images from a folder tree (DTD: ``images/<class>/*.jpg``), resized and jittered."""
 
     def __init__(self, root: str, size: int, endpoint_url: str | None = None) -> None:
         self.storage = open_storage(root, endpoint_url)
@@ -61,20 +67,15 @@ class TextureSource:
 
     def sample(self, rng: np.random.Generator) -> np.ndarray:
         data = self.storage.get_bytes(self.names[int(rng.integers(len(self.names)))])
-        img = decode_rgb(data)
-        # A random square crop keeps the texture's scale instead of squashing it.
-        h, w = img.shape[:2]
-        side = min(h, w)
-        y, x = int(rng.integers(h - side + 1)), int(rng.integers(w - side + 1))
-        crop = Image.fromarray(img[y : y + side, x : x + side])
-        return np.asarray(crop.resize((self.size, self.size), Image.Resampling.BILINEAR))
+        # As the authors: the whole texture resized to the image, then colour-jittered.
+        return texture_source(decode_rgb(data), (self.size, self.size), rng)
 
 
 @dataclass
 class StreamConfig:
     size: int
     mix: dict[str, float]
-    foreground: ForegroundSpec
+    foreground: ForegroundRule
     seed: int = 0
 
 
@@ -138,5 +139,5 @@ class CompositeStream(IterableDataset):
                 else:
                     src = self.textures.sample(rng)
                 fg = foreground_mask(clean, cfg.foreground)
-                image, mask = compose_anomaly(clean, src, fg, rng)
+                image, mask = compose_anomaly(clean, src, fg, rng, OPACITY_RANGE[source])
             yield {"image": image, "clean": clean, "mask": mask, "source": SOURCE_ID[source]}

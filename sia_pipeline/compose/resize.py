@@ -1,0 +1,53 @@
+"""Image sizing that keeps the aspect ratio: resize the long side, pad the short one.
+
+A 101x256 image squashed to a square turns a crack into a 1 px line; letterboxing keeps
+shapes. The padding repeats the edge pixels (so a threshold sees no new dark or bright band)
+and is split evenly on both sides; square images are a plain resize.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+
+def content_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+    """Where an (H, W) image lands in the ``size`` square: (top, left, new_h, new_w)."""
+    scale = size / max(height, width)
+    new_h = max(1, min(size, round(height * scale)))
+    new_w = max(1, min(size, round(width * scale)))
+    return (size - new_h) // 2, (size - new_w) // 2, new_h, new_w
+
+
+def letterbox(
+    image: np.ndarray,
+    size: int,
+    resample: int = Image.Resampling.BILINEAR,
+    pad: Literal["edge", "zero"] = "edge",
+) -> np.ndarray:
+    """(H, W[, C]) uint8 -> (size, size[, C]) uint8: long side to ``size``, then padded.
+
+    Args:
+        image: the image (or a 0/255 mask, with ``resample=NEAREST`` and ``pad="zero"``).
+        size: side of the square result.
+        resample: PIL resampling filter.
+        pad: ``edge`` repeats the border pixels; ``zero`` pads with 0 (masks).
+    """
+    h, w = image.shape[:2]
+    top, left, new_h, new_w = content_box(h, w, size)
+    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), resample))
+    if (new_h, new_w) == (size, size):
+        return resized
+    widths = [(top, size - new_h - top), (left, size - new_w - left)]
+    widths += [(0, 0)] * (resized.ndim - 2)
+    return np.pad(resized, widths, mode="edge" if pad == "edge" else "constant")
+
+
+def content_mask(height: int, width: int, size: int) -> np.ndarray:
+    """(size, size) bool: True where the letterboxed image has real pixels, not padding."""
+    top, left, new_h, new_w = content_box(height, width, size)
+    mask = np.zeros((size, size), dtype=bool)
+    mask[top : top + new_h, left : left + new_w] = True
+    return mask

@@ -33,7 +33,8 @@ SMALL_ARGS = ["--per-category", "6", "--shard-size", "4", "--batch-size", "2", "
 
 
 def layout(per_category: int, shard_size: int) -> set[str]:
-    names = {"index.json", "manifest.parquet", "README.md", "preview.png"}
+    names = {"index.json", "manifest.parquet", "README.md", "preview.png", "spec.json"}
+    names |= {"index.wids.json", "croissant.json"}
     for cat in ("bottle", "magnetic_tile"):
         for k in range(-(-per_category // shard_size)):
             names |= {f"shards/{cat}/{cat}-{k:06d}.tar", f"shards/{cat}/{cat}-{k:06d}.json"}

@@ -76,3 +76,85 @@ def test_model_id_differs_with_card_fields(model_copy):
     card = json.loads((model_copy / "model_card.json").read_text())
     other = dict(card, categories={"bottle": 0, "cable": 1})
     assert content_hash(model_copy, card) != content_hash(model_copy, other)
+
+
+# --- spec.json: the spec survives a lost index ---------------------------------------
+
+
+def _gen_same(root, model):
+    """The generated_dataset fixture's own command, over ``root`` (nothing left to sample)."""
+    from generated_dataset import BATCH_SIZE, CATEGORIES, PER_CATEGORY, SHARD_SIZE
+
+    from sia_pipeline.gen.generate import generate
+
+    return generate(
+        categories=",".join(CATEGORIES),
+        per_category=PER_CATEGORY,
+        shard_size=SHARD_SIZE,
+        steps=2,
+        batch_size=BATCH_SIZE,
+        model=str(model),
+        out=str(root),
+        workers=1,
+        progress=False,
+    )
+
+
+def test_spec_json_records_the_spec(local_root):
+    from sia_pipeline.dataset.format import read_index
+    from sia_pipeline.dataset.spec import read_spec
+    from sia_pipeline.dataset.storage import open_storage
+
+    storage = open_storage(local_root)
+    doc, index = read_spec(storage), read_index(storage)
+    assert doc["spec"] == index["spec"] and doc["spec_hash"] == index["spec_hash"]
+    assert doc["index_fields"]["model"] == index["model"]
+    assert doc["spec"]["seed"] == 0 and doc["spec"]["per_category"] == 6
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_publish_rebuilds_a_lost_index_exactly(where, local_root, s3_root, s3_endpoint):
+    from generated_dataset import upload
+
+    from sia_pipeline.dataset.publish import publish
+    from sia_pipeline.dataset.storage import open_storage
+
+    root = str(local_root)
+    if where == "s3":
+        upload(local_root, s3_root, s3_endpoint)
+        root = s3_root
+    storage = open_storage(root, s3_endpoint)
+    original = storage.get_bytes("index.json")
+    for name in ("index.json", "manifest.parquet", "index.wids.json", "croissant.json"):
+        storage.delete(name)
+    report = publish(root, s3_endpoint)
+    assert not report.bad and report.rebuilt == "index.json missing or unreadable"
+    assert storage.get_bytes("index.json") == original
+    card = storage.get_bytes("README.md").decode()
+    assert "- seed: 0, spec hash" in card and "- 6 images per category, 3 per shard" in card
+    assert "None" not in card
+
+
+def test_publish_without_spec_or_index_says_unknown(local_root):
+    from sia_pipeline.dataset.publish import publish
+
+    for name in ("index.json", "spec.json"):
+        (local_root / name).unlink()
+    assert not publish(str(local_root)).bad
+    card = (local_root / "README.md").read_text()
+    assert "- seed: unknown" in card and "None" not in card
+
+
+def test_gen_repairs_an_index_rebuilt_without_its_spec(local_root, tiny_model):
+    from sia_pipeline.dataset.manifest import rebuild_from_stats
+    from sia_pipeline.dataset.storage import open_storage
+
+    original = (local_root / "index.json").read_bytes()
+    # What an older sia-publish left behind on a root that had lost index.json.
+    rebuild_from_stats(open_storage(local_root), {}, {})
+    assert json.loads((local_root / "index.json").read_bytes())["spec"] == {}
+    report = _gen_same(local_root, tiny_model)
+    assert report.shards_written == 0 and report.indexed
+    repaired = json.loads((local_root / "index.json").read_bytes())
+    assert repaired["spec"] == json.loads(original)["spec"]
+    assert "- seed: 0" in (local_root / "README.md").read_text()

@@ -167,6 +167,14 @@ def licence_text(index: dict[str, Any]) -> str:
     )
 
 
+class _Known(dict):
+    """A spec whose lost fields (a root without index.json or spec.json) read "unknown"."""
+
+    def get(self, key: str, default: Any = "unknown") -> Any:
+        value = super().get(key)
+        return default if value is None else value
+
+
 def render_card(
     index: dict[str, Any],
     counts: dict[str, list[int]],
@@ -174,9 +182,9 @@ def render_card(
     preview_name: str | None = PREVIEW_NAME,
 ) -> str:
     """The README.md text of a dataset (no credentials: built from index.json only)."""
-    spec = index.get("spec", {})
+    spec = _Known(index.get("spec") or {})
     model = index.get("model", {})
-    strengths = spec.get("strengths", {})
+    strengths = _Known(spec.get("strengths", None) or {})
     cats = ", ".join(sorted(index.get("categories", {})))
     parts = [
         f"# SIA dataset: {cats}",

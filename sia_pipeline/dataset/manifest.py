@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sia_pipeline.dataset.card import licence_text
 from sia_pipeline.dataset.format import (
     FORMAT_VERSION,
     INDEX_NAME,
@@ -28,6 +29,7 @@ from sia_pipeline.dataset.format import (
     read_stats,
     shard_done,
 )
+from sia_pipeline.dataset.interchange import write_interchange
 from sia_pipeline.dataset.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -155,7 +157,8 @@ def rebuild_from_stats(
     extra: dict[str, Any] | None = None,
     verify_tars: bool = True,
 ) -> tuple[pa.Table, dict[str, Any]]:
-    """Rewrite ``manifest.parquet`` then ``index.json`` of a root from its stats files.
+    """Rewrite ``manifest.parquet``, ``index.json`` and, with it, the interchange indexes
+    (``index.wids.json``, ``croissant.json``) of a root from its stats files.
 
     Args:
         spec: the generation spec to record; None keeps the one in the current index.json.
@@ -176,7 +179,9 @@ def rebuild_from_stats(
         raise FormatError(msg)
     table = manifest_table(stats)
     index = build_index(stats, spec, extra)
-    storage.put_bytes(parquet_bytes(table), MANIFEST_NAME)
+    manifest = parquet_bytes(table)
+    storage.put_bytes(manifest, MANIFEST_NAME)
     storage.put_bytes(index_bytes(index), INDEX_NAME)
+    write_interchange(storage, index, manifest, licence_text(index))
     log.info("indexed %d samples in %d shards under %s", table.num_rows, len(stats), storage.url)
     return table, index

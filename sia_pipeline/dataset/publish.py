@@ -33,6 +33,7 @@ from sia_pipeline.dataset.format import (
     list_stats_names,
     read_index,
 )
+from sia_pipeline.dataset.interchange import CROISSANT_NAME, WIDS_NAME
 from sia_pipeline.dataset.manifest import (
     build_index,
     manifest_table,
@@ -52,6 +53,7 @@ from sia_pipeline.dataset.publish_card import (
     provenance_markdown,
     strength_histogram,
 )
+from sia_pipeline.dataset.spec import SPEC_NAME, recorded_spec
 from sia_pipeline.dataset.storage import Storage, open_storage
 from sia_pipeline.dataset.verify import (
     VERIFY_THREADS,
@@ -102,12 +104,22 @@ def _index_extra(index: dict[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in (index or {}).items() if k not in derived}
 
 
-def _stale_reason(storage: Storage, index: dict[str, Any] | None, stats: list[ShardStats]) -> str:
-    """Why manifest/index must be rewritten from the stats, or "" if both are current."""
+def _stale_reason(
+    storage: Storage,
+    index: dict[str, Any] | None,
+    stats: list[ShardStats],
+    recorded: tuple[dict[str, Any], dict[str, Any]] | None,
+) -> str:
+    """Why manifest/index must be rewritten from the stats, or "" if all are current."""
     if index is None:
         return f"{INDEX_NAME} missing or unreadable"
     if index != build_index(stats, index.get("spec"), _index_extra(index)):
         return f"{INDEX_NAME} does not match the shard stats"
+    if recorded is not None and index.get("spec") != recorded[0]:
+        return f"{INDEX_NAME} lacks the spec recorded in {SPEC_NAME}"
+    missing = [n for n in (WIDS_NAME, CROISSANT_NAME) if not storage.exists(n)]
+    if missing:
+        return f"{' and '.join(missing)} missing"
     if not storage.exists(MANIFEST_NAME):
         return f"{MANIFEST_NAME} missing"
     try:
@@ -117,6 +129,21 @@ def _stale_reason(storage: Storage, index: dict[str, Any] | None, stats: list[Sh
     if not current.equals(manifest_table(stats)):
         return f"{MANIFEST_NAME} does not match the shard stats"
     return ""
+
+
+def _recorded(
+    storage: Storage, index: dict[str, Any] | None, stats: list[ShardStats]
+) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The spec and index fields that made these shards (spec.json, else index.json)."""
+    hashes = {s.spec_hash for s in stats}
+    if len(hashes) != 1:
+        return None
+    found = recorded_spec(storage, hashes.pop(), index)
+    if found is None:
+        return None
+    spec, extra = found
+    same = index is not None and index.get("spec_hash") == stats[0].spec_hash
+    return spec, (_index_extra(index) if same else {}) | extra
 
 
 def _render_spec(index: dict[str, Any], manifest: pa.Table) -> dict[str, Any]:
@@ -146,17 +173,19 @@ def verify_root(
     except FormatError as e:
         log.warning("%s; it will be rebuilt from the stats", e)
         index = None
+    recorded = _recorded(storage, index, stats)
+    spec = recorded[0] if recorded else (index or {}).get("spec")
     keep: set[str] = set()
     rows = [r for s in stats for r in s.samples]
     if rows:
         table = pa.Table.from_pylist(
             [{k: r.get(k) for k in ("key", "category", "strength")} for r in rows]
         )
-        bins = strength_bins(table.column("strength").to_numpy(), span=_span(index))
+        bins = strength_bins(table.column("strength").to_numpy(), span=_span({"spec": spec}))
         for cells in pick_preview_keys(table, bins, per_bin).values():
             keep.update(k for cell in cells for k in cell)
     checks += verify_shards(storage, stats, keep, threads)
-    checks += layout_problems(storage, stats, (index or {}).get("spec"))
+    checks += layout_problems(storage, stats, spec)
     return checks, stats, stat_sums, index
 
 
@@ -185,12 +214,13 @@ def publish(
         log.warning("%d bad shard(s) under %s; publishing nothing", len(report.bad), storage.url)
         return report
 
-    report.rebuilt = _stale_reason(storage, index, stats)
+    recorded = _recorded(storage, index, stats)
+    report.rebuilt = _stale_reason(storage, index, stats, recorded)
     if report.rebuilt:
         log.info("rebuilding %s and %s: %s", MANIFEST_NAME, INDEX_NAME, report.rebuilt)
-        spec = (index or {}).get("spec") or {}
-        manifest, index = rebuild_from_stats(storage, spec, _index_extra(index), False)
-        report.written += [MANIFEST_NAME, INDEX_NAME]
+        spec, extra = recorded or ((index or {}).get("spec") or {}, _index_extra(index))
+        manifest, index = rebuild_from_stats(storage, spec, extra, False)
+        report.written += [MANIFEST_NAME, INDEX_NAME, WIDS_NAME, CROISSANT_NAME]
     else:
         manifest = manifest_table(stats)
     report.samples = manifest.num_rows
@@ -198,7 +228,8 @@ def publish(
     report.written += _write_card(storage, index, manifest, samples, previews_per_bin)
 
     sums = {s.tar: s.sha256 for s in stats} | stat_sums
-    for name in (MANIFEST_NAME, INDEX_NAME, *report.written):
+    extras = [n for n in (SPEC_NAME,) if storage.exists(n)]
+    for name in (MANIFEST_NAME, INDEX_NAME, WIDS_NAME, CROISSANT_NAME, *extras, *report.written):
         if name not in sums:
             sums[name] = _sha(storage.get_bytes(name))
     storage.put_bytes(checksums_text(sums).encode(), CHECKSUMS_NAME)
@@ -236,6 +267,8 @@ def _write_card(
         f"{CARD_NAME}: this card",
         "shards/CATEGORY/CATEGORY-NNNNNN.tar and .json: the shards and their stats",
         f"{MANIFEST_NAME}, {INDEX_NAME}: one row per sample; spec and shard list",
+        f"{SPEC_NAME}: the generation spec, written before the first shard",
+        f"{WIDS_NAME}, {CROISSANT_NAME}: wids shard index and Croissant 1.0 metadata",
         f"{PREVIEW_NAME}, previews/CATEGORY.png: preview grids",
         f"{HISTOGRAM_NAME}: strength histogram, stacked by category",
         f"{CHECKSUMS_NAME}: sha256 of every file above",

@@ -29,7 +29,9 @@ from sia_pipeline.dataset.format import (
     read_index,
     read_stats,
 )
+from sia_pipeline.dataset.interchange import CROISSANT_NAME, WIDS_NAME
 from sia_pipeline.dataset.manifest import IO_THREADS, rebuild_from_stats
+from sia_pipeline.dataset.spec import SPEC_NAME, read_spec, write_spec
 from sia_pipeline.dataset.storage import LocalStorage, Storage, StorageError, open_storage
 from sia_pipeline.gen.plan import (
     GenSpec,
@@ -99,8 +101,13 @@ class RootState:
     index_current: bool  # index.json exists and is of this spec
 
 
-def scan_root(storage: Storage, spec_hash: str) -> RootState:
-    """Done shards (stats of this spec whose tar size matches) and foreign-spec evidence."""
+def scan_root(storage: Storage, spec_hash: str, spec: dict[str, Any] | None = None) -> RootState:
+    """Done shards (stats of this spec whose tar size matches) and foreign-spec evidence.
+
+    The index counts as current only if it records ``spec`` (when given) and the
+    interchange indexes and ``spec.json`` exist: a later run repairs a root whose index
+    was rebuilt without its spec.
+    """
     other = None
     try:
         index = read_index(storage)
@@ -108,6 +115,12 @@ def scan_root(storage: Storage, spec_hash: str) -> RootState:
         index, other = None, str(e)
     if index is not None and index.get("spec_hash") != spec_hash:
         other = f"its index.json has spec {index.get('spec_hash')!r}"
+    try:
+        recorded = read_spec(storage)
+    except FormatError:
+        recorded = None  # rewritten by this run
+    if recorded is not None and recorded["spec_hash"] != spec_hash:
+        other = other or f"its {SPEC_NAME} has spec {recorded['spec_hash']!r}"
 
     def check(name: str) -> tuple[str, ShardStats | None, bool]:
         """(name, stats or None if unreadable, whether its tar has the recorded size)."""
@@ -132,8 +145,9 @@ def scan_root(storage: Storage, spec_hash: str) -> RootState:
     current = (
         index is not None
         and other is None
-        and storage.exists(MANIFEST_NAME)
-        and storage.exists(CARD_NAME)
+        and (spec is None or index.get("spec") == spec)
+        and recorded is not None
+        and all(storage.exists(n) for n in (MANIFEST_NAME, CARD_NAME, WIDS_NAME, CROISSANT_NAME))
     )
     return RootState(done, other, current)
 
@@ -142,7 +156,7 @@ def clear_root(storage: Storage) -> None:
     """Remove a dataset (index first, so no reader follows it to deleted shards)."""
     storage.delete(INDEX_NAME)
     storage.delete(f"{SHARDS_DIR}/")
-    for name in (MANIFEST_NAME, CARD_NAME, PREVIEW_NAME):
+    for name in (MANIFEST_NAME, CARD_NAME, PREVIEW_NAME, WIDS_NAME, CROISSANT_NAME, SPEC_NAME):
         storage.delete(name)
 
 
@@ -293,7 +307,7 @@ def generate(
                 log.warning("a local --out with --ray-address needs a folder every node shares")
         if not dry_run:
             storage.check_writable()
-        state = scan_root(storage, spec.spec_hash)
+        state = scan_root(storage, spec.spec_hash, spec.to_dict())
     except (PlanError, ModelError, StorageError, FormatError) as e:
         raise GenError(str(e).splitlines()[0]) from None
 
@@ -317,6 +331,13 @@ def generate(
         log.warning("--overwrite: deleting the dataset at %s (%s)", storage.url, state.other_spec)
         clear_root(storage)
         state = RootState({}, None, False)
+    extra = {
+        "model": _model_record(loaded, model),
+        "created_by": f"sia-gen {VERSION}",
+        "command": command_line(spec, out, model, batch_size),
+    }
+    # Before the first shard: a root that loses its index can still be rebuilt exactly.
+    write_spec(storage, spec.to_dict(), spec.spec_hash, extra)
     pending = [t for t in tasks if t.shard_id not in state.done]
     report.shards_skipped = len(tasks) - len(pending)
     if pending:
@@ -339,11 +360,6 @@ def generate(
             on_result=on_result,
         )
     if pending or not state.index_current:
-        extra = {
-            "model": _model_record(loaded, model),
-            "created_by": f"sia-gen {VERSION}",
-            "command": command_line(spec, out, model, batch_size),
-        }
         table, index = rebuild_from_stats(storage, spec.to_dict(), extra)
         write_card(storage, index, table)
         report.indexed = True

@@ -1,0 +1,89 @@
+"""``spec.json``: a dataset's generation spec, written at its root before the first shard.
+
+``index.json`` is written last, so a root whose run crashed, or that lost its index, still
+holds everything needed to rebuild the index exactly: the spec (seed, images per category,
+strengths, sampler...) and the top-level fields sia-gen records (model, command). The
+stats files say which spec wrote each shard (``spec_hash``); ``spec.json`` is used only
+when its hash matches theirs.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sia_pipeline.dataset.format import FORMAT_VERSION, FormatError
+from sia_pipeline.dataset.storage import Storage
+
+SPEC_NAME = "spec.json"
+
+
+def spec_document(spec: dict[str, Any], spec_hash: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """The ``spec.json`` document: the spec, its hash and the index's extra fields."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "spec_hash": spec_hash,
+        "spec": spec,
+        "index_fields": extra,
+    }
+
+
+def spec_bytes(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, indent=1, sort_keys=True).encode()
+
+
+def read_spec(storage: Storage) -> dict[str, Any] | None:
+    """The root's ``spec.json``, or None if it has none.
+
+    Raises:
+        FormatError: the file is not JSON or lacks ``spec``/``spec_hash``.
+    """
+    try:
+        data = storage.get_bytes(SPEC_NAME)
+    except FileNotFoundError:
+        return None
+    try:
+        doc = json.loads(data)
+    except json.JSONDecodeError as e:
+        msg = f"corrupt {SPEC_NAME} under {storage.url}: {e}"
+        raise FormatError(msg) from None
+    if not isinstance(doc, dict) or "spec" not in doc or "spec_hash" not in doc:
+        msg = f"{SPEC_NAME} under {storage.url} lacks 'spec' or 'spec_hash'"
+        raise FormatError(msg)
+    return doc
+
+
+def write_spec(
+    storage: Storage, spec: dict[str, Any], spec_hash: str, extra: dict[str, Any]
+) -> bool:
+    """Write ``spec.json`` unless the root already records this spec (a rerun from another
+    folder or with another batch size writes nothing: the first run's fields are kept).
+
+    Returns:
+        True if it was (re)written.
+    """
+    try:
+        current = read_spec(storage)
+    except FormatError:
+        current = None
+    if current is not None and current["spec_hash"] == spec_hash and current["spec"] == spec:
+        return False
+    storage.put_bytes(spec_bytes(spec_document(spec, spec_hash, extra)), SPEC_NAME)
+    return True
+
+
+def recorded_spec(
+    storage: Storage, spec_hash: str, index: dict[str, Any] | None
+) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(spec, extra index fields) for shards of ``spec_hash``: from ``spec.json`` when its
+    hash matches, else from an ``index.json`` of that hash that still has its spec; None if
+    neither has it (a root made before spec.json existed, that also lost its index)."""
+    try:
+        doc = read_spec(storage)
+    except FormatError:
+        doc = None
+    if doc is not None and doc["spec_hash"] == spec_hash and doc["spec"]:
+        return doc["spec"], dict(doc.get("index_fields") or {})
+    if index and index.get("spec") and index.get("spec_hash") == spec_hash:
+        return index["spec"], {}
+    return None

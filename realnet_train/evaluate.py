@@ -1,9 +1,12 @@
 """Evaluate a RealNet checkpoint on a category's test split: metrics JSON and PNG panels.
 
 Masks and maps are compared at the model's input size (ground truth resized by nearest
-neighbour). Panels show image | ground truth | anomaly map; the colour scale runs from 0 to
-the largest pixel score on the whole test split (``panel_scale_max`` in the metrics), the
-same for every panel, so panels compare with each other but not across checkpoints.
+neighbour). A test split without masks for every defective image (labelled per image only)
+is evaluated at image level: Image AUROC overall and per defect type, pixel metrics ``None``
+and the panels' ground-truth column is left black. Panels show image | ground truth |
+anomaly map; the colour scale runs from 0 to the largest pixel score on the whole test
+split (``panel_scale_max`` in the metrics), the same for every panel, so panels
+compare with each other but not across checkpoints.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from realnet_train.checkpoint import load_model
 from realnet_train.data.mvtec import MVTecCategory
 from realnet_train.metrics import image_auroc, pixel_auroc, pro_auc
-from realnet_train.train import load_model, to_tensor
+from realnet_train.train import to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +88,20 @@ def evaluate(
     size = int(ckpt["image_size"])
     mvtec = MVTecCategory(data, category, endpoint_url)
     items = mvtec.test_items
+    labels = np.array([it.label for it in items])
+    if not items or labels.all() or not labels.any():
+        msg = f"the test split of {mvtec.url} needs both good and defective images"
+        raise FileNotFoundError(msg)
     images = np.stack([mvtec.image(it, size) for it in tqdm(items, desc="load test", unit="img")])
     masks = np.stack([mvtec.mask(it, size) for it in items])
-    labels = np.array([it.label for it in items])
+    t_model = time.perf_counter()
     maps, scores = predict(model, images, batch_size)
+    model_s = time.perf_counter() - t_model
+    per_type = {
+        d: image_auroc(labels[sel], scores[sel])
+        for d in sorted({it.defect for it in items if it.label})
+        if (sel := np.array([it.label == 0 or it.defect == d for it in items])).any()
+    }
     metrics = {
         "category": category,
         "checkpoint": str(checkpoint),
@@ -95,10 +109,13 @@ def evaluate(
         "image_size": size,
         "n_test": len(items),
         "n_anomalous": int(labels.sum()),
+        "level": "pixel" if mvtec.has_masks else "image",
         "image_auroc": image_auroc(labels, scores),
-        "pixel_auroc": pixel_auroc(maps, masks),
-        "pro": pro_auc(maps, masks, fpr_limit=0.3),
+        "image_auroc_per_type": per_type,
+        "pixel_auroc": pixel_auroc(maps, masks) if mvtec.has_masks else None,
+        "pro": pro_auc(maps, masks, fpr_limit=0.3) if mvtec.has_masks else None,
         "panel_scale_max": float(maps.max()),
+        "model_ms_per_image": 1000 * model_s / len(items),
         "eval_s": time.perf_counter() - t0,
     }
     out = Path(out)
@@ -109,7 +126,7 @@ def evaluate(
         cv2.imwrite(str(out / "panels" / f"{stem}.png"), cv2.cvtColor(png, cv2.COLOR_RGB2BGR))
     (out / METRICS_NAME).write_text(json.dumps(metrics, indent=1))
     log.info(
-        "%s: image AUROC %.3f, pixel AUROC %.3f, PRO %.3f",
+        "%s: image AUROC %.3f, pixel AUROC %s, PRO %s",
         category,
         metrics["image_auroc"],
         metrics["pixel_auroc"],

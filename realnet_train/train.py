@@ -3,7 +3,13 @@
 Reads top to bottom like nanoGPT's ``train.py``: config, data, model (AFS chosen once on
 synthetic anomalies), optimiser, loop. Checkpoints carry ``model_args`` so evaluation
 rebuilds the model from the file alone; ``resume`` continues from ``OUT/last.pt``. The
-trainer never looks at the test split.
+trainer never looks at the test split; a few ``train/good`` images are held out to
+calibrate the decision threshold (:mod:`realnet_train.calibration`).
+
+Under ``torchrun`` each rank reads its own share of shards and normal images, gradients are
+averaged by DDP, and rank 0 alone writes checkpoints and the log. Bad data (unreadable or
+contradicting samples) is skipped and counted; past ``max_bad_samples`` the run saves a
+resumable checkpoint and stops with :class:`TooManyBadSamples`.
 """
 
 from __future__ import annotations
@@ -15,10 +21,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from realnet_train import distributed
+from realnet_train.calibration import calibration_record, holdout_split
+from realnet_train.checkpoint import CHECKPOINT_NAME, checkpoint_dict, load_model, save_checkpoint
 from realnet_train.data.mvtec import MVTecCategory
 from realnet_train.data.sia_stream import sia_pipeline
 from realnet_train.data.train_stream import CompositeStream, StreamConfig, TextureSource, parse_mix
@@ -28,8 +40,13 @@ from sia_pipeline.compose import choose_rule
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "last.pt"
 LOG_NAME = "train_log.json"
+BAD_EXAMPLES = 50  # bad-sample records kept in the log (the count is always complete)
+__all__ = ["TooManyBadSamples", "TrainConfig", "build_loader", "load_model", "to_tensor", "train"]
+
+
+class TooManyBadSamples(RuntimeError):
+    """More bad samples than ``max_bad_samples``; a resumable checkpoint was written."""
 
 
 @dataclass
@@ -50,6 +67,10 @@ class TrainConfig:
     lr: float = 1e-3
     afs_batches: int = 4
     checkpoint_every: int = 100
+    max_bad_samples: int = 20
+    holdout: float = 0.1  # share of train/good held out to calibrate the threshold
+    target_fpr: float = 0.05
+    device: str | None = None  # None: CUDA when available
     num_workers: int = 1
     threads: int | None = None
     seed: int = 0
@@ -64,9 +85,13 @@ def to_tensor(images: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def build_loader(cfg: TrainConfig, mvtec: MVTecCategory, seed: int) -> DataLoader:
+def build_loader(
+    cfg: TrainConfig, mvtec: MVTecCategory, seed: int, normals: np.ndarray | None = None
+) -> DataLoader:
+    """The training DataLoader over ``normals`` (default: every ``train/good`` image)."""
     mix = parse_mix(cfg.mix)
-    normals = mvtec.load_train(cfg.image_size)
+    if normals is None:
+        normals = mvtec.load_train(cfg.image_size)
     log.info("%s: %d normal training images at %d px", cfg.category, len(normals), cfg.image_size)
     sia = None
     if cfg.sia and mix["sia"] > 0:
@@ -78,6 +103,7 @@ def build_loader(cfg: TrainConfig, mvtec: MVTecCategory, seed: int) -> DataLoade
             shuffle=64,
             seed=seed,
             endpoint_url=cfg.endpoint_url,
+            keep_bad=True,
         )
     textures = None
     if cfg.textures and mix["texture"] > 0:
@@ -100,7 +126,9 @@ def build_loader(cfg: TrainConfig, mvtec: MVTecCategory, seed: int) -> DataLoade
 
 
 @torch.no_grad()
-def fit_afs(model: RealNet, batches: list[dict[str, torch.Tensor]]) -> None:
+def fit_afs(
+    model: RealNet, batches: list[dict[str, torch.Tensor]], device: torch.device | None = None
+) -> None:
     """Choose AFS channels from synthetic anomalies; record normal features' mean/std."""
     errors: dict[str, torch.Tensor] = {}
     sums: dict[str, torch.Tensor] = {}
@@ -108,9 +136,9 @@ def fit_afs(model: RealNet, batches: list[dict[str, torch.Tensor]]) -> None:
     count = 0
     n_anom = 0
     for batch in batches:
-        clean = model.backbone(to_tensor(batch["clean"]))
-        anom = model.backbone(to_tensor(batch["image"]))
-        masks = batch["mask"]
+        clean = model.backbone(to_tensor(batch["clean"]).to(device))
+        anom = model.backbone(to_tensor(batch["image"]).to(device))
+        masks = batch["mask"].to(device)
         n_anom += int((masks.flatten(1).amax(1) > 0).sum())
         for lv, f in clean.items():
             errors[lv] = errors.get(lv, 0) + channel_mask_errors(f, anom[lv], masks)
@@ -134,45 +162,88 @@ def fit_afs(model: RealNet, batches: list[dict[str, torch.Tensor]]) -> None:
     )
 
 
-def save_checkpoint(
-    path: Path, model: RealNet, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig
-) -> None:
-    """Trainable weights, AFS indices and stats, optimiser, step, model args (atomic write)."""
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
-    ckpt = {
-        "model_args": model.config.to_dict(),
-        "train_config": {**asdict(cfg), "model": model.config.to_dict()},
-        "model": state,
-        "optimizer": opt.state_dict(),
-        "step": step,
-        "category": cfg.category,
-        "image_size": cfg.image_size,
-    }
-    tmp = path.with_suffix(".tmp")
-    torch.save(ckpt, tmp)
-    tmp.replace(path)
+class TrainStep(nn.Module):
+    """One step's forward as a module, so DDP can wrap it: (images, clean, masks) -> losses.
+
+    Clean and anomalous images share one backbone pass; losses as :func:`realnet_losses`.
+    """
+
+    def __init__(self, model: RealNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, images: torch.Tensor, clean: torch.Tensor, masks: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Args: images, clean (B, 3, H, W) in [0, 1]; masks (B, H, W) in {0, 1}."""
+        b = images.shape[0]
+        feats = self.model.selected_features(torch.cat([images, clean]))  # lv -> (2B, K, h, w)
+        out = self.model.forward_features({lv: f[:b] for lv, f in feats.items()}, images.shape[-2:])
+        return realnet_losses(out, {lv: f[b:] for lv, f in feats.items()}, masks)
 
 
-def load_model(path: str | Path, map_location: str = "cpu") -> tuple[RealNet, dict[str, Any]]:
-    """Rebuild a RealNet from a checkpoint file alone. Returns (model, checkpoint dict)."""
-    path = Path(path)
-    if not path.is_file():
-        msg = f"checkpoint not found: {path}"
-        raise FileNotFoundError(msg)
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    model = RealNet(RealNetConfig(**ckpt["model_args"]))
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-    bad = [k for k in missing if not k.startswith("backbone.")] + list(unexpected)
-    if bad:
-        msg = f"checkpoint {path} does not match its model_args: {bad[:5]}"
-        raise ValueError(msg)
-    return model, ckpt
+class BadData:
+    """Counts bad samples seen by this rank (records of the first few for the log)."""
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+        self.count = 0
+        self.by_kind: dict[str, int] = {}
+
+    def add(self, records: list[dict]) -> None:
+        for r in records:
+            self.count += 1
+            self.by_kind[r["kind"]] = self.by_kind.get(r["kind"], 0) + 1
+            if len(self.records) < BAD_EXAMPLES:
+                self.records.append(r)
+
+    def add_batch(self, batch: dict[str, Any]) -> None:
+        for text in batch.get("bad", []):
+            if text and text != "[]":
+                self.add(json.loads(text))
+
+
+@torch.no_grad()
+def calibrate(
+    model: RealNet, images: np.ndarray, names: list[str], cfg: TrainConfig, device: torch.device
+) -> dict[str, Any] | None:
+    """Score held-out good images (N, S, S, 3) uint8; the threshold record (None if none)."""
+    if len(images) == 0:
+        log.warning("no held-out good images (--holdout 0): no calibrated threshold")
+        return None
+    model.eval()
+    scores = [
+        model(to_tensor(torch.from_numpy(images[i : i + 16])).to(device)).image_score.cpu()
+        for i in range(0, len(images), 16)
+    ]
+    model.train()
+    record = calibration_record(torch.cat(scores).numpy(), cfg.target_fpr, names)
+    log.info(
+        "threshold %.4f for FPR %.3f on %d held-out good images",
+        record["threshold"],
+        cfg.target_fpr,
+        len(images),
+    )
+    return record
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) training; returns the log written to ``OUT/train_log.json``."""
+    """Run (or resume) training; returns the log written to ``OUT/train_log.json``.
+
+    Raises:
+        TooManyBadSamples: more than ``cfg.max_bad_samples`` bad samples (checkpoint saved).
+    """
+    dist = distributed.setup(cfg.device)
+    try:
+        return _train(cfg, dist)
+    finally:
+        distributed.teardown(dist)
+
+
+def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict[str, Any]:
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ckpt_path = out / CHECKPOINT_NAME
@@ -189,40 +260,74 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             log.warning("--resume: no checkpoint at %s, starting fresh", ckpt_path)
         torch.manual_seed(cfg.seed)
         model, ckpt, start = RealNet(cfg.model), None, 0
+    model.to(dist.device)
 
     mvtec = MVTecCategory(cfg.data, cfg.category, cfg.endpoint_url)
-    loader = build_loader(cfg, mvtec, seed=cfg.seed + start)
+    keep, held = holdout_split(len(mvtec.train_items), cfg.holdout, cfg.seed)
+    held_items = [mvtec.train_items[i] for i in held]
+    normals = mvtec.load_train(cfg.image_size, [mvtec.train_items[i] for i in keep])
+    bad = BadData()
+    bad.add(mvtec.skipped)
+    loader = build_loader(cfg, mvtec, seed=cfg.seed + start, normals=normals)
     batches = iter(loader)
-    if ckpt is None:
-        fit_afs(model, [next(batches) for _ in range(cfg.afs_batches)])
+    if ckpt is None and dist.is_main:  # other ranks get rank 0's choice just below
+        afs_batches = [next(batches) for _ in range(cfg.afs_batches)]
+        for b in afs_batches:
+            bad.add_batch(b)
+        fit_afs(model, afs_batches, dist.device)
+    distributed.broadcast_state(model, dist)  # every rank starts from rank 0's AFS and weights
     opt = torch.optim.Adam(model.trainable_parameters(), lr=cfg.lr)
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
+    step_fn: nn.Module = TrainStep(model)
+    if dist.enabled:
+        ids = [dist.device.index] if dist.device.type == "cuda" else None
+        step_fn = DistributedDataParallel(step_fn, device_ids=ids)
+
+    def checkpoint(step: int, **extra: Any) -> None:
+        if dist.is_main:
+            train_config = {**asdict(cfg), "model": model.config.to_dict()}
+            fields = {"optimizer": opt.state_dict(), "step": step, "category": cfg.category}
+            fields |= {"image_size": cfg.image_size, "train_config": train_config}
+            save_checkpoint(ckpt_path, checkpoint_dict(model, **fields, **extra))
+        distributed.barrier(dist)
 
     model.train()
     t0 = time.perf_counter()
     wait_s = compute_s = 0.0
     samples = 0
     step = start
+    stopped = None
     total = cfg.steps if cfg.time_budget_s is None else None  # a time budget has no step count
-    bar = tqdm(total=total, initial=start, desc=f"train {cfg.category}", unit="step", mininterval=5)
-    while step < cfg.steps:
-        if cfg.time_budget_s is not None and time.perf_counter() - t0 >= cfg.time_budget_s:
+    bar = tqdm(
+        total=total,
+        initial=start,
+        desc=f"train {cfg.category}",
+        unit="step",
+        mininterval=5,
+        disable=not dist.is_main,
+    )
+    while True:
+        over_time = cfg.time_budget_s is not None and time.perf_counter() - t0 >= cfg.time_budget_s
+        # One collective per step: every rank stops at the same step.
+        timed_out, total_bad = distributed.sum_across([float(over_time), bad.count], dist)
+        if step >= cfg.steps or total_bad > cfg.max_bad_samples:
+            break
+        if timed_out:
             log.info("time budget of %.0f s reached at step %d", cfg.time_budget_s, step)
             break
         t_wait = time.perf_counter()
         batch = next(batches)
+        bad.add_batch(batch)
         t_compute = time.perf_counter()
-        images, clean = to_tensor(batch["image"]), to_tensor(batch["clean"])
-        b = images.shape[0]
-        feats = model.selected_features(torch.cat([images, clean]))  # level -> (2B, K, h, w)
-        out_ = model.forward_features({lv: f[:b] for lv, f in feats.items()}, images.shape[-2:])
-        losses = realnet_losses(out_, {lv: f[b:] for lv, f in feats.items()}, batch["mask"])
+        images = to_tensor(batch["image"]).to(dist.device)
+        clean = to_tensor(batch["clean"]).to(dist.device)
+        losses = step_fn(images, clean, batch["mask"].to(dist.device))
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         opt.step()
         step += 1
-        samples += b
+        samples += images.shape[0]
         wait_s += t_compute - t_wait
         compute_s += time.perf_counter() - t_compute
         history["recon"].append(losses["recon"].item())
@@ -230,24 +335,55 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         bar.update(1)
         bar.set_postfix(recon=f"{history['recon'][-1]:.3f}", seg=f"{history['seg'][-1]:.3f}")
         if step % cfg.checkpoint_every == 0:
-            save_checkpoint(ckpt_path, model, opt, step, cfg)
+            checkpoint(step)
     bar.close()
-    save_checkpoint(ckpt_path, model, opt, step, cfg)
+    all_bad = [r for rs in distributed.gather_objects(bad.records, dist) for r in rs]
+    calibration = None
+    if total_bad > cfg.max_bad_samples:
+        stopped = f"{int(total_bad)} bad samples (limit --max-bad-samples {cfg.max_bad_samples})"
+    elif dist.is_main:
+        held_images = mvtec.load_train(cfg.image_size, held_items) if held_items else normals[:0]
+        calibration = calibrate(
+            model, held_images, [it.image for it in held_items], cfg, dist.device
+        )
+    checkpoint(step, calibration=calibration)
     wall = time.perf_counter() - t0
+    kinds = ("unreadable", "rejected")
+    sums = dict(
+        zip(
+            kinds, distributed.sum_across([bad.by_kind.get(k, 0) for k in kinds], dist), strict=True
+        )
+    )
+    params = [float(sum(p.detach().double().sum() for p in model.trainable_parameters()))]
     result = {
         "category": cfg.category,
         "step": step,
         "steps_this_run": step - start,
         "samples_this_run": samples,
+        "world_size": dist.world_size,
         "wall_s": wall,
         "data_wait_s": wait_s,
         "compute_s": compute_s,
         "trainer_samples_per_s": samples / compute_s if compute_s else None,
         "checkpoint": str(ckpt_path),
+        "stopped": stopped,
+        "bad_samples": {
+            "count": int(total_bad),
+            "unreadable": int(sums["unreadable"]),
+            "rejected": int(sums["rejected"]),
+            "limit": cfg.max_bad_samples,
+            "examples": all_bad[:BAD_EXAMPLES],
+        },
+        "rank_param_sums": [x for (x,) in distributed.gather_objects(params, dist)],
+        "calibration": calibration,
         "config": {**asdict(cfg), "model": model.config.to_dict()},
         "foreground": loader.dataset.config.foreground.to_dict(),
         "history": history,
     }
-    (out / LOG_NAME).write_text(json.dumps(result, indent=1))
+    if dist.is_main:
+        (out / LOG_NAME).write_text(json.dumps(result, indent=1))
+    if stopped:
+        msg = f"stopped at step {step} after {stopped}; fix the data or raise it, then --resume"
+        raise TooManyBadSamples(msg)
     log.info("trained %s to step %d in %.0f s (data wait %.0f s)", cfg.category, step, wall, wait_s)
     return result

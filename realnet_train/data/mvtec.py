@@ -1,7 +1,9 @@
 """MVTec-layout category reader from a folder or ``s3://``.
 
-Layout under ``ROOT/CATEGORY``: ``train/good/*``, ``test/<type>/*`` (``good`` is normal) and
-``ground_truth/<type>/<stem>_mask.png`` for every defective test image.
+Layout under ``ROOT/CATEGORY``: ``train/good/*``, ``test/<type>/*`` (``good`` is normal) and,
+optionally, ``ground_truth/<type>/<stem>_mask.png`` for defective test images. A test split
+whose defective images do not all have masks (many real sets are labelled per image only) is
+read with ``has_masks = False``: it can be evaluated at image level only.
 """
 
 from __future__ import annotations
@@ -64,15 +66,39 @@ class MVTecCategory:
         self.url = join_url(str(root), category)
         self.category = category
         self.storage: Storage = open_storage(self.url, endpoint_url)
-        self.train_items = self._list("train", require_masks=False)
-        self.test_items = self._list("test", require_masks=True)
+        self.train_items = self._list("train")
+        self._test: list[MVTecItem] | None = None
+        self.has_masks = True
+        self.skipped: list[dict[str, str]] = []
         if not self.train_items:
             msg = f"no training images under {join_url(self.url, 'train/good')}"
             raise FileNotFoundError(msg)
 
-    def _list(self, split: Literal["train", "test"], require_masks: bool) -> list[MVTecItem]:
+    @property
+    def test_items(self) -> list[MVTecItem]:
+        """The test split, listed on first use (training never lists it)."""
+        if self._test is None:
+            self._test = self._list("test")
+            missing = [it for it in self._test if it.label and it.mask is None]
+            self.has_masks = not missing
+            if missing:
+                log.warning(
+                    "%d of %d defective test images under %s have no ground_truth mask "
+                    "(e.g. %s): image-level evaluation only",
+                    len(missing),
+                    sum(it.label for it in self._test),
+                    self.url,
+                    missing[0].image,
+                )
+        return self._test
+
+    @test_items.setter
+    def test_items(self, items: list[MVTecItem]) -> None:
+        self._test = items
+
+    def _list(self, split: Literal["train", "test"]) -> list[MVTecItem]:
         names = list(iter_files(self.storage, split, IMAGE_SUFFIXES))
-        masks = set(iter_files(self.storage, "ground_truth", (".png",))) if require_masks else set()
+        masks = set(iter_files(self.storage, "ground_truth", (".png",))) if split == "test" else ()
         items = []
         for name in names:
             parts = name.split("/")
@@ -84,9 +110,7 @@ class MVTecCategory:
             mask = None
             if defect != GOOD:
                 mask = f"ground_truth/{defect}/{_stem(name)}_mask.png"
-                if mask not in masks:
-                    msg = f"defective test image {join_url(self.url, name)} has no mask {mask}"
-                    raise FileNotFoundError(msg)
+                mask = mask if mask in masks else None
             items.append(MVTecItem(name, int(defect != GOOD), defect, mask))
         return items
 
@@ -100,6 +124,28 @@ class MVTecCategory:
             return np.zeros((size, size), dtype=bool)
         return decode_mask(self.storage.get_bytes(item.mask), size)
 
-    def load_train(self, size: int) -> np.ndarray:
-        """All training images at one size, (N, size, size, 3) uint8: they fit in memory."""
-        return np.stack([self.image(it, size) for it in self.train_items])
+    def load_train(self, size: int, items: list[MVTecItem] | None = None) -> np.ndarray:
+        """Training images at one size, (N, size, size, 3) uint8: they fit in memory.
+
+        An image that fails to read or decode is skipped with a warning and recorded in
+        :attr:`skipped`; ``FileNotFoundError`` when none is left.
+        """
+        images = []
+        for it in self.train_items if items is None else items:
+            try:
+                images.append(self.image(it, size))
+            except Exception as e:  # noqa: BLE001 - PIL and storage errors alike
+                where = join_url(self.url, it.image)
+                log.warning("skipping unreadable training image %s: %s", where, e)
+                self.skipped.append(
+                    {
+                        "shard": self.url,
+                        "key": it.image,
+                        "kind": "unreadable",
+                        "reason": f"{type(e).__name__}: {e}"[:300],
+                    }
+                )
+        if not images:
+            msg = f"no readable training image under {join_url(self.url, 'train/good')}"
+            raise FileNotFoundError(msg)
+        return np.stack(images)

@@ -3,50 +3,183 @@
 Shards are listed from ``index.json`` (filtered by category and strength range), opened
 through :func:`sia_pipeline.dataset.format.open_url_stream` (S3 streams through boto3's
 ``get_object`` body: nothing is downloaded first), and expanded by WebDataset's tar reader.
-Training resamples shards forever (each DataLoader worker and node draws its own seeded
-sequence); a finite pass splits the shard list across nodes, then workers.
+
+Training reads epochs: each epoch shuffles the shard list with the same seed on every rank,
+then splits it by node (rank) and DataLoader worker the way WebDataset's ``split_by_node`` /
+``split_by_worker`` do, so no sample repeats within an epoch-equivalent. With fewer shards than
+readers, every reader opens every shard and keeps every ``total``-th sample instead.
+
+Bad data never stops the stream: a shard that fails to open or read (truncated tar) or a
+sample that fails to decode, or whose metadata contradicts ``index.json`` (category, strength
+outside its shard's span), becomes a :func:`bad_marker` naming shard and key; consumers count
+and skip it.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 from collections.abc import Iterable, Iterator
+from functools import partial
 from typing import Any
 
+import numpy as np
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.utils import pytorch_worker_info
 
-from sia_pipeline.dataset.format import ShardRef, decode_sample, list_shards, open_url_stream
+from sia_pipeline.dataset.format import (
+    FormatError,
+    ShardRef,
+    decode_sample,
+    list_shards,
+    open_url_stream,
+    parse_key,
+)
 
 log = logging.getLogger(__name__)
 
+BAD = "__bad__"
+STRENGTH_TOL = 1e-6
 
-def open_shards(
+
+def bad_marker(shard: str, key: str | None, reason: str, kind: str = "unreadable") -> dict:
+    """A stream item standing for a skipped sample: ``{__bad__: {shard, key, kind, reason}}``."""
+    reason = " ".join(str(reason).split())[:300]
+    log.warning("skipping bad SIA data (%s): shard %s key %s: %s", kind, shard, key, reason)
+    return {BAD: {"shard": shard, "key": key, "kind": kind, "reason": reason}}
+
+
+def is_bad(sample: dict[str, Any]) -> bool:
+    return BAD in sample
+
+
+def is_good(sample: dict[str, Any]) -> bool:
+    return BAD not in sample
+
+
+def reader_slot() -> tuple[int, int]:
+    """(this reader's index, number of readers) over all ranks x DataLoader workers."""
+    rank, world, worker, workers = pytorch_worker_info()
+    return rank * workers + worker, world * workers
+
+
+def epoch_shards(
+    urls: list[str], seed: int | None = 0, epochs: int | None = None
+) -> Iterator[dict[str, Any]]:
+    """Pipeline source: ``{url, part}`` for this reader, epoch after epoch (forever: None).
+
+    Each epoch permutes ``urls`` with ``(seed, epoch)`` (equal on every rank; ``seed=None``
+    keeps the index order), then gives
+    reader ``i`` of ``n`` the shards ``perm[i::n]`` (``part`` is None: read the whole shard).
+    With fewer shards than readers, each reader gets every shard with ``part = (i, n)``:
+    keep samples ``i, i + n, ...`` of it.
+    """
+    slot, total = reader_slot()
+    for epoch in itertools.count() if epochs is None else range(epochs):
+        if seed is None:
+            perm = np.arange(len(urls))
+        else:
+            perm = np.random.default_rng([seed, epoch]).permutation(len(urls))
+        if len(urls) >= total:
+            for j in perm[slot::total]:
+                yield {"url": urls[j], "part": None}
+        else:
+            for j in perm:
+                yield {"url": urls[j], "part": (slot, total)}
+
+
+def expand_shards(
     src: Iterable[dict[str, Any]], endpoint_url: str | None = None
 ) -> Iterator[dict[str, Any]]:
-    """Pipeline stage: ``{url}`` -> ``{url, stream}``; each stream is closed once read."""
-    for sample in src:
-        stream = open_url_stream(sample["url"], endpoint_url)
+    """Pipeline stage: ``{url, part}`` -> raw samples ``{__key__, __url__, png, json}``.
+
+    A shard that cannot be opened, or breaks off (truncated tar, cut stream), yields one
+    bad marker naming the last key read and ends; the stream goes on with the next shard.
+    """
+    for item in src:
+        url, part = item["url"], item.get("part")
+        last: dict[str, str | None] = {"key": None}
+
+        def members(stream, url=url, last=last) -> Iterator[dict[str, Any]]:
+            for m in tar_file_expander([{"url": url, "stream": stream}]):
+                if m:
+                    last["key"] = m["fname"].split(".", 1)[0]
+                yield m
+
         try:
-            yield {**sample, "stream": stream}
+            stream = open_url_stream(url, endpoint_url)
+        except Exception as e:  # noqa: BLE001 - any storage failure is one bad shard
+            yield bad_marker(url, None, f"cannot open shard: {e}")
+            continue
+        try:
+            for i, raw in enumerate(group_by_keys(members(stream))):
+                if part is None or i % part[1] == part[0]:
+                    yield raw
+        except Exception as e:  # noqa: BLE001 - tarfile / network errors of many types
+            yield bad_marker(url, last["key"], f"shard breaks off: {type(e).__name__}: {e}")
         finally:
             stream.close()
 
 
 def decode_samples(
-    src: Iterable[dict[str, Any]], strength_range: tuple[float, float] | None = None
+    src: Iterable[dict[str, Any]],
+    strength_range: tuple[float, float] | None = None,
+    index: dict[str, ShardRef] | None = None,
+    max_dropped: int | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Pipeline stage: raw tar samples -> ``{key, image (H, W, 3) uint8, meta}``.
 
-    Shards are chosen by their strength span; samples outside ``strength_range`` are
-    dropped here, one by one.
+    Samples outside ``strength_range`` are dropped one by one; more than ``max_dropped`` in
+    a row (a range that no sample falls in) raises ``FormatError`` instead of spinning
+    forever. A sample that fails to decode or contradicts ``index`` (shard URL ->
+    :class:`ShardRef`) becomes a bad marker.
     """
+    dropped = 0
     for raw in src:
-        image, meta = decode_sample(raw)
-        s = float(meta["strength"])
-        if strength_range is not None and not strength_range[0] <= s <= strength_range[1]:
+        if is_bad(raw):
+            yield raw
             continue
-        yield {"key": raw["__key__"], "image": image, "meta": meta}
+        url, key = raw.get("__url__", "?"), raw.get("__key__")
+        try:
+            image, meta = decode_sample(raw)
+            s = float(meta["strength"])
+        except Exception as e:  # noqa: BLE001 - PIL, json and format errors alike
+            yield bad_marker(url, key, f"{type(e).__name__}: {e}")
+            continue
+        problem = contradiction(key, meta, s, index.get(url) if index else None)
+        if problem:
+            yield bad_marker(url, key, problem, kind="rejected")
+            continue
+        if strength_range is not None and not strength_range[0] <= s <= strength_range[1]:
+            dropped += 1
+            if max_dropped is not None and dropped > max_dropped:
+                msg = f"no SIA sample has a strength in {strength_range} (read {dropped} in a row)"
+                raise FormatError(msg)
+            continue
+        dropped = 0
+        yield {"key": key, "image": image, "meta": meta, "shard": url}
+
+
+def contradiction(key: str, meta: dict[str, Any], strength: float, ref: ShardRef | None) -> str:
+    """Why a sample disagrees with its shard's ``index.json`` entry ('' when it does not)."""
+    if not math.isfinite(strength):
+        return f"strength {strength} is not a number"
+    if ref is None:
+        return ""
+    try:
+        key_category = parse_key(key)[0]
+    except FormatError as e:
+        return str(e)
+    if meta.get("category") != ref.category or key_category != ref.category:
+        return f"category {meta.get('category')!r} (key {key!r}) in a {ref.category!r} shard"
+    if not ref.strength_min - STRENGTH_TOL <= strength <= ref.strength_max + STRENGTH_TOL:
+        return (
+            f"strength {strength:g} outside its shard's indexed span "
+            f"[{ref.strength_min:g}, {ref.strength_max:g}]"
+        )
+    return ""
 
 
 def sia_shards(
@@ -69,30 +202,32 @@ def sia_pipeline(
     shuffle: int = 0,
     seed: int = 0,
     endpoint_url: str | None = None,
+    keep_bad: bool = False,
 ) -> wds.DataPipeline:
-    """An iterable of ``{key, image, meta}`` SIA samples, usable as a DataLoader dataset.
+    """An iterable of ``{key, image, meta, shard}`` SIA samples, usable as a DataLoader dataset.
 
     Args:
         root: dataset root (folder, ``file://`` or ``s3://``).
         categories: keep only these categories (``None``: all).
         strength_range: keep shards and samples with strength in ``[lo, hi]``.
-        resampled: draw shards with replacement forever (training); else one pass, split
-            across nodes and DataLoader workers.
+        resampled: endless epochs in seeded shard orders (training); else one pass in index
+            order. Either way split across ranks and DataLoader workers with no sample read
+            twice per epoch.
         shuffle: sample shuffle buffer size (0: off).
-        seed: seeds shard resampling (mixed with worker and node ids).
+        seed: seeds each epoch's shard order (the same on every rank) and the shuffle buffer.
         endpoint_url: S3 endpoint override (else ``AWS_ENDPOINT_URL``).
+        keep_bad: pass bad markers (:func:`is_bad`) downstream for counting; else drop them
+            (they are logged either way).
     """
-    urls = [s.url for s in sia_shards(root, categories, strength_range, endpoint_url)]
-    if resampled:
-        stages: list[Any] = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
-    else:
-        stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
-    stages += [
-        wds.pipelinefilter(open_shards)(endpoint_url),
-        wds.pipelinefilter(tar_file_expander)(),
-        wds.pipelinefilter(group_by_keys)(),
-        wds.pipelinefilter(decode_samples)(strength_range),
+    refs = sia_shards(root, categories, strength_range, endpoint_url)
+    index = {r.url: r for r in refs}
+    stages: list[Any] = [
+        partial(epoch_shards, [r.url for r in refs], *((seed, None) if resampled else (None, 1))),
+        wds.pipelinefilter(expand_shards)(endpoint_url),
+        wds.pipelinefilter(decode_samples)(strength_range, index, 2 * sum(r.count for r in refs)),
     ]
+    if not keep_bad:
+        stages.append(wds.select(is_good))
     if shuffle > 0:
         stages.append(wds.shuffle(shuffle, initial=min(shuffle, 16), seed=seed))
     return wds.DataPipeline(*stages)

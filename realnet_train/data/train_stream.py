@@ -3,22 +3,30 @@
 Each sample is a normal image of the category; with the mixing probabilities it stays
 normal, or gets an SIA image (streamed shards) or a texture (e.g. DTD) blended in by
 :func:`compose_anomaly`. Workers seed their RNG from (seed, node, worker), so a run is
-reproducible for a fixed worker count.
+reproducible for a fixed worker count; normal images are dealt out in per-epoch permutations
+split across ranks and workers, so none repeats within an epoch-equivalent.
+
+Bad data does not stop the stream: an SIA item that is a bad marker, or a texture that fails
+to read, leaves that sample normal and rides along in its ``bad`` field (a JSON list of
+``{shard, key, kind, reason}``; the default collate makes a list of them per batch), so the
+trainer counts bad data across DataLoader workers and ranks.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
 from realnet_train.data.mvtec import IMAGE_SUFFIXES, decode_rgb
+from realnet_train.data.sia_stream import BAD, reader_slot
 from sia_pipeline.compose import (
     OPACITY_RANGE,
     ForegroundRule,
@@ -48,7 +56,7 @@ def parse_mix(spec: str) -> dict[str, float]:
             msg = f"mix entry {part!r} is not NAME=PROBABILITY"
             raise ValueError(msg) from None
     total = sum(mix.values())
-    if any(v < 0 for v in mix.values()) or abs(total - 1.0) > 1e-6:
+    if not all(0 <= v <= 1 for v in mix.values()) or not abs(total - 1.0) <= 1e-6:
         msg = f"mix {spec!r} must have non-negative probabilities summing to 1 (got {total})"
         raise ValueError(msg)
     return mix
@@ -58,6 +66,7 @@ class TextureSource:
     """Random images from a folder tree (DTD: ``images/<class>/*.jpg``), resized and jittered."""
 
     def __init__(self, root: str, size: int, endpoint_url: str | None = None) -> None:
+        self.url = root
         self.storage = open_storage(root, endpoint_url)
         self.names = list(iter_files(self.storage, "", IMAGE_SUFFIXES))
         if not self.names:
@@ -65,9 +74,16 @@ class TextureSource:
             raise FileNotFoundError(msg)
         self.size = size
 
+    def name(self, rng: np.random.Generator) -> str:
+        return self.names[int(rng.integers(len(self.names)))]
+
     def sample(self, rng: np.random.Generator) -> np.ndarray:
-        data = self.storage.get_bytes(self.names[int(rng.integers(len(self.names)))])
-        # As the authors: the whole texture resized to the image, then colour-jittered.
+        """A random texture, (size, size, 3) uint8; raises on an unreadable file."""
+        return self.sample_named(self.name(rng), rng)
+
+    def sample_named(self, name: str, rng: np.random.Generator) -> np.ndarray:
+        """Texture ``name``: as the authors, the whole texture resized, then colour-jittered."""
+        data = self.storage.get_bytes(name)
         return texture_source(decode_rgb(data), (self.size, self.size), rng)
 
 
@@ -80,7 +96,7 @@ class StreamConfig:
 
 
 class CompositeStream(IterableDataset):
-    """Endless ``{image, clean, mask, source}`` samples (uint8 HWC images, float32 mask).
+    """Endless ``{image, clean, mask, source, bad}`` samples (uint8 HWC images, float32 mask).
 
     Args:
         normals: (N, S, S, 3) uint8 normal training images.
@@ -110,11 +126,48 @@ class CompositeStream(IterableDataset):
         self.epoch = 0
 
     def _rng(self) -> np.random.Generator:
-        info = get_worker_info()
-        worker = info.id if info is not None else 0
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        slot, _ = reader_slot()
         self.epoch += 1
-        return np.random.default_rng([self.config.seed, rank, worker, self.epoch])
+        return np.random.default_rng([self.config.seed, slot, self.epoch])
+
+    def _normals(self) -> Iterator[np.ndarray]:
+        """This reader's share of each epoch's permutation of the normal images."""
+        slot, total = reader_slot()
+        n = len(self.normals)
+        for epoch in itertools.count():
+            perm = np.random.default_rng([self.config.seed, 1 << 20, epoch]).permutation(n)
+            mine = perm[slot::total] if n >= total else perm[slot % n :: n]
+            for i in mine:
+                yield self.normals[i]
+
+    def _source(self, name: str, sia_iter, rng, bad: list[dict]) -> np.ndarray | None:
+        """An anomaly source image, or None after recording why it could not be had."""
+        size = self.config.size
+        if name == "sia":
+            item = next(sia_iter)
+            if BAD in item:
+                bad.append(item[BAD])
+                return None
+            img = item["image"]
+            if img.shape[:2] != (size, size):
+                img = np.asarray(
+                    Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR)
+                )
+            return img
+        texture = self.textures.name(rng)
+        try:
+            return self.textures.sample_named(texture, rng)
+        except Exception as e:  # noqa: BLE001 - PIL / storage errors alike
+            log.warning("skipping unreadable texture %s: %s", texture, e)
+            bad.append(
+                {
+                    "shard": self.textures.url,
+                    "key": texture,
+                    "kind": "unreadable",
+                    "reason": f"{type(e).__name__}: {e}"[:300],
+                }
+            )
+            return None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         cfg = self.config
@@ -123,21 +176,22 @@ class CompositeStream(IterableDataset):
         probs = np.array([cfg.mix[n] for n in names])
         sia_iter = iter(self.sia) if self.sia is not None and cfg.mix["sia"] > 0 else None
         size = cfg.size
-        while True:
-            clean = self.normals[int(rng.integers(len(self.normals)))]
+        for clean in self._normals():
             source = names[int(rng.choice(len(names), p=probs))]
             mask = np.zeros((size, size), dtype=np.float32)
             image = clean
+            bad: list[dict] = []
             if source != "normal":
-                if source == "sia":
-                    sia_img = next(sia_iter)["image"]
-                    if sia_img.shape[:2] != (size, size):
-                        sia_img = np.asarray(
-                            Image.fromarray(sia_img).resize((size, size), Image.Resampling.BILINEAR)
-                        )
-                    src = sia_img
+                src = self._source(source, sia_iter, rng, bad)
+                if src is None:
+                    source = "normal"
                 else:
-                    src = self.textures.sample(rng)
-                fg = foreground_mask(clean, cfg.foreground)
-                image, mask = compose_anomaly(clean, src, fg, rng, OPACITY_RANGE[source])
-            yield {"image": image, "clean": clean, "mask": mask, "source": SOURCE_ID[source]}
+                    fg = foreground_mask(clean, cfg.foreground)
+                    image, mask = compose_anomaly(clean, src, fg, rng, OPACITY_RANGE[source])
+            yield {
+                "image": image,
+                "clean": clean,
+                "mask": mask,
+                "source": SOURCE_ID[source],
+                "bad": json.dumps(bad),
+            }

@@ -1,39 +1,35 @@
-"""``realnet-train`` and ``realnet-eval``: thin click wrappers around train() and evaluate()."""
+"""``realnet-train`` and ``realnet-eval``: thin click wrappers around train() and evaluate().
+
+Every input is checked first (:mod:`realnet_train.preflight`): bad input exits 2 with one line
+``PROG: error: ...`` before any folder is made; a runtime failure exits 1 with one line.
+``realnet-train`` also runs under ``torchrun --nproc_per_node N`` (one process per GPU, or
+gloo processes on CPU); see :mod:`realnet_train.distributed`.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import click
 
+from realnet_train.cli_common import (
+    CONTEXT,
+    NON_NEGATIVE_INT,
+    POSITIVE_FLOAT,
+    POSITIVE_INT,
+    PROBABILITY_OPEN,
+    InputError,
+    Number,
+    OneLineCommand,
+    die,
+    setup_logging,
+)
 from realnet_train.model.backbone import DEFAULT_BACKBONE
 from realnet_train.model.realnet import RealNetConfig
 from sia_pipeline.compose.foreground import CHOICES as FOREGROUND_CHOICES
 
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
-def parse_range(text: str | None) -> tuple[float, float] | None:
-    """``"0.1:0.5"`` -> (0.1, 0.5)."""
-    if not text:
-        return None
-    lo, sep, hi = text.partition(":")
-    try:
-        out = (float(lo), float(hi if sep else lo))
-    except ValueError:
-        msg = f"strength range {text!r} is not LO:HI"
-        raise click.BadParameter(msg) from None
-    if out[0] > out[1]:
-        msg = f"strength range {text!r} has LO > HI"
-        raise click.BadParameter(msg)
-    return out
+log = logging.getLogger(__name__)
 
 
 def default_mix(sia: str | None, textures: str | None) -> str:
@@ -45,23 +41,153 @@ def default_mix(sia: str | None, textures: str | None) -> str:
     return "normal=0.5,sia=0.5"
 
 
-@click.command()
+def run_or_die(fn, *args, verbose: bool = False, hint: str = ""):
+    """Call ``fn``; a runtime failure becomes one line and exit 1 (traceback with -v)."""
+    try:
+        return fn(*args)
+    except InputError as e:
+        die(e)
+    except Exception as e:  # noqa: BLE001 - the CLI boundary: one line, not a traceback
+        if verbose:
+            raise
+        die(f"{type(e).__name__}: {e}{hint} (rerun with -v for the traceback)", 1)
+
+
+def model_config(kw: dict) -> RealNetConfig:
+    """The model options as a :class:`RealNetConfig` (``InputError`` when out of range)."""
+    try:
+        levels = tuple(int(x) for x in kw["levels"].split(","))
+    except ValueError:
+        msg = f"--levels {kw['levels']!r} is not a comma-separated list of integers"
+        raise InputError(msg) from None
+    if not levels or any(not 0 <= lv <= 4 for lv in levels) or len(set(levels)) < len(levels):
+        msg = f"--levels {kw['levels']!r} must be distinct backbone levels in 0..4"
+        raise InputError(msg)
+    for name in ("recon_width", "rrs_k"):
+        if kw[name] < 1:
+            msg = f"--{name.replace('_', '-')} must be >= 1, got {kw[name]}"
+            raise InputError(msg)
+    if kw["backbone_weights"]:
+        from realnet_train.preflight import check_readable
+
+        check_readable(kw["backbone_weights"], "--backbone-weights", folder=False)
+    import timm
+
+    if not timm.is_model(kw["backbone"]):
+        msg = f"--backbone {kw['backbone']!r} is not a timm model name"
+        raise InputError(msg)
+    try:
+        return RealNetConfig(
+            backbone=kw["backbone"],
+            backbone_weights=kw["backbone_weights"],
+            levels=levels,
+            afs_keep=kw["afs_keep"],
+            recon_width=kw["recon_width"],
+            rrs_k=kw["rrs_k"],
+            head_width=kw["recon_width"],
+        )
+    except (TypeError, ValueError) as e:
+        raise InputError(str(e)) from None
+
+
+def train_config(kw: dict):
+    """All of ``realnet-train``'s checks; the :class:`TrainConfig` (creates nothing)."""
+    from realnet_train import preflight
+    from realnet_train.train import TrainConfig
+
+    endpoint = kw["s3_endpoint_url"]
+    out = preflight.check_out(kw["out"])
+    mvtec = preflight.open_category(kw["data"], kw["category"], endpoint)
+    if not kw["sia"] and not kw["textures"]:
+        msg = "give an anomaly source: --sia URL and/or --textures DIR"
+        raise InputError(msg)
+    mix = kw["mix"] or default_mix(kw["sia"], kw["textures"])
+    preflight.check_mix(mix, kw["sia"], kw["textures"])
+    strengths = preflight.parse_range(kw["strengths"])
+    if strengths is not None and not kw["sia"]:
+        msg = "--strengths filters SIA samples: give --sia too"
+        raise InputError(msg)
+    if kw["sia"]:
+        preflight.check_sia(kw["sia"], kw["category"], strengths, endpoint)
+    if kw["textures"]:
+        preflight.check_textures(kw["textures"], kw["image_size"], endpoint)
+    if len(mvtec.train_items) < 2 and kw["holdout"] > 0:
+        msg = f"--holdout {kw['holdout']}: only {len(mvtec.train_items)} training image(s)"
+        raise InputError(msg)
+    if kw["device"] == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            msg = "--device cuda: no CUDA device is visible"
+            raise InputError(msg)
+    if kw["resume"]:
+        preflight.check_resume(out, kw["category"])
+    return TrainConfig(
+        category=kw["category"],
+        data=kw["data"],
+        out=kw["out"],
+        sia=kw["sia"],
+        textures=kw["textures"],
+        mix=mix,
+        strength_range=strengths,
+        image_size=kw["image_size"],
+        batch_size=kw["batch_size"],
+        steps=kw["steps"],
+        time_budget_s=kw["time_budget"],
+        lr=kw["lr"],
+        checkpoint_every=kw["checkpoint_every"],
+        max_bad_samples=kw["max_bad_samples"],
+        holdout=kw["holdout"],
+        target_fpr=kw["target_fpr"],
+        device=kw["device"],
+        num_workers=kw["workers"],
+        threads=kw["threads"],
+        seed=kw["seed"],
+        resume=kw["resume"],
+        endpoint_url=endpoint,
+        foreground=kw["foreground"],
+        model=model_config(kw),
+    )
+
+
+@click.command("realnet-train", cls=OneLineCommand, context_settings=CONTEXT)
 @click.option("--category", required=True, help="Category folder name under --data.")
 @click.option("--data", required=True, help="MVTec-layout root (folder or s3://).")
 @click.option("--sia", default=None, help="SIA dataset root (format v1; folder or s3://).")
 @click.option("--textures", default=None, help="Texture image folder (e.g. DTD images/).")
 @click.option("--mix", default=None, help="Source probabilities, e.g. normal=0.5,sia=0.5.")
 @click.option("--strengths", default=None, help="Keep SIA samples with strength in LO:HI.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder.")
-@click.option("--image-size", default=128, show_default=True)
-@click.option("--batch-size", default=8, show_default=True)
-@click.option("--steps", default=300, show_default=True)
-@click.option("--time-budget", type=float, default=None, help="Stop after this many seconds.")
-@click.option("--lr", default=1e-3, show_default=True)
-@click.option("--workers", default=1, show_default=True, help="DataLoader worker processes.")
-@click.option("--threads", type=int, default=None, help="torch CPU threads.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--checkpoint-every", default=100, show_default=True)
+@click.option("--out", required=True, help="Run folder (created; holds last.pt, train_log.json).")
+@click.option("--image-size", type=Number(int, 32, 4096), default=128)
+@click.option("--batch-size", type=POSITIVE_INT, default=8)
+@click.option("--steps", type=POSITIVE_INT, default=300, help="Total optimiser steps (>= 1).")
+@click.option("--time-budget", type=POSITIVE_FLOAT, default=None, help="Stop after N seconds.")
+@click.option("--lr", type=POSITIVE_FLOAT, default=1e-3)
+@click.option("--workers", type=NON_NEGATIVE_INT, default=1, help="DataLoader worker processes.")
+@click.option("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads.")
+@click.option("--seed", type=Number(int), default=0)
+@click.option("--checkpoint-every", type=POSITIVE_INT, default=100)
+@click.option(
+    "--max-bad-samples",
+    type=NON_NEGATIVE_INT,
+    default=20,
+    help="Unreadable or contradicting samples to skip before stopping (with a checkpoint).",
+)
+@click.option(
+    "--holdout",
+    type=Number(float, 0, 0.5),
+    default=0.1,
+    help="Share of train/good held out to calibrate the decision threshold.",
+)
+@click.option(
+    "--target-fpr",
+    type=PROBABILITY_OPEN,
+    default=0.05,
+    help="False-positive rate on held-out good images the stored threshold allows.",
+)
+@click.option(
+    "--device", type=click.Choice(["cpu", "cuda"]), default=None, help="[default: cuda if any]"
+)
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
 @click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True)
 @click.option("--backbone-weights", default=None, help="Local weights file for the backbone.")
@@ -76,83 +202,71 @@ def default_mix(sia: str | None, textures: str | None) -> str:
     help="Where anomalies go: default the authors' rule for a known category, else auto "
     "(Otsu if the image has a plain background, else everywhere); logged and in train_log.json.",
 )
-@click.option("--s3-endpoint-url", default=None, help="S3 endpoint (else AWS_ENDPOINT_URL).")
+@click.option(
+    "--s3-endpoint-url", default=None, envvar="AWS_ENDPOINT_URL", help="S3 endpoint (MinIO, R2)."
+)
 @click.option("-v", "--verbose", is_flag=True)
 def train_main(**kw) -> None:
-    """Train RealNet on one category with SIA (and/or texture) anomalies."""
-    _setup_logging(kw.pop("verbose"))
-    from realnet_train.train import TrainConfig, train
+    """Train RealNet on one category with SIA (and/or texture) anomalies.
 
-    try:
-        levels = tuple(int(x) for x in kw["levels"].split(","))
-    except ValueError:
-        msg = f"--levels {kw['levels']!r} is not a comma-separated list of integers"
-        raise click.BadParameter(msg) from None
-    if not kw["sia"] and not kw["textures"]:
-        msg = "give an anomaly source: --sia URL and/or --textures DIR"
-        raise click.UsageError(msg)
-    model = RealNetConfig(
-        backbone=kw["backbone"],
-        backbone_weights=kw["backbone_weights"],
-        levels=levels,
-        afs_keep=kw["afs_keep"],
-        recon_width=kw["recon_width"],
-        rrs_k=kw["rrs_k"],
-        head_width=kw["recon_width"],
-    )
-    cfg = TrainConfig(
-        category=kw["category"],
-        data=kw["data"],
-        out=kw["out"],
-        sia=kw["sia"],
-        textures=kw["textures"],
-        mix=kw["mix"] or default_mix(kw["sia"], kw["textures"]),
-        strength_range=parse_range(kw["strengths"]),
-        image_size=kw["image_size"],
-        batch_size=kw["batch_size"],
-        steps=kw["steps"],
-        time_budget_s=kw["time_budget"],
-        lr=kw["lr"],
-        checkpoint_every=kw["checkpoint_every"],
-        num_workers=kw["workers"],
-        threads=kw["threads"],
-        seed=kw["seed"],
-        resume=kw["resume"],
-        endpoint_url=kw["s3_endpoint_url"],
-        foreground=kw["foreground"],
-        model=model,
-    )
-    result = train(cfg)
+    Under torchrun each rank reads its own shards; rank 0 writes OUT. Unreadable or
+    contradicting samples are skipped, counted in OUT/train_log.json, and past
+    --max-bad-samples the run stops with a checkpoint that --resume continues.
+    """
+    verbose = kw.pop("verbose")
+    setup_logging(verbose)
+    cfg = run_or_die(train_config, kw, verbose=verbose)
+    from realnet_train.train import train
+
+    hint = "; --resume continues from the last checkpoint"
+    result = run_or_die(train, cfg, verbose=verbose, hint=hint)
     click.echo(json.dumps({k: v for k, v in result.items() if k not in ("history", "config")}))
 
 
-@click.command()
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, exists=True))
+@click.command("realnet-eval", cls=OneLineCommand, context_settings=CONTEXT)
+@click.option("--checkpoint", required=True, help="A last.pt written by realnet-train.")
 @click.option("--data", required=True, help="MVTec-layout root (folder or s3://).")
-@click.option("--category", default=None, help="Defaults to the checkpoint's category.")
-@click.option("--out", default=None, help="Output folder (default: CHECKPOINT's folder/eval).")
-@click.option("--panels", default=8, show_default=True, help="PNG panels to write.")
-@click.option("--batch-size", default=16, show_default=True)
-@click.option("--threads", type=int, default=None, help="torch CPU threads.")
-@click.option("--s3-endpoint-url", default=None, help="S3 endpoint (else AWS_ENDPOINT_URL).")
+@click.option("--category", default=None, help="[default: the checkpoint's category]")
+@click.option("--out", default=None, help="Output folder [default: CHECKPOINT's folder/eval].")
+@click.option("--panels", type=NON_NEGATIVE_INT, default=8, help="PNG panels to write.")
+@click.option("--batch-size", type=POSITIVE_INT, default=16)
+@click.option("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads.")
+@click.option(
+    "--s3-endpoint-url", default=None, envvar="AWS_ENDPOINT_URL", help="S3 endpoint (MinIO, R2)."
+)
 @click.option("-v", "--verbose", is_flag=True)
 def eval_main(**kw) -> None:
-    """Evaluate a checkpoint: Image AUROC, Pixel AUROC, PRO, and anomaly-map panels."""
-    _setup_logging(kw["verbose"])
+    """Evaluate a checkpoint: Image AUROC (overall, per defect type), Pixel AUROC, PRO, panels.
+
+    A test split without ground_truth masks is evaluated at image level only.
+    """
+    setup_logging(kw["verbose"])
+    from pathlib import Path
+
+    from realnet_train import preflight
+
+    def check() -> tuple[str, str]:
+        ckpt = preflight.check_checkpoint(kw["checkpoint"])
+        category = kw["category"] or ckpt["category"]
+        out = kw["out"] or str(Path(kw["checkpoint"]).parent / "eval")
+        preflight.check_out(out)
+        items = preflight.open_category(kw["data"], category, kw["s3_endpoint_url"]).test_items
+        if not any(it.label for it in items) or all(it.label for it in items):
+            msg = f"--data {kw['data']}: {category}/test needs both good and defective images"
+            raise InputError(msg)
+        return category, out
+
+    category, out = run_or_die(check, verbose=kw["verbose"])
     import torch
 
     from realnet_train.evaluate import evaluate
 
     if kw["threads"]:
         torch.set_num_threads(kw["threads"])
-    out = kw["out"] or str(Path(kw["checkpoint"]).parent / "eval")
-    metrics = evaluate(
-        kw["checkpoint"],
-        kw["data"],
-        out,
-        kw["category"],
-        kw["panels"],
-        kw["batch_size"],
-        kw["s3_endpoint_url"],
-    )
+    args = (kw["checkpoint"], kw["data"], out, category, kw["panels"], kw["batch_size"])
+    metrics = run_or_die(evaluate, *args, kw["s3_endpoint_url"], verbose=kw["verbose"])
     click.echo(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    train_main()

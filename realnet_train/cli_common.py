@@ -1,0 +1,105 @@
+"""What the ``realnet-*`` commands share: one-line errors, number types that refuse nan, logging.
+
+Contract: bad input exits 2 with the single line ``PROG: error: MESSAGE`` (click's own usage
+errors included) before anything is created; a runtime failure exits 1 with one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from typing import Any, NoReturn
+
+import click
+
+CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
+
+
+class InputError(ValueError):
+    """Bad command-line input, found before any work; the CLI prints it on one line, exit 2."""
+
+
+def one_line(message: object) -> str:
+    lines = [ln.strip() for ln in str(message).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else "failed"
+
+
+def die(message: object, status: int = 2) -> NoReturn:
+    """Exit with ``status`` and the one line ``PROG: error: MESSAGE`` on stderr."""
+    ctx = click.get_current_context(silent=True)
+    prog = ctx.find_root().info_name if ctx else "realnet"
+    click.echo(f"{prog}: error: {one_line(message)}", err=True)
+    sys.exit(status)
+
+
+class OneLineCommand(click.Command):
+    """A click command whose usage errors are one line ``PROG: error: ...`` (exit 2)."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:
+        extra.pop("standalone_mode", None)
+        try:
+            rv = super().main(args, prog_name, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            name = (e.ctx.find_root().info_name if e.ctx else None) or prog_name or self.name
+            click.echo(f"{name}: error: {one_line(e.format_message())}", err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            click.echo(f"{prog_name or self.name}: error: {one_line(e.format_message())}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+class Number(click.ParamType):
+    """A finite int or float within bounds (click's ranges let ``nan`` through)."""
+
+    def __init__(
+        self,
+        kind: type = float,
+        lo: float | None = None,
+        hi: float | None = None,
+        lo_open: bool = False,
+        hi_open: bool = False,
+    ) -> None:
+        self.kind, self.lo, self.hi, self.lo_open, self.hi_open = kind, lo, hi, lo_open, hi_open
+        self.name = kind.__name__
+
+    def describe(self) -> str:
+        lo = "" if self.lo is None else f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        hi = "" if self.hi is None else f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        return " and ".join(x for x in (lo, hi) if x) or "finite"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            v = value
+        else:
+            try:
+                v = self.kind(str(value).strip())
+            except ValueError:
+                self.fail(f"{value!r} is not {'an integer' if self.kind is int else 'a number'}")
+        bad = not math.isfinite(v)
+        bad |= self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo)
+        bad |= self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi)
+        if bad:
+            self.fail(f"{value!r} must be {self.describe()}")
+        return self.kind(v)
+
+
+POSITIVE_INT = Number(int, 1)
+NON_NEGATIVE_INT = Number(int, 0)
+POSITIVE_FLOAT = Number(float, 0, lo_open=True)
+PROBABILITY_OPEN = Number(float, 0, 1, lo_open=True, hi_open=True)
+
+
+def setup_logging(verbose: bool) -> None:
+    """Our INFO lines (DEBUG with -v); libraries at WARNING."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("botocore", "boto3", "urllib3", "filelock", "PIL", "timm"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,187 @@
+"""Checks of the ``realnet-*`` commands' inputs, made before anything is created or trained.
+
+Each check reads only what it must (a folder listing, ``index.json``, a checkpoint's header
+through ``weights_only``) and raises :class:`InputError` with a one-line message naming the
+option. Nothing here writes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from realnet_train.checkpoint import CheckpointError, read_checkpoint
+from realnet_train.cli_common import InputError
+from realnet_train.data.mvtec import MVTecCategory
+from realnet_train.data.train_stream import TextureSource, parse_mix
+from sia_pipeline.dataset.format import FormatError, list_shards
+from sia_pipeline.dataset.storage import StorageError, is_s3, open_storage
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+READ_ERRORS = (FileNotFoundError, PermissionError, OSError, StorageError, FormatError, ValueError)
+
+
+def local_path(url: str) -> Path | None:
+    """The filesystem path of a plain path or ``file://`` URL (None for other schemes)."""
+    if url.startswith("file://"):
+        return Path(url.removeprefix("file://"))
+    return None if "://" in url else Path(url).expanduser()
+
+
+def check_readable(url: str, option: str, folder: bool = True, endpoint: str | None = None) -> None:
+    """``url`` names an existing readable folder (file) or a well-formed remote URL."""
+    if not url:
+        msg = f"{option} is empty"
+        raise InputError(msg)
+    path = local_path(url)
+    if path is None:
+        try:
+            open_storage(url, endpoint)
+        except (StorageError, ValueError) as e:
+            msg = f"{option} {url}: {e}"
+            raise InputError(msg) from None
+        return
+    if not path.exists():
+        msg = f"{option} {url}: no such {'folder' if folder else 'file'}"
+        raise InputError(msg)
+    if folder and not path.is_dir():
+        msg = f"{option} {url} is a file, not a folder"
+        raise InputError(msg)
+    if not folder and not path.is_file():
+        msg = f"{option} {url} is not a file"
+        raise InputError(msg)
+    if not os.access(path, os.R_OK | (os.X_OK if folder else 0)):
+        msg = f"{option} {url} is not readable"
+        raise InputError(msg)
+
+
+def check_out(out: str, option: str = "--out") -> Path:
+    """``out`` is a folder or can become one (checked without creating it)."""
+    if "://" in out:
+        msg = f"{option} {out}: the run folder must be a local path"
+        raise InputError(msg)
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        msg = f"{option} {out} is a file, not a folder"
+        raise InputError(msg)
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        msg = f"{option} {out}: {parent} is not a writable folder"
+        raise InputError(msg)
+    return path
+
+
+def check_name(name: str, option: str) -> str:
+    if not _NAME_RE.match(name or ""):
+        msg = f"{option} {name!r} is not a folder name (letters, digits, _ . -)"
+        raise InputError(msg)
+    return name
+
+
+def open_category(data: str, category: str, endpoint: str | None = None) -> MVTecCategory:
+    """The MVTec-layout category, or an ``InputError`` naming what is missing."""
+    check_readable(data, "--data", endpoint=endpoint)
+    check_name(category, "--category")
+    try:
+        return MVTecCategory(data, category, endpoint)
+    except READ_ERRORS as e:
+        msg = f"--category {category} under --data {data}: {e}"
+        raise InputError(msg) from None
+
+
+def parse_range(text: str | None) -> tuple[float, float] | None:
+    """``"0.1:0.5"`` -> (0.1, 0.5); ``"0.3"`` -> (0.3, 0.3); finite, LO <= HI."""
+    if not text:
+        return None
+    lo, sep, hi = text.partition(":")
+    try:
+        out = (float(lo), float(hi if sep else lo))
+    except ValueError:
+        msg = f"--strengths {text!r} is not LO:HI (two numbers)"
+        raise InputError(msg) from None
+    if not all(math.isfinite(v) for v in out):
+        msg = f"--strengths {text!r} must be finite numbers"
+        raise InputError(msg)
+    if out[0] > out[1]:
+        msg = f"--strengths {text!r} has LO > HI"
+        raise InputError(msg)
+    return out
+
+
+def check_sia(
+    sia: str, category: str, strengths: tuple[float, float] | None, endpoint: str | None
+) -> int:
+    """An SIA dataset with shards of ``category`` in the range; returns their sample count."""
+    check_readable(sia, "--sia", endpoint=endpoint)
+    try:
+        shards = list_shards(sia, [category], strengths, endpoint)
+    except READ_ERRORS as e:
+        msg = f"--sia {sia}: {e}"
+        raise InputError(msg) from None
+    return sum(s.count for s in shards)
+
+
+def check_mix(mix: str, sia: str | None, textures: str | None) -> dict[str, float]:
+    try:
+        probs = parse_mix(mix)
+    except ValueError as e:
+        msg = f"--mix: {e}"
+        raise InputError(msg) from None
+    if probs["sia"] > 0 and not sia:
+        msg = f"--mix {mix!r} uses sia but no --sia dataset was given"
+        raise InputError(msg)
+    if probs["texture"] > 0 and not textures:
+        msg = f"--mix {mix!r} uses texture but no --textures folder was given"
+        raise InputError(msg)
+    return probs
+
+
+def check_textures(textures: str, size: int, endpoint: str | None) -> None:
+    check_readable(textures, "--textures", endpoint=endpoint)
+    try:
+        TextureSource(textures, size, endpoint)
+    except READ_ERRORS as e:
+        msg = f"--textures {textures}: {e}"
+        raise InputError(msg) from None
+
+
+def check_checkpoint(path: str, option: str = "--checkpoint") -> dict[str, Any]:
+    """The checkpoint dict (read with ``weights_only``); refuses foreign files."""
+    check_readable(path, option, folder=False)
+    try:
+        return read_checkpoint(path)
+    except CheckpointError as e:
+        msg = f"{option}: {e}"
+        raise InputError(msg) from None
+
+
+def check_resume(out: Path, category: str) -> None:
+    """A checkpoint a ``--resume`` would continue from must be ours and of this category."""
+    ckpt_path = out / "last.pt"
+    if not ckpt_path.is_file():
+        return
+    ckpt = check_checkpoint(str(ckpt_path), "--resume")
+    if ckpt["category"] != category:
+        msg = f"--resume: {ckpt_path} was trained on {ckpt['category']!r}, not {category!r}"
+        raise InputError(msg)
+
+
+def check_inputs_exist(inputs: list[str], endpoint: str | None) -> None:
+    """Every ``realnet-predict`` INPUT is an existing file, folder, or a well-formed URL."""
+    if not inputs:
+        msg = "give at least one INPUT (image, folder or s3:// prefix)"
+        raise InputError(msg)
+    for url in inputs:
+        path = local_path(url)
+        if path is None and not is_s3(url):
+            msg = f"INPUT {url}: unsupported URL (use a path, file:// or s3://)"
+            raise InputError(msg)
+        if path is None:
+            check_readable(url, "INPUT", endpoint=endpoint)
+        else:
+            check_readable(url, "INPUT", folder=path.is_dir(), endpoint=endpoint)

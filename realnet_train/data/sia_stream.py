@@ -118,7 +118,8 @@ def expand_shards(
                 if part is None or i % part[1] == part[0]:
                     yield raw
         except Exception as e:  # noqa: BLE001 - tarfile / network errors of many types
-            yield bad_marker(url, last["key"], f"shard breaks off: {type(e).__name__}: {e}")
+            first = str(e.args[0] if e.args else e).split(" @ ")[0]  # wds appends the stream
+            yield bad_marker(url, last["key"], f"shard breaks off: {type(e).__name__}: {first}")
         finally:
             stream.close()
 

@@ -10,6 +10,7 @@ pickle that would run code, is refused with one line and nothing of it is execut
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,9 @@ def read_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, An
         msg = f"checkpoint not found: {path}"
         raise CheckpointError(msg)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # e.g. "pickle protocol 4": the refusal says enough
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, ...
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         msg = f"{path} is not a RealNet checkpoint (refused to load it: {first})"

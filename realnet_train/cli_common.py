@@ -38,6 +38,7 @@ class OneLineCommand(click.Command):
 
     def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:
         extra.pop("standalone_mode", None)
+        prog_name = self.name  # not "python -m realnet_train.cli" or torchrun's script name
         try:
             rv = super().main(args, prog_name, standalone_mode=False, **extra)
         except click.UsageError as e:

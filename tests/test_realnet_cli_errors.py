@@ -136,6 +136,7 @@ TRAIN_CASES = [
     ("out-is-a-file", {"--out": "{afile}"}, "is a file, not a folder"),
     ("out-remote", {"--out": "s3://bucket/run"}, "must be a local path"),
     ("device-unknown", {"--device": "tpu"}, "'tpu' is not one of"),
+    ("foreground-unknown", {"--foreground": "middle"}, "'middle' is not one of"),
     ("unknown-option", {"--colour": "red"}, "No such option '--colour'"),
     ("category-missing", {"--category": None}, "Missing option '--category'"),
 ]

@@ -187,3 +187,167 @@ def test_mismatched_architecture_names_keys_and_option():
         adm_to_unet(sd, ADMArch(**{**SMALL.__dict__, "learn_sigma": False}), 5)
     with pytest.raises(CheckpointError, match="has 5 classes"):
         adm_to_unet(sd, SMALL, 15)
+
+
+# --- sia-convert-adm ------------------------------------------------------------------------
+
+SMALL_OPTS = [
+    "--image-size", "32", "--model-channels", "32", "--channel-mult", "1,1,2",
+    "--num-res-blocks", "1", "--attention-resolutions", "2,4", "--num-head-channels", "16",
+]  # fmt: skip
+
+
+class _FakeEasyDict(dict):
+    """Pickles as the authors' ``easydict.EasyDict`` config (a dict with attributes)."""
+
+    def __init__(self, d=None):
+        super().__init__(d or {})
+        for k, v in self.items():
+            setattr(self, k, v)
+
+
+_FakeEasyDict.__module__, _FakeEasyDict.__qualname__ = "easydict", "EasyDict"
+
+
+def _authors_checkpoint(path, state_dict, monkeypatch):
+    """Their save: {"epoch", "arch": EasyDict config, "state_dict": DDP 'module.' keys}."""
+    import sys
+    import types
+
+    fake = types.ModuleType("easydict")
+    fake.EasyDict = _FakeEasyDict
+    monkeypatch.setitem(sys.modules, "easydict", fake)
+    arch = _FakeEasyDict({"unet": _FakeEasyDict({"classifier_width": 32}), "exp_path": "x"})
+    sd = {f"module.{k}": v for k, v in state_dict.items()}
+    torch.save({"epoch": 240, "arch": arch, "state_dict": sd, "loss": 0.01}, path)
+
+
+@pytest.fixture(scope="module")
+def converted_model(tmp_path_factory):
+    """The authors' checkpoint format, converted by the CLI (bottle, magnetic_tile)."""
+    if unets is None:
+        pytest.skip("the authors' code is absent")
+    from click.testing import CliRunner
+
+    from sia_pipeline.cli.convert_adm import main as convert_cli
+
+    tmp = tmp_path_factory.mktemp("convert")
+    ckpt = tmp / "ckpt_240.pth.tar"
+    with pytest.MonkeyPatch.context() as mp:
+        _authors_checkpoint(ckpt, _reference_unet(SMALL, 2).state_dict(), mp)
+    res = CliRunner().invoke(
+        convert_cli,
+        [str(ckpt), "--out", str(tmp / "m"), "--categories", "bottle,magnetic_tile", *SMALL_OPTS],
+    )
+    assert res.exit_code == 0, res.output
+    return ckpt, tmp / "m"
+
+
+def test_cli_converts_the_authors_format(converted_model):
+    from sia_pipeline.diffusion.adm import file_sha256
+    from sia_pipeline.diffusion.model import load_model
+
+    ckpt, folder = converted_model
+    m = load_model(folder)
+    card = m.card
+    assert m.categories == {"bottle": 0, "magnetic_tile": 1}
+    assert card["source"] == {"file": ckpt.name, "sha256": file_sha256(ckpt)}
+    assert card["architecture"]["model_channels"] == 32
+    assert card["architecture"]["attention_resolutions"] == [2, 4]
+    assert card["variance_type"] == "learned_range" and m.unet.config.out_channels == 6
+    ref = _reference_unet(SMALL, 2)
+    x, y = _x(2), torch.tensor([1, 0])
+    with torch.no_grad():
+        diff = (ref(x, T[:2], y) - m.unet(x, T[:2], class_labels=y).sample).abs().max()
+    assert diff < TOL
+
+
+@pytest.mark.slow
+def test_converted_model_runs_gen_preview_and_regenerate(converted_model, ray_local, tmp_path):
+    from click.testing import CliRunner
+
+    from sia_pipeline.cli.gen import main as gen_cli
+    from sia_pipeline.cli.inspect import main as inspect_cli
+    from sia_pipeline.cli.preview import main as preview_cli
+
+    _, model = converted_model
+    out = tmp_path / "sia"
+    args = ["--model", str(model), "--out", str(out), "--workers", "1", "--steps", "3"]
+    res = CliRunner().invoke(
+        gen_cli, [*args, "--per-category", "2", "--shard-size", "2", "--no-progress"]
+    )
+    assert res.exit_code == 0, res.output
+    index = json.loads((out / "index.json").read_text())
+    assert index["model_ids"] == [json.loads((model / "model_card.json").read_text())["model_id"]]
+    grid = tmp_path / "grid.png"
+    res = CliRunner().invoke(
+        preview_cli,
+        ["--model", str(model), "--strengths", "0,0.2", "--per-strength", "1", "--steps", "2",
+         "--out", str(grid)],
+    )  # fmt: skip
+    assert res.exit_code == 0 and grid.stat().st_size > 0, res.output
+    res = CliRunner().invoke(
+        inspect_cli, [str(out), "--regenerate", "bottle-000000-000001", "--model", str(model)]
+    )
+    assert res.exit_code == 0, res.output
+    assert "identical" in res.output.lower()
+
+
+def _convert(args):
+    from click.testing import CliRunner
+
+    from sia_pipeline.cli.convert_adm import main as convert_cli
+
+    return CliRunner().invoke(convert_cli, [str(a) for a in args])
+
+
+@needs_reference
+def test_cli_refuses_a_checkpoint_that_does_not_fit(tmp_path):
+    ckpt = tmp_path / "256x256_diffusion.pt"
+    torch.save(_reference_unet(SMALL, 5).state_dict(), ckpt)  # a bare state dict, 5 classes
+    res = _convert([ckpt, "--out", tmp_path / "m", *SMALL_OPTS])  # --dataset mvtec: 15
+    assert res.exit_code == 2 and "has 5 classes" in res.output and "--categories" in res.output
+    opts = [*SMALL_OPTS[:-4], "--attention-resolutions", "4", "--num-head-channels", "16"]
+    res = _convert([ckpt, "--out", tmp_path / "m", "--categories", "a,b,c,d,e", *opts])
+    assert res.exit_code == 2, res.output
+    assert "input_blocks.3.1.norm.bias (unexpected)" in res.output
+    assert "likely wrong option: --attention-resolutions" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "text", "pickle", "dir", "empty_dict"])
+def test_cli_refuses_what_is_not_a_checkpoint(tmp_path, case):
+    path = tmp_path / "ckpt.pt"
+    if case == "text":
+        path.write_text("not a checkpoint\n")
+    elif case == "pickle":  # arbitrary code in a pickle must not run
+        import pickle
+
+        path.write_bytes(pickle.dumps(print))
+    elif case == "dir":
+        path.mkdir()
+    elif case == "empty_dict":
+        torch.save({}, path)
+    res = _convert([path, "--out", tmp_path / "m"])
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("sia-convert-adm: error: ") and "Traceback" not in res.output
+    assert not (tmp_path / "m").exists()
+
+
+@needs_reference
+def test_cli_converts_a_classifier(tmp_path):
+    ckpt = tmp_path / "256x256_classifier.pt"
+    ref = _reference_classifier(SMALL, 3)
+    torch.save(ref.state_dict(), ckpt)
+    res = _convert([ckpt, "--out", tmp_path / "c", "--kind", "classifier", "--dataset", "btad",
+                    *SMALL_OPTS])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    clf, card = load_classifier(str(tmp_path / "c"))
+    assert card["categories"] == {"01": 0, "02": 1, "03": 2} and card["dataset"] == "btad"
+    assert res.output.strip().endswith(f"classifier {card['classifier_id']} -> {tmp_path / 'c'}")
+    x = _x(2)
+    with torch.no_grad():
+        assert (clf(x, T[:2]) - ref(x, T[:2])).abs().max() < TOL
+    res = _convert([ckpt, "--out", tmp_path / "u", *SMALL_OPTS, "--categories", "a,b,c"])
+    assert res.exit_code == 2 and "unconditional" in res.output  # a classifier is not a UNet

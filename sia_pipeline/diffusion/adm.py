@@ -13,6 +13,7 @@ under scale-shift norm the mid block's attention needs ``attn_norm_num_groups=32
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import re
 from dataclasses import asdict, dataclass
@@ -353,12 +354,9 @@ def convert_state_dict(
 # --- reading checkpoint files safely -------------------------------------------------------
 
 
-class _ConfigDict(dict):
-    """Stands in for ``easydict.EasyDict`` (the authors store their config beside the weights)
-    so ``weights_only`` loading accepts it; its attributes are dropped, the weights are kept."""
-
-    def __setstate__(self, state: Any) -> None:
-        pass
+# The authors store their config (an ``easydict.EasyDict``) beside the weights; weights-only
+# loading reads it as a plain OrderedDict instead of importing easydict.
+_SAFE_STAND_INS = [(collections.OrderedDict, "easydict.EasyDict")]
 
 
 def file_sha256(path: Path) -> str:
@@ -388,10 +386,12 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
             obj: Any = load_file(path)
         else:
-            with torch.serialization.safe_globals([(_ConfigDict, "easydict.EasyDict")]):
+            with torch.serialization.safe_globals(_SAFE_STAND_INS):
                 obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many types for a bad file
-        why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        lines = [ln for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        why = next((ln for ln in lines if "Unsupported" in ln or "Can only" in ln), lines[0])
+        why = why.removeprefix("WeightsUnpickler error: ")[:200]
         msg = f"{path} is not a readable PyTorch checkpoint: {why}"
         raise CheckpointError(msg) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):

@@ -131,6 +131,7 @@ def convert_checkpoint(
         "categories": cats,
         "architecture": {"family": "adm", "kind": kind, **arch.to_dict()},
         "source": {"file": checkpoint.name, "sha256": file_sha256(checkpoint)},
+        "learn_sigma": arch.learn_sigma,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     if kind == "classifier":

@@ -1,0 +1,366 @@
+"""``sia-export``: ready-to-train anomaly image + mask pairs from an SIA dataset (or textures).
+
+For each normal training image of a category, ``per_image`` composites are made with the
+composition the trainer uses (:mod:`sia_pipeline.compose`) and written in an MVTec AD,
+anomalib Folder or WebDataset layout (:mod:`export_layouts`), with ``metadata.jsonl`` (one row
+per output) and ``export.json`` (the settings, the foreground rule, counts). Every output is
+seeded from (seed, normal image, k) by hashing, so the same command gives the same bytes;
+the work is split into units (:mod:`export_units`) run by Ray (or in-process), each marked
+done when written, so a rerun finishes an interrupted export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from sia_pipeline.compose import CHOICES, choose_rule, letterbox
+from sia_pipeline.dataset.export_layouts import LAYOUTS, read_pair, rows_json
+from sia_pipeline.dataset.export_units import Job, Output, Unit, read_marker, run_local, run_ray
+from sia_pipeline.dataset.format import (
+    FormatError,
+    ShardStats,
+    check_category,
+    decode_image,
+    iter_shard_samples,
+    list_shards,
+)
+from sia_pipeline.dataset.storage import (
+    StorageError,
+    is_s3,
+    iter_files,
+    join_url,
+    open_storage,
+)
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("sia", "texture", "both")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+UNIT_OUTPUTS = 64
+UNIT_NORMALS = 256
+SPEC_NAME = ".export/spec.json"
+EXPORT_NAME = "export.json"
+METADATA_NAME = "metadata.jsonl"
+PREVIEW_NAME = "preview.png"
+
+
+class ExportError(ValueError):
+    """Bad input: exits 2 before anything is written."""
+
+
+class ExportFailed(RuntimeError):
+    """Units still failing after retries: exits 1; a rerun finishes them."""
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """The settings that decide the bytes of an export (saved as ``.export/spec.json``)."""
+
+    category: str
+    data: str
+    sia: str | None
+    textures: str | None
+    per_image: int
+    layout: str
+    source: str
+    seed: int
+    size: int
+    foreground: str | None
+    strengths: tuple[float, float] | None
+
+
+def output_seed(seed: int, normal: str, k: int, purpose: str = "compose") -> int:
+    """A 63-bit seed hashed from (seed, normal image path, k, purpose): order-independent."""
+    digest = hashlib.sha256(f"{seed}\0{normal}\0{k}\0{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def _check_out(out: str, endpoint_url: str | None) -> None:
+    """--out must be writable; checked without creating anything."""
+    if is_s3(out):
+        try:
+            open_storage(out, endpoint_url).check_writable()
+        except StorageError as e:
+            msg = f"--out {out} is not writable: {e}"
+            raise ExportError(msg) from None
+        return
+    path = Path(out.removeprefix("file://")).expanduser()
+    if path.exists() and not path.is_dir():
+        msg = f"--out {out} exists and is not a folder"
+        raise ExportError(msg)
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        msg = f"--out {out} is not writable ({parent} does not accept new files)"
+        raise ExportError(msg)
+
+
+def _sia_samples(spec: ExportSpec, endpoint_url: str | None) -> list[tuple[str, str, float]]:
+    """(shard url, key, strength) of every SIA sample of the category in the strength range."""
+    try:
+        shards = list_shards(spec.sia or "", [spec.category], spec.strengths, endpoint_url)
+    except (FormatError, StorageError, FileNotFoundError) as e:
+        msg = f"SIA root {spec.sia}: {e}"
+        raise ExportError(msg) from None
+    samples = []
+    for shard in shards:
+        base, _, tar = shard.url.rpartition("/")
+        stats_name = tar.removesuffix(".tar") + ".json"
+        try:
+            stats = ShardStats.from_json(open_storage(base, endpoint_url).get_bytes(stats_name))
+            known = {s["key"]: float(s["strength"]) for s in stats.samples if "key" in s}
+        except (FileNotFoundError, FormatError):
+            stats, known = None, {}
+        if stats is None or len(known) != len(stats.keys):  # no per-sample stats: read the tar
+            known = {
+                raw["__key__"]: float(json.loads(raw["json"])["strength"])
+                for raw in iter_shard_samples(shard.url, endpoint_url)
+            }
+        lo, hi = spec.strengths or (-np.inf, np.inf)
+        samples += [(shard.url, k, s) for k, s in sorted(known.items()) if lo <= s <= hi]
+    if not samples:
+        msg = (
+            f"SIA root {spec.sia} has no {spec.category} samples with strength in {spec.strengths}"
+        )
+        raise ExportError(msg)
+    return samples
+
+
+def plan_units(
+    spec: ExportSpec,
+    normals: Sequence[str],
+    sia: Sequence[tuple[str, str, float]],
+    textures: Sequence[str],
+) -> list[Unit]:
+    """Every output, its source and seed; grouped into units (SIA by shard, then textures)."""
+    outputs = []
+    for i, normal in enumerate(normals):
+        for k in range(spec.per_image):
+            pick = np.random.default_rng(output_seed(spec.seed, normal, k, "pick"))
+            source = spec.source
+            if source == "both":
+                source = "sia" if pick.random() < 0.5 else "texture"
+            if source == "sia":
+                url, ref, strength = sia[int(pick.integers(len(sia)))]
+            else:
+                url, ref, strength = None, textures[int(pick.integers(len(textures)))], None
+            seed = output_seed(spec.seed, normal, k)
+            outputs.append(
+                (url, Output(i * spec.per_image + k, normal, k, source, ref, strength, seed))
+            )
+    units: list[Unit] = []
+    shard_order = list(dict.fromkeys(url for url, _, _ in sia))
+    groups = [(u, [o for url, o in outputs if url == u]) for u in shard_order]
+    groups.append((None, [o for url, o in outputs if url is None]))
+    for url, group in groups:
+        for j in range(0, len(group), UNIT_OUTPUTS):
+            kind = "sia" if url else "texture"
+            chunk = tuple(group[j : j + UNIT_OUTPUTS])
+            units.append(Unit(f"{kind}-{len(units):06d}", len(units), kind, url, chunk))
+    if spec.layout != "webdataset":
+        for j in range(0, len(normals), UNIT_NORMALS):
+            chunk_n = tuple(normals[j : j + UNIT_NORMALS])
+            units.append(Unit(f"normals-{len(units):06d}", len(units), "normals", normals=chunk_n))
+    return units
+
+
+def prepare(spec: ExportSpec, out: str, endpoint_url: str | None = None) -> tuple[Job, list[Unit]]:
+    """Check every input, choose the foreground rule and plan the units; writes nothing."""
+    if spec.per_image < 1:
+        msg = f"--per-image must be at least 1, got {spec.per_image}"
+        raise ExportError(msg)
+    if spec.layout not in LAYOUTS or spec.source not in SOURCES:
+        msg = f"--layout must be one of {LAYOUTS} and --source one of {SOURCES}"
+        raise ExportError(msg)
+    if spec.size < 16:
+        msg = f"--image-size must be at least 16, got {spec.size}"
+        raise ExportError(msg)
+    if spec.foreground is not None and spec.foreground not in CHOICES:
+        msg = f"--foreground must be one of {CHOICES}, got {spec.foreground!r}"
+        raise ExportError(msg)
+    try:
+        check_category(spec.category)
+    except FormatError as e:
+        raise ExportError(str(e)) from None
+    data_url = join_url(spec.data, spec.category)
+    try:
+        data = open_storage(data_url, endpoint_url)
+        normals = sorted(iter_files(data, "train/good", IMAGE_SUFFIXES))
+    except StorageError as e:
+        raise ExportError(str(e)) from None
+    if not normals:
+        msg = f"no normal images under {join_url(data_url, 'train/good')} (unknown category?)"
+        raise ExportError(msg)
+    sia, textures = [], []
+    if spec.source in ("sia", "both"):
+        if not spec.sia:
+            msg = f"--source {spec.source} needs an SIA_ROOT"
+            raise ExportError(msg)
+        sia = _sia_samples(spec, endpoint_url)
+    if spec.source in ("texture", "both"):
+        if not spec.textures:
+            msg = f"--source {spec.source} needs --textures DIR (e.g. DTD's images/)"
+            raise ExportError(msg)
+        try:
+            textures = sorted(
+                iter_files(open_storage(spec.textures, endpoint_url), "", IMAGE_SUFFIXES)
+            )
+        except StorageError as e:
+            raise ExportError(str(e)) from None
+        if not textures:
+            msg = f"no texture images under {spec.textures}"
+            raise ExportError(msg)
+    _check_out(out, endpoint_url)
+    samples = [letterbox(decode_image(data.get_bytes(n)), spec.size) for n in normals[:8]]
+    rule = choose_rule(spec.category, spec.foreground, samples)
+    log.info("%s: foreground rule %s", spec.category, rule.describe())
+    job = Job(
+        spec.category,
+        data_url,
+        join_url(out, spec.category),
+        spec.layout,
+        spec.size,
+        rule,
+        spec.textures,
+        endpoint_url,
+    )
+    return job, plan_units(spec, normals, sia, textures)
+
+
+def _spec_bytes(spec: ExportSpec, job: Job) -> bytes:
+    return json.dumps(
+        {**asdict(spec), "rule": job.rule.to_dict()}, sort_keys=True, indent=1
+    ).encode()
+
+
+@dataclass
+class ExportReport:
+    out: str
+    outputs: int
+    units: int
+    skipped: int
+    seconds: float
+
+    def summary(self) -> str:
+        return (
+            f"{self.outputs} anomaly pairs in {self.units} units ({self.skipped} already done) "
+            f"-> {self.out} in {self.seconds:.1f} s"
+        )
+
+
+def export(
+    spec: ExportSpec,
+    out: str,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    preview: bool = False,
+    progress: bool = True,
+    endpoint_url: str | None = None,
+) -> ExportReport:
+    """Run (or finish) an export. ``workers=0`` runs in this process, else through Ray."""
+    import time
+
+    t0 = time.perf_counter()
+    job, units = prepare(spec, out, endpoint_url)
+    storage = open_storage(job.out, endpoint_url)
+    spec_json = _spec_bytes(spec, job)
+    try:
+        previous = storage.get_bytes(SPEC_NAME)
+    except FileNotFoundError:
+        previous = None
+    if previous is not None and previous != spec_json:
+        msg = f"{job.out} holds an export with other settings ({SPEC_NAME}); use another --out"
+        raise ExportError(msg)
+    if previous is None:
+        storage.put_bytes(spec_json, SPEC_NAME)
+    rows: dict[str, list[dict[str, Any]]] = {}
+    todo = []
+    for unit in units:
+        done = read_marker(storage, unit.uid)
+        if done is None:
+            todo.append(unit)
+        else:
+            rows[unit.uid] = done
+    log.info(
+        "%d units (%d outputs), %d already done",
+        len(units),
+        sum(len(u.outputs) for u in units),
+        len(rows),
+    )
+    failed: list[str] = []
+    bar = tqdm(total=sum(u.size for u in todo), unit="img", desc="sia-export", disable=not progress)
+
+    def on_done(result, unit: Unit) -> None:
+        if result.ok:
+            rows[unit.uid] = result.rows
+        else:
+            log.error("unit %s failed: %s", unit.uid, result.error)
+            failed.append(f"{unit.uid}: {result.error}")
+        bar.update(unit.size)
+
+    if todo and workers == 0:
+        run_local(job, todo, on_done)
+    elif todo:
+        from sia_pipeline.gen.runner import init_ray
+
+        started = init_ray(ray_address)
+        try:
+            import ray
+
+            cpus = int(ray.cluster_resources().get("CPU", 1))
+            run_ray(job, todo, on_done, workers or cpus)
+        except TimeoutError as e:
+            raise ExportFailed(str(e)) from None
+        finally:
+            if started:
+                ray.shutdown()
+    bar.close()
+    if failed:
+        msg = f"{len(failed)} unit(s) failed, e.g. {failed[0]}; rerun the same command to finish"
+        raise ExportFailed(msg)
+    outputs = sorted(
+        (r for u in units if u.kind != "normals" for r in rows[u.uid]), key=lambda r: r["index"]
+    )
+    storage.put_bytes(rows_json(outputs), METADATA_NAME)
+    card = {
+        "what": "anomaly image + mask pairs made by sia-export",
+        "settings": asdict(spec),
+        "foreground": {**job.rule.to_dict(), "describe": job.rule.describe()},
+        "opacity": {"sia": [0.5, 1.0], "texture": [0.2, 1.0]},
+        "outputs": len(outputs),
+        "normals": sum(len(u.normals) for u in units),
+        "sources": {s: sum(r["source"] == s for r in outputs) for s in ("sia", "texture")},
+        "metadata": METADATA_NAME,
+    }
+    storage.put_bytes(json.dumps(card, indent=1, sort_keys=True).encode() + b"\n", EXPORT_NAME)
+    if preview:
+        write_preview(storage, spec.layout, outputs)
+    return ExportReport(
+        job.out, len(outputs), len(units), len(units) - len(todo), time.perf_counter() - t0
+    )
+
+
+def write_preview(storage, layout: str, rows: Sequence[dict[str, Any]], n: int = 8) -> None:
+    """``preview.png``: the first ``n`` outputs as image | mask pairs, two pairs per row."""
+    from sia_pipeline.dataset.preview import make_grid, png_bytes
+
+    tiles = []
+    for row in rows[:n]:
+        image, mask = read_pair(storage, layout, row)
+        tiles += [image, np.repeat(mask[..., None], 3, axis=2)]
+    grid = make_grid(
+        [tiles[i : i + 4] for i in range(0, len(tiles), 4)],
+        col_labels=["image", "mask", "image", "mask"],
+    )
+    storage.put_bytes(png_bytes(grid), PREVIEW_NAME)

@@ -1,0 +1,147 @@
+"""Where ``sia-export`` puts each anomaly image and mask, for the three layouts it writes.
+
+All paths are relative to ``OUT/CATEGORY``:
+
+- ``mvtec``: ``test/synthetic/NNNNNN.png``, ``ground_truth/synthetic/NNNNNN_mask.png`` and the
+  normal training images copied to ``train/good/`` (a complete MVTec AD-style data set);
+- ``folder``: anomalib's Folder layout, ``abnormal/NNNNNN.png``, ``mask/NNNNNN.png``,
+  ``normal/<name>``;
+- ``webdataset``: ``shards/CATEGORY-UUUUUU.tar`` with ``KEY.png``, ``KEY.mask.png`` and
+  ``KEY.json`` members and a stats file ``shards/CATEGORY-UUUUUU.json`` (count, size, sha256,
+  keys, strength span) as in SIA format v1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+
+from sia_pipeline.dataset.format import ShardStats, sample_key, shard_id
+from sia_pipeline.dataset.storage import Storage
+from sia_pipeline.dataset.writer import encode_image, sample_json
+
+LAYOUTS = ("mvtec", "folder", "webdataset")
+DEFECT = "synthetic"
+
+
+def encode_mask(mask: np.ndarray) -> bytes:
+    """(H, W) mask (nonzero = anomaly) -> single-channel 0/255 PNG bytes."""
+    ok, buf = cv2.imencode(".png", np.where(mask > 0, 255, 0).astype(np.uint8))
+    if not ok:
+        msg = f"OpenCV could not encode a {mask.shape} mask"
+        raise RuntimeError(msg)
+    return buf.tobytes()
+
+
+def decode_png(data: bytes, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
+    """PNG bytes -> (H, W, 3) RGB or (H, W) gray uint8."""
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB) if arr.ndim == 3 else arr
+
+
+def normal_path(layout: str, name: str) -> str | None:
+    """Where a normal training image is copied (``None``: the layout has no normals)."""
+    base = name.rsplit("/", 1)[-1]
+    return {"mvtec": f"train/good/{base}", "folder": f"normal/{base}"}.get(layout)
+
+
+def pair_paths(layout: str, index: int) -> tuple[str, str]:
+    """(image, mask) paths of output ``index`` in the file layouts."""
+    if layout == "mvtec":
+        return f"test/{DEFECT}/{index:06d}.png", f"ground_truth/{DEFECT}/{index:06d}_mask.png"
+    if layout == "folder":
+        return f"abnormal/{index:06d}.png", f"mask/{index:06d}.png"
+    msg = f"layout {layout!r} keeps pairs in shards, not files"
+    raise ValueError(msg)
+
+
+def shard_paths(category: str, number: int) -> tuple[str, str]:
+    """(tar, stats) paths of webdataset shard ``number``."""
+    sid = shard_id(category, number)
+    return f"shards/{sid}.tar", f"shards/{sid}.json"
+
+
+def write_pairs(
+    storage: Storage,
+    layout: str,
+    category: str,
+    number: int,
+    pairs: Sequence[tuple[np.ndarray, np.ndarray, dict[str, Any]]],
+) -> list[dict[str, Any]]:
+    """Write one unit's (image, mask, row) triples; returns the rows with their locations.
+
+    Files are written atomically one by one; a shard is built in a local temp file and
+    uploaded whole, its stats after it.
+    """
+    rows = []
+    if layout != "webdataset":
+        for image, mask, row in pairs:
+            img_path, mask_path = pair_paths(layout, row["index"])
+            storage.put_bytes(encode_image(image, "png"), img_path)
+            storage.put_bytes(encode_mask(mask), mask_path)
+            rows.append({**row, "image": img_path, "mask": mask_path})
+        return rows
+    from webdataset import TarWriter
+
+    tar_path, stats_path = shard_paths(category, number)
+    fd, tmp = tempfile.mkstemp(suffix=".tar")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            writer = TarWriter(f, user="sia", group="sia", mode=0o444, encoder=False, mtime=0)
+            for j, (image, mask, row) in enumerate(pairs):
+                key = sample_key(category, number, j)
+                out = {**row, "image": tar_path, "mask": tar_path, "key": key}
+                writer.write(
+                    {
+                        "__key__": key,
+                        "png": encode_image(image, "png"),
+                        "mask.png": encode_mask(mask),
+                        "json": sample_json(out),
+                    }
+                )
+                rows.append(out)
+            writer.close()
+        data = open(tmp, "rb").read()  # noqa: SIM115 - small, read at once
+        storage.put_file(tmp, tar_path)
+    finally:
+        os.unlink(tmp)
+    strengths = [r["strength"] for r in rows if r.get("strength") is not None]
+    stats = ShardStats(
+        shard=shard_id(category, number),
+        category=category,
+        tar=tar_path,
+        count=len(rows),
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        keys=[r["key"] for r in rows],
+        strength_min=min(strengths, default=0.0),
+        strength_max=max(strengths, default=0.0),
+    )
+    storage.put_bytes(stats.to_json(), stats_path)
+    return rows
+
+
+def read_pair(storage: Storage, layout: str, row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Read back output ``row``: ((H, W, 3) RGB uint8, (H, W) 0/255 uint8)."""
+    if layout != "webdataset":
+        image = decode_png(storage.get_bytes(row["image"]))
+        return image, decode_png(storage.get_bytes(row["mask"]), cv2.IMREAD_GRAYSCALE)
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(storage.get_bytes(row["image"]))) as tar:
+        image = tar.extractfile(f"{row['key']}.png").read()  # type: ignore[union-attr]
+        mask = tar.extractfile(f"{row['key']}.mask.png").read()  # type: ignore[union-attr]
+    return decode_png(image), decode_png(mask, cv2.IMREAD_GRAYSCALE)
+
+
+def rows_json(rows: Sequence[dict[str, Any]]) -> bytes:
+    """JSON lines, one row each, keys sorted: equal rows give equal bytes."""
+    return b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in rows)

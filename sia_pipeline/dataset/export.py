@@ -160,10 +160,11 @@ def plan_units(
                 (url, Output(i * spec.per_image + k, normal, k, source, ref, strength, seed))
             )
     units: list[Unit] = []
-    shard_order = list(dict.fromkeys(url for url, _, _ in sia))
-    groups = [(u, [o for url, o in outputs if url == u]) for u in shard_order]
-    groups.append((None, [o for url, o in outputs if url is None]))
-    for url, group in groups:
+    groups: dict[str | None, list[Output]] = {url: [] for url, _, _ in sia}  # shard order
+    groups[None] = []  # texture outputs last
+    for url, o in outputs:
+        groups[url].append(o)
+    for url, group in groups.items():
         for j in range(0, len(group), UNIT_OUTPUTS):
             kind = "sia" if url else "texture"
             chunk = tuple(group[j : j + UNIT_OUTPUTS])

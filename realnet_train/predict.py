@@ -12,10 +12,12 @@ Writes, row by row as images are scored (a crash keeps what was done):
     DIR/results.csv      the same columns
     DIR/overlays/NNNNN-<stem>.png   the image with the anomaly map over it
 
-Overlay: the image at its own size; the anomaly map (a probability, colour scale JET from 0
-to 1, the same for every image and checkpoint) blended in with an opacity growing from 0 at
-probability 0 to 0.6 at the threshold and above; a white contour where the map exceeds the
-threshold; a top banner with score, threshold and decision (red: anomalous, green: normal).
+Images are letterboxed to the model's size as in training (aspect ratio kept, edge-padded).
+Overlay: the image at its own size; the anomaly map, its padding cut off (a probability,
+colour scale JET from 0 to 1, the same for every image and checkpoint) blended in with an
+opacity growing from 0 at probability 0 to 0.6 at the threshold and above; a white contour
+where the map exceeds the threshold; a top banner with score, threshold and decision (red:
+anomalous, green: normal).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from realnet_train.cli_common import (
     setup_logging,
 )
 from realnet_train.data.mvtec import IMAGE_SUFFIXES, decode_rgb
+from sia_pipeline.compose.resize import content_box, letterbox
 from sia_pipeline.dataset.storage import Storage, is_s3, iter_files, open_storage
 
 log = logging.getLogger(__name__)
@@ -170,7 +173,7 @@ def predict_images(
                     log.warning("cannot read %s: %s", ref.url, e)
                     rows.append({"input": ref.url, "error": f"{type(e).__name__}: {e}"[:300]})
                     continue
-                small = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
+                small = letterbox(img, size)  # as training and evaluation: aspect kept
                 rows.append({"input": ref.url, "_i": i, "_k": len(inputs)})
                 originals.append(img)
                 inputs.append(small)
@@ -193,7 +196,9 @@ def predict_images(
                     if overlays:
                         stem = Path(refs[i].name).stem
                         rel = f"overlays/{i:05d}-{stem}.png"
-                        png = overlay(originals[k], maps[k], threshold, score)
+                        top, left, h, w = content_box(*originals[k].shape[:2], size)
+                        amap = maps[k][top : top + h, left : left + w]  # padding cut off
+                        png = overlay(originals[k], amap, threshold, score)
                         cv2.imwrite(str(out / rel), cv2.cvtColor(png, cv2.COLOR_RGB2BGR))
                         row["overlay"] = rel
                 jl.write(json.dumps(row) + "\n")

@@ -61,19 +61,21 @@ def test_predict_files_folders_and_a_corrupt_image(trained, tmp_path):
     (extra / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 30)
     one = sorted((data / "bottle/test/good").glob("*.png"))[0]
     shutil.copy(one, extra / "ok.png")
+    with Image.open(one) as im:  # a non-square image: letterboxed for the model
+        im.crop((0, 300, im.size[0], 500)).save(extra / "wide.png")
     out = tmp_path / "pred"
     args = ["--checkpoint", str(ckpt_path), "--out", str(out)]
     res = CliRunner().invoke(predict_main, [str(data / "bottle/test"), str(one), str(extra), *args])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout.strip().splitlines()[-1])
-    assert summary["n_images"] == 4 + 1 + 2 and summary["n_errors"] == 1
+    assert summary["n_images"] == 4 + 1 + 3 and summary["n_errors"] == 1
     thr = read_checkpoint(ckpt_path)["calibration"]["threshold"]
     assert summary["threshold"] == thr and "calibrated at FPR 0.3" in summary["threshold_source"]
 
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     with (out / "results.csv").open() as f:
         csv_rows = list(csv.DictReader(f))
-    assert len(rows) == len(csv_rows) == 7
+    assert len(rows) == len(csv_rows) == 8
     assert [r["input"] for r in rows] == [r["input"] for r in csv_rows]
     broken = [r for r in rows if r["error"]]
     assert len(broken) == 1 and broken[0]["input"].endswith("broken.png")

@@ -13,11 +13,10 @@ Writes, row by row as images are scored (a crash keeps what was done):
     DIR/overlays/NNNNN-<stem>.png   the image with the anomaly map over it
 
 Images are letterboxed to the model's size as in training (aspect ratio kept, edge-padded).
-Overlay: the image at its own size; the anomaly map, its padding cut off (a probability,
-colour scale JET from 0 to 1, the same for every image and checkpoint) blended in with an
-opacity growing from 0 at probability 0 to 0.6 at the threshold and above; a white contour
-where the map exceeds the threshold; a top banner with score, threshold and decision (red:
-anomalous, green: normal).
+Overlay: the image at its own size; the anomaly map, its padding cut off, coloured relative
+to the threshold t (JET: blue at 0, green at t, red at 2 t and above) and blended in with an
+opacity rising from 0 at t/2 to 0.6 at t; a white contour where the map exceeds t; a top
+banner with the decision (red: anomalous, green: normal), score and threshold.
 """
 
 from __future__ import annotations
@@ -121,12 +120,17 @@ def resolve_threshold(
 
 
 def overlay(image: np.ndarray, amap: np.ndarray, threshold: float, score: float) -> np.ndarray:
-    """(H, W, 3) uint8 image, (S, S) anomaly map in [0, 1] -> (H + bar, W, 3) uint8 overlay."""
+    """(H, W, 3) uint8 image, (h, w) anomaly map -> (bar + H, W, 3) uint8 overlay.
+
+    Colour and opacity are relative to the threshold ``t``: JET from 0 (blue) through ``t``
+    (green) to ``2 t`` and above (red); transparent below ``t / 2``, opacity 0.6 from ``t``.
+    """
     h, w = image.shape[:2]
     m = cv2.resize(amap.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
-    heat = cv2.applyColorMap(np.clip(m * 255, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
+    v = m / max(threshold, 1e-6)
+    heat = cv2.applyColorMap(np.clip(v * 127.5, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
     heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB).astype(np.float32)
-    alpha = 0.6 * np.clip(m / max(threshold, 1e-6), 0, 1)[..., None]
+    alpha = 0.6 * np.clip(2 * v - 1, 0, 1)[..., None]
     out = (image.astype(np.float32) * (1 - alpha) + heat * alpha).astype(np.uint8)
     above = (m > threshold).astype(np.uint8)
     contours, _ = cv2.findContours(above, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -135,10 +139,17 @@ def overlay(image: np.ndarray, amap: np.ndarray, threshold: float, score: float)
     bar_h = max(18, round(min(h, w) / 12))
     bar = np.zeros((bar_h, w, 3), dtype=np.uint8)
     bar[:] = (200, 30, 30) if anomalous else (30, 140, 30)
-    text = f"{'ANOMALOUS' if anomalous else 'normal'} {score:.3f} vs {threshold:.3f}"
+    text = f"{'ANOMALOUS' if anomalous else 'normal'} {score:.3f} > {threshold:.3f}"
+    if not anomalous:
+        text = text.replace(">", "<=")
+    font = cv2.FONT_HERSHEY_SIMPLEX
     scale = bar_h / 30
-    cv2.putText(bar, text, (4, round(bar_h * 0.72)), cv2.FONT_HERSHEY_SIMPLEX, scale,
-                (255, 255, 255), max(1, round(scale * 1.5)), cv2.LINE_AA)  # fmt: skip
+    text_w = cv2.getTextSize(text, font, scale, 1)[0][0]
+    scale *= min(1.0, (w - 8) / max(text_w, 1))  # fit the banner's width
+    thick = max(1, round(scale * 1.5))
+    cv2.putText(
+        bar, text, (4, round(bar_h * 0.7)), font, scale, (255, 255, 255), thick, cv2.LINE_AA
+    )
     return np.concatenate([bar, out], axis=0)
 
 

@@ -38,14 +38,29 @@ from sia_pipeline.diffusion.model import PRESETS
 )
 @click.option("--resolution", type=int, help="Training resolution in px [default: the preset's].")
 @click.option("--steps", type=int, help="Optimiser steps [default: the preset's].")
-@click.option("--batch-size", type=int, help="Batch size [default: the preset's].")
+@click.option(
+    "--batch-size", type=int, help="Batch size per process (per GPU) [default: the preset's]."
+)
 @click.option(
     "--lr", "learning_rate", type=float, help="AdamW learning rate [default: the preset's]."
 )
 @click.option(
     "--checkpoint-every", type=int, help="Steps between checkpoints [default: the preset's]."
 )
-@click.option("--ema-decay", type=float, default=0.999, help="EMA decay of the saved weights.")
+@click.option(
+    "--ema-decay", type=float, help="EMA decay of the saved weights [default: the preset's]."
+)
+@click.option(
+    "--grad-accumulation",
+    type=int,
+    help="Micro-batches per optimiser step [default: the preset's; paper-gpu: 3, as the authors].",
+)
+@click.option("--grad-clip", type=float, default=1.0, help="Gradient norm clipping.")
+@click.option(
+    "--init-from",
+    help="Start from this model folder (e.g. from sia-convert-adm): same architecture, class "
+    "embeddings kept for categories it knows by name, new ones for the others.",
+)
 @click.option(
     "--hflip/--no-hflip",
     default=False,
@@ -53,8 +68,9 @@ from sia_pipeline.diffusion.model import PRESETS
 )
 @click.option(
     "--learn-sigma/--fixed-sigma",
-    default=False,
-    help="Predict the reverse variance (learned range, hybrid loss), as official SDAS models do.",
+    default=None,
+    help="Predict the reverse variance (learned range, hybrid loss), as official SDAS models "
+    "do [default: the preset's, or the --init-from model's].",
 )
 @click.option("--seed", type=int, default=0, help="Seed of initialisation and batch order.")
 @click.option(
@@ -68,9 +84,13 @@ from sia_pipeline.diffusion.model import PRESETS
 def main(verbose: bool, categories: str, data: tuple[str, ...], **kwargs) -> None:
     """Train a class-conditional SDAS diffusion model and save it in diffusers format.
 
+    Multi-GPU: run it under torchrun (one process per GPU, DDP); --batch-size is per process.
+
     Example: sia-train-diffusion --data ../shared/data/mvtec_ad --categories bottle --out runs/m
     """
     setup_logging(verbose)
+    import torch.distributed as dist
+
     from sia_pipeline.diffusion.train import TrainConfig, train
 
     try:
@@ -78,4 +98,12 @@ def main(verbose: bool, categories: str, data: tuple[str, ...], **kwargs) -> Non
         model_id = train(cfg)
     except (ValueError, StorageError) as e:
         die(str(e))
-    click.echo(f"model {model_id} -> {cfg.out}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if model_id:  # rank 0 (or the only process)
+        click.echo(f"model {model_id} -> {cfg.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -23,6 +23,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from sia_pipeline.dataset.storage import StorageError, is_s3, open_storage
+from sia_pipeline.diffusion.adm import MVTEC_UNET, unet_config
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,24 @@ class Preset:
     train_steps: int
     learning_rate: float
     checkpoint_every: int
+    # Further UNet2DModel options (paper-gpu: those that make it the authors' ADM exactly).
+    unet_options: tuple[tuple[str, Any], ...] = ()
+    learn_sigma: bool = False
+    ema_decay: float = 0.999
+    grad_accumulation: int = 1
 
+
+_ADM = unet_config(MVTEC_UNET, num_classes=1)
+_ADM_OPTIONS = (
+    "attention_head_dim",
+    "attn_norm_num_groups",
+    "norm_eps",
+    "resnet_time_scale_shift",
+    "downsample_type",
+    "upsample_type",
+    "flip_sin_to_cos",
+    "freq_shift",
+)
 
 PRESETS: dict[str, Preset] = {
     # For tests: well under 1M parameters, 32 px.
@@ -92,25 +110,24 @@ PRESETS: dict[str, Preset] = {
         5e-4,
         500,
     ),
-    # Paper scale (guided-diffusion-like, 256 px): one GPU, days.
+    # The authors' SDAS model (their ADM UNet, 256 px, 553M parameters) and their training
+    # settings (Adam 1e-4, EMA 0.9999, batch 5 per GPU, gradient accumulation 3): converted,
+    # fine-tuned and from-scratch models are interchangeable. GPUs, days.
     "paper-gpu": Preset(
         256,
-        (128, 128, 256, 256, 512, 512),
-        (
-            "DownBlock2D",
-            "DownBlock2D",
-            "DownBlock2D",
-            "DownBlock2D",
-            "AttnDownBlock2D",
-            "DownBlock2D",
-        ),
-        ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
-        2,
+        _ADM["block_out_channels"],
+        _ADM["down_block_types"],
+        _ADM["up_block_types"],
+        _ADM["layers_per_block"],
         32,
-        16,
+        5,
         200_000,
         1e-4,
-        10_000,
+        5_000,
+        unet_options=tuple((k, _ADM[k]) for k in _ADM_OPTIONS),
+        learn_sigma=True,
+        ema_decay=0.9999,
+        grad_accumulation=3,
     ),
 }
 
@@ -129,6 +146,7 @@ def build_unet(
         layers_per_block=preset.layers_per_block,
         norm_num_groups=preset.norm_num_groups,
         num_class_embeds=num_classes,
+        **dict(preset.unet_options),
     )
 
 

@@ -1,8 +1,15 @@
-"""Train the class-conditional SDAS diffusion model on normal images.
+"""Train the class-conditional SDAS diffusion model on normal images, on one device or many.
 
-Epsilon-prediction DDPM training (T = 1000, linear betas) with EMA weights, periodic
-checkpoints that ``resume`` continues from, and a diffusers-format model folder with a
-model card at the end. Reads top to bottom: config, data, model, loop, save.
+Epsilon-prediction DDPM training (T = 1000, linear betas) with EMA weights, gradient clipping
+and accumulation, periodic checkpoints that ``resume`` continues from, and a diffusers-format
+model folder with a model card at the end. ``init_from`` starts from another model folder
+(a converted ADM checkpoint: the authors fine-tuned OpenAI's ImageNet model), keeping the class
+embeddings of categories it knows by name and re-initialising the others.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) it runs DDP, one process per GPU (gloo on CPU): every
+rank draws the same class-balanced global batch from the same seed and trains on its slice, so
+N processes with batch B equal one process with batch N*B; rank 0 keeps the EMA, writes
+checkpoints and the model. Reads top to bottom: config, set-up, model, loop, save.
 """
 
 from __future__ import annotations
@@ -10,18 +17,29 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from sia_pipeline.diffusion.images import load_normal_images
 from sia_pipeline.diffusion.losses import vlb_term
-from sia_pipeline.diffusion.model import PRESETS, build_scheduler, build_unet, save_model
+from sia_pipeline.diffusion.model import (
+    PRESETS,
+    build_scheduler,
+    build_unet,
+    load_model,
+    save_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +48,23 @@ CHECKPOINT_DIR = "checkpoints"
 
 @dataclass
 class TrainConfig:
+    """Training options; ``None`` means the preset's value (or the ``init_from`` model's)."""
+
     data: list[str]
     categories: list[str]
     out: str
     preset: str = "tiny-cpu"
     resolution: int | None = None
     steps: int | None = None
-    batch_size: int | None = None
+    batch_size: int | None = None  # per process (per GPU)
     learning_rate: float | None = None
     checkpoint_every: int | None = None
-    ema_decay: float = 0.999
+    ema_decay: float | None = None
+    grad_accumulation: int | None = None
+    grad_clip: float = 1.0
     hflip: bool = False
-    learn_sigma: bool = False
+    learn_sigma: bool | None = None
+    init_from: str | None = None
     seed: int = 0
     resume: bool = False
     half: bool = False
@@ -55,26 +78,67 @@ class TrainConfig:
             msg = f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}"
             raise ValueError(msg)
         p = PRESETS[self.preset]
-        self.resolution = self.resolution or p.resolution
+        if not self.init_from:  # else both come from the model we start from
+            self.resolution = self.resolution or p.resolution
+            self.learn_sigma = p.learn_sigma if self.learn_sigma is None else self.learn_sigma
         self.steps = self.steps if self.steps is not None else p.train_steps
-        self.batch_size = self.batch_size or p.batch_size
-        self.learning_rate = self.learning_rate or p.learning_rate
-        self.checkpoint_every = self.checkpoint_every or p.checkpoint_every
+        for name in ("batch_size", "learning_rate", "checkpoint_every", "ema_decay"):
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(p, name))
+        if self.grad_accumulation is None:
+            self.grad_accumulation = p.grad_accumulation
         if not self.categories:
             msg = "give at least one category"
             raise ValueError(msg)
-        if self.resolution % 2 ** (len(p.block_out_channels) - 1):
+        if len(set(self.categories)) != len(self.categories):
+            msg = f"duplicate categories in {self.categories}"
+            raise ValueError(msg)
+        if self.resolution and self.resolution % 2 ** (len(p.block_out_channels) - 1):
             msg = f"resolution {self.resolution} must be divisible by the UNet's downsampling"
             raise ValueError(msg)
-        if self.steps < 1 or self.batch_size < 1:
-            msg = f"steps ({self.steps}) and batch size ({self.batch_size}) must be >= 1"
+        counts = (self.steps, self.batch_size, self.grad_accumulation, self.checkpoint_every)
+        if min(counts) < 1 or not self.learning_rate > 0:
+            msg = (
+                f"steps ({self.steps}), batch size ({self.batch_size}), gradient accumulation "
+                f"({self.grad_accumulation}) and checkpoint interval ({self.checkpoint_every}) "
+                f"must be >= 1 and the learning rate > 0"
+            )
+            raise ValueError(msg)
+        if not 0 <= self.ema_decay < 1 or not self.grad_clip > 0:
+            msg = (
+                f"need 0 <= ema decay < 1 and grad clip > 0, got {self.ema_decay}, {self.grad_clip}"
+            )
             raise ValueError(msg)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process stands in a torchrun job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _setup(name: str) -> tuple[Ranks, torch.device]:
+    """Join the torchrun process group if there is one; pick this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = name in ("auto", "cuda") and torch.cuda.is_available()
+    if world == 1:
+        return Ranks(), torch.device(
+            "cuda" if name == "auto" and cuda else name.replace("auto", "cpu")
+        )
+    local = int(os.environ["LOCAL_RANK"])
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        timeout = timedelta(seconds=float(os.environ.get("SIA_DIST_TIMEOUT_S", "1800")))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    return Ranks(dist.get_rank(), dist.get_world_size()), device
 
 
 def _latest_checkpoint(out: Path) -> Path | None:
@@ -94,29 +158,97 @@ def _save_checkpoint(out: Path, step: int, state: dict) -> None:
         old.unlink()  # keep the last two
 
 
+def init_unet_from(
+    url: str, categories: dict[str, int], endpoint_url: str | None = None, seed: int = 0
+) -> tuple[UNet2DModel, dict[str, Any]]:
+    """A UNet for ``categories`` with the weights of the model folder at ``url``.
+
+    Class embeddings are copied by category name; categories the source does not know get a
+    fresh embedding (torch's default N(0, 1), as when the authors went from ImageNet's 1000
+    classes to 15).
+
+    Returns:
+        (unet, provenance): the provenance names the source and which categories were mapped.
+    """
+    src = load_model(url, endpoint_url=endpoint_url)
+    config = {k: v for k, v in src.unet.config.items() if not k.startswith("_")}
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = UNet2DModel.from_config({**config, "num_class_embeds": len(categories)})
+    state = src.unet.state_dict()
+    emb = unet.class_embedding.weight.detach().clone()  # (num_classes, time_embed_dim)
+    mapped = {c: i for c, i in categories.items() if c in src.categories}
+    for c, i in mapped.items():
+        emb[i] = state["class_embedding.weight"][src.categories[c]]
+    state["class_embedding.weight"] = emb
+    unet.load_state_dict(state, strict=True)
+    fresh = sorted(set(categories) - set(mapped))
+    log.info("init from %s: class embeddings kept for %s, new for %s", url, sorted(mapped), fresh)
+    provenance = {
+        "model_id": src.model_id,
+        "path": str(url),
+        "categories_mapped": sorted(mapped),
+        "categories_reinitialised": fresh,
+        "architecture": src.card.get("architecture"),
+        "resolution": src.resolution,
+    }
+    return unet, provenance
+
+
+def _draw(rng: np.random.Generator, gen: torch.Generator, by_class: list, n: int, cfg, steps: int):
+    """One global micro-batch (alike on all ranks): class-balanced image indices, flips, noise
+    (n, 3, R, R) and t (n,)."""
+    cats = rng.integers(0, len(by_class), n)  # a category uniformly, then one of its images
+    idx = np.array([rng.choice(by_class[c]) for c in cats])
+    flip = rng.random(n) < 0.5 if cfg.hflip else np.zeros(n, bool)
+    noise = torch.randn((n, 3, cfg.resolution, cfg.resolution), generator=gen)
+    t = torch.randint(0, steps, (n,), generator=gen)
+    return idx, flip, noise, t
+
+
 def train(cfg: TrainConfig) -> str:
-    """Train and write the model folder to ``cfg.out``; returns its ``model_id``."""
+    """Train and write the model folder to ``cfg.out``; returns its ``model_id`` (rank 0; other
+    ranks return "")."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = _device(cfg.device)
+    ranks, device = _setup(cfg.device)
     out = Path(cfg.out)
-    preset = PRESETS[cfg.preset]
+    torch.manual_seed(cfg.seed)
+    provenance = None
+    cats = {c: i for i, c in enumerate(cfg.categories)}
+    if cfg.init_from:  # checked before the (slow) image loading
+        unet, provenance = init_unet_from(cfg.init_from, cats, cfg.endpoint_url, cfg.seed)
+        sigma = unet.config.out_channels == 6
+        if cfg.learn_sigma is not None and cfg.learn_sigma != sigma:
+            kind = "learned" if sigma else "fixed"
+            msg = f"--init-from model has {kind} sigma; drop --learn-sigma/--fixed-sigma"
+            raise ValueError(msg)
+        if cfg.resolution and cfg.resolution != provenance["resolution"]:
+            res = provenance["resolution"]
+            msg = f"--init-from model is {res} px; --resolution {cfg.resolution} differs"
+            raise ValueError(msg)
+        cfg.learn_sigma, cfg.resolution = sigma, provenance["resolution"]
+    else:
+        unet = build_unet(PRESETS[cfg.preset], len(cats), cfg.resolution, cfg.learn_sigma)
     data = load_normal_images(cfg.data, cfg.categories, cfg.resolution, cfg.endpoint_url)
     log.info(
-        "training on %d images of %s at %d px, %s",
-        len(data.images),
-        cfg.categories,
-        cfg.resolution,
-        device,
-    )
+        "training on %d images of %s at %d px, %s, rank %d of %d, %d per process x %d accumulated",
+        len(data.images), cfg.categories, cfg.resolution, device, ranks.rank, ranks.world,
+        cfg.batch_size, cfg.grad_accumulation,
+    )  # fmt: skip
 
-    torch.manual_seed(cfg.seed)
-    unet = build_unet(preset, len(data.categories), cfg.resolution, cfg.learn_sigma).to(device)
+    unet = unet.to(device)
+    model = unet
+    if ranks.world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=ids)
     scheduler = build_scheduler(cfg.learn_sigma)
-    vlb_scale = scheduler.config.num_train_timesteps / 1000.0
-    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    num_t = scheduler.config.num_train_timesteps
+    vlb_scale = num_t / 1000.0
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay) if ranks.main else None
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=0.0)  # = Adam
     rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
     step, elapsed = 0, 0.0
 
     ckpt = _latest_checkpoint(out) if cfg.resume else None
@@ -128,10 +260,11 @@ def train(cfg: TrainConfig) -> str:
             msg = f"{ckpt} was trained on different data (fingerprint mismatch); not resuming"
             raise ValueError(msg)
         unet.load_state_dict(state["unet"])
-        ema.load_state_dict(state["ema"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         rng.bit_generator.state = state["numpy_rng"]
-        torch.set_rng_state(state["torch_rng"])
+        gen.set_state(state["torch_gen"])
         step, elapsed = state["step"], state["elapsed_s"]
         log.info("resumed from %s at step %d", ckpt, step)
 
@@ -139,37 +272,40 @@ def train(cfg: TrainConfig) -> str:
     labels = torch.from_numpy(data.labels)
     by_class = [np.flatnonzero(data.labels == c) for c in range(len(data.categories))]
     alphas = scheduler.alphas_cumprod.to(device)
-    unet.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    n_global = cfg.batch_size * ranks.world
+    mine = slice(ranks.rank * cfg.batch_size, (ranks.rank + 1) * cfg.batch_size)
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not ranks.main)
     t0 = time.perf_counter() - elapsed
     while step < cfg.steps:
-        # class-balanced batches: a category uniformly, then one of its images
-        cats = rng.integers(0, len(by_class), cfg.batch_size)
-        idx = torch.from_numpy(np.array([rng.choice(by_class[c]) for c in cats]))
-        x0 = images[idx].to(device).float() / 127.5 - 1  # (B, 3, R, R) in [-1, 1]
-        if cfg.hflip:
-            flip = torch.from_numpy(rng.random(cfg.batch_size) < 0.5).to(device)
-            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), device=device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise  # q(x_t | x_0), as scheduler.add_noise
-        pred = unet(xt, t, class_labels=labels[idx].to(device)).sample
-        if cfg.learn_sigma:  # L_hybrid = L_simple + L_vlb (improved DDPM)
-            eps_pred, var_pred = pred.split(3, dim=1)
-            vlb = vlb_term(alphas, x0, xt, t, eps_pred, var_pred).mean()
-            loss = F.mse_loss(eps_pred, noise) + vlb_scale * vlb
-        else:
-            loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        for micro in range(cfg.grad_accumulation):
+            idx, flip, noise, t = (v[mine] for v in _draw(rng, gen, by_class, n_global, cfg, num_t))
+            x0 = images[torch.from_numpy(idx)].to(device).float() / 127.5 - 1  # (B, 3, R, R)
+            x0 = torch.where(
+                torch.from_numpy(flip).to(device)[:, None, None, None], x0.flip(-1), x0
+            )
+            noise, t = noise.to(device), t.to(device)
+            a = alphas[t].view(-1, 1, 1, 1)
+            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise  # q(x_t | x_0), as scheduler.add_noise
+            last = micro == cfg.grad_accumulation - 1
+            with model.no_sync() if ranks.world > 1 and not last else nullcontext():
+                pred = model(xt, t, class_labels=labels[torch.from_numpy(idx)].to(device)).sample
+                if cfg.learn_sigma:  # L_hybrid = L_simple + L_vlb (improved DDPM)
+                    eps_pred, var_pred = pred.split(3, dim=1)
+                    vlb = vlb_term(alphas, x0, xt, t, eps_pred, var_pred).mean()
+                    loss = F.mse_loss(eps_pred, noise) + vlb_scale * vlb
+                else:
+                    loss = F.mse_loss(pred, noise)
+                (loss / cfg.grad_accumulation).backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
         opt.step()
-        ema.step(unet.parameters())
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(unet.parameters())
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        if ranks.main and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
             _save_checkpoint(
                 out,
                 step,
@@ -180,13 +316,17 @@ def train(cfg: TrainConfig) -> str:
                     "ema": ema.state_dict(),
                     "optimizer": opt.state_dict(),
                     "numpy_rng": rng.bit_generator.state,
-                    "torch_rng": torch.get_rng_state(),
+                    "torch_gen": gen.get_state(),
                     "data_fingerprint": data.fingerprint,
+                    "world_size": ranks.world,
                     "config": asdict(cfg),
                 },
             )
     bar.close()
     wall = time.perf_counter() - t0
+    if not ranks.main:
+        dist.barrier()  # rank 0 writes the model folder
+        return ""
 
     ema.copy_to(unet.parameters())
     unet.eval()
@@ -196,6 +336,8 @@ def train(cfg: TrainConfig) -> str:
         "preset": cfg.preset,
         "train_steps": cfg.steps,
         "batch_size": cfg.batch_size,
+        "world_size": ranks.world,
+        "grad_accumulation": cfg.grad_accumulation,
         "learning_rate": cfg.learning_rate,
         "ema_decay": cfg.ema_decay,
         "num_images": int(len(data.images)),
@@ -207,7 +349,14 @@ def train(cfg: TrainConfig) -> str:
         "parameters": sum(p.numel() for p in unet.parameters()),
         "prediction_type": "epsilon",
         "variance_type": scheduler.config.variance_type,
+        "learn_sigma": cfg.learn_sigma,
     }
+    if provenance:
+        card["init_from"] = {k: v for k, v in provenance.items() if k != "architecture"}
+        if provenance["architecture"]:
+            card["architecture"] = provenance["architecture"]
     model_id = save_model(out, unet.cpu(), scheduler, card, half=cfg.half)
     log.info("saved %s (%s) after %d steps in %.0f s", out, model_id, step, wall)
+    if ranks.world > 1:
+        dist.barrier()
     return model_id

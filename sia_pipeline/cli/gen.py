@@ -10,6 +10,7 @@ import click
 
 from sia_pipeline.cli._common import die, s3_endpoint_option, setup_logging
 from sia_pipeline.gen.generate import DEFAULT_OUT, DEFAULT_PER_CATEGORY
+from sia_pipeline.gen.raycluster import DEFAULT_RAY_TIMEOUT_S
 
 
 @click.command(
@@ -89,13 +90,30 @@ from sia_pipeline.gen.generate import DEFAULT_OUT, DEFAULT_PER_CATEGORY
     help="Join this Ray cluster ('auto' or ray://host:10001) [default: start a local Ray].",
 )
 @click.option(
+    "--ray-timeout",
+    type=float,
+    default=DEFAULT_RAY_TIMEOUT_S,
+    help="Seconds to wait for --ray-address to answer before giving up (exit 2).",
+)
+@click.option(
     "--max-in-flight", type=int, default=2, help="Shard tasks queued per actor at a time."
 )
 @click.option("--overwrite", is_flag=True, help="Replace a dataset of a different spec at --out.")
 @click.option(
     "--dry-run", is_flag=True, help="Print the plan (shards, images, bytes); write nothing."
 )
-@click.option("--no-progress", is_flag=True, help="No progress bar (logs and summary only).")
+@click.option(
+    "--no-progress",
+    is_flag=True,
+    help="No progress bar: a log line every --progress-interval seconds instead (as when "
+    "stderr is not a terminal).",
+)
+@click.option(
+    "--progress-interval",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    help="Seconds between progress log lines when there is no bar.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(no_progress: bool, verbose: bool, **kwargs) -> None:
     """Generate synthetic industrial anomalies with SDAS into a sharded SIA dataset.

@@ -36,10 +36,19 @@ from sia_pipeline.dataset.storage import LocalStorage, Storage, StorageError, op
 from sia_pipeline.gen.plan import (
     GenSpec,
     PlanError,
+    ShardTasks,
     describe_plan,
     make_spec,
     make_tasks,
     parse_strengths,
+)
+from sia_pipeline.gen.raycluster import (
+    DEFAULT_RAY_TIMEOUT_S,
+    ActorPlan,
+    ClusterError,
+    check_placement,
+    init_ray,
+    plan_actors,
 )
 
 log = logging.getLogger(__name__)
@@ -75,7 +84,17 @@ class GenReport:
     workers: str = ""
     retries: int = 0
     actors_lost: int = 0
+    reuploads: int = 0
+    resamplings: int = 0
+    actors: list[dict] = field(default_factory=list)  # where each sampling actor ran
     failed: list[str] = field(default_factory=list)
+
+    def churn(self) -> str:
+        """``retries 2, actors lost 1, re-uploads 3, re-samplings 0``."""
+        return (
+            f"retries {self.retries}, actors lost {self.actors_lost},"
+            f" re-uploads {self.reuploads}, re-samplings {self.resamplings}"
+        )
 
     def summary(self) -> str:
         if self.dry_run:
@@ -88,7 +107,7 @@ class GenReport:
         return (
             f"{self.shards_written} shards ({self.images_written} images) written by"
             f" {self.workers} at {self.images_per_s:.1f} images/s ({self.seconds:.1f} s in all);"
-            f" {self.shards_skipped} were already done; dataset at {self.out}"
+            f" {self.shards_skipped} were already done; {self.churn()}; dataset at {self.out}"
         )
 
 
@@ -250,19 +269,30 @@ def generate(
     gpus_per_worker: float = 1.0,
     threads_per_worker: int | None = None,
     ray_address: str | None = None,
+    ray_timeout: float = DEFAULT_RAY_TIMEOUT_S,
     max_in_flight: int = 2,
     max_attempts: int = 3,
+    max_uploads: int = 5,
     overwrite: bool = False,
     dry_run: bool = False,
     progress: bool = True,
+    progress_interval: float = 10.0,
+    device: str | None = None,
+    spill_dir: str | None = None,
     on_result: Callable | None = None,
 ) -> GenReport:
     """Generate (or finish) an SIA dataset under ``out``; see ``sia-gen --help``.
 
+    ``progress`` draws a bar on a terminal; without one (or with ``progress=False``)
+    a log line every ``progress_interval`` seconds. ``device`` overrides the actors'
+    torch device (tests run the model on CPU on logical GPUs); ``spill_dir`` the
+    node-local spill for failed uploads.
+
     Raises:
-        GenError: bad input, model, endpoint, bucket or credentials, or a root holding a
-            dataset of another spec (without ``overwrite``). Nothing was written.
-        GenFailed: shards still failing after ``max_attempts`` tries each.
+        GenError: bad input, model, endpoint, bucket or credentials, a root holding a
+            dataset of another spec (without ``overwrite``), a Ray cluster that does not
+            answer within ``ray_timeout`` or cannot place the actors. Nothing was written.
+        GenFailed: shards still failing after their retries.
     """
     from sia_pipeline.diffusion.model import ModelError, load_model
 
@@ -281,6 +311,9 @@ def generate(
             max_in_flight=max_in_flight,
             gpus_per_worker=gpus_per_worker,
         )
+        if not ray_timeout > 0:
+            msg = f"--ray-timeout must be > 0, got {ray_timeout}"
+            raise GenError(msg)
         if not ray_address and threads_per_worker and workers:
             _check_local_cpus(workers, threads_per_worker)
         loaded = load_model(model, device="cpu", endpoint_url=s3_endpoint_url)
@@ -305,7 +338,9 @@ def generate(
             storage = LocalStorage(storage.root.resolve())
             if ray_address:
                 log.warning("a local --out with --ray-address needs a folder every node shares")
-        if not dry_run:
+            if not dry_run:
+                _check_creatable(storage.root)  # created only once Ray has placed the actors
+        elif not dry_run:
             storage.check_writable()
         state = scan_root(storage, spec.spec_hash, spec.to_dict())
     except (PlanError, ModelError, StorageError, FormatError) as e:
@@ -327,38 +362,60 @@ def generate(
             report.plan += f"\n--overwrite would first delete the dataset at {storage.url}"
         return report
 
-    if state.other_spec:
-        log.warning("--overwrite: deleting the dataset at %s (%s)", storage.url, state.other_spec)
-        clear_root(storage)
-        state = RootState({}, None, False)
-    extra = {
-        "model": _model_record(loaded, model),
-        "created_by": f"sia-gen {VERSION}",
-        "command": command_line(spec, out, model, batch_size),
-    }
-    # Before the first shard: a root that loses its index can still be rebuilt exactly.
-    write_spec(storage, spec.to_dict(), spec.spec_hash, extra)
-    pending = [t for t in tasks if t.shard_id not in state.done]
+    done = {} if state.other_spec else state.done
+    pending = tasks.only(skip=set(done))  # lazy: each task is built when an actor needs it
     report.shards_skipped = len(tasks) - len(pending)
-    if pending:
-        worker_kwargs = {
-            "model_url": _absolute(model),
-            "out_url": storage.url,
-            "endpoint_url": s3_endpoint_url,
+    cluster = None
+    if pending:  # before anything is written: a cluster that cannot run us is bad input
+        try:
+            cluster = _connect(
+                ray_address, ray_timeout, workers, gpus_per_worker, threads_per_worker
+            )
+        except ClusterError as e:
+            raise GenError(str(e)) from None
+    try:
+        try:
+            storage.check_writable()
+        except StorageError as e:
+            raise GenError(str(e).splitlines()[0]) from None
+        if state.other_spec:
+            log.warning(
+                "--overwrite: deleting the dataset at %s (%s)", storage.url, state.other_spec
+            )
+            clear_root(storage)
+            state = RootState({}, None, False)
+        extra = {
+            "model": _model_record(loaded, model),
+            "created_by": f"sia-gen {VERSION}",
+            "command": command_line(spec, out, model, batch_size),
         }
-        _run(
-            pending,
-            report,
-            worker_kwargs,
-            ray_address=ray_address,
-            workers=workers,
-            gpus_per_worker=gpus_per_worker,
-            threads_per_worker=threads_per_worker,
-            max_in_flight=max_in_flight,
-            max_attempts=max_attempts,
-            progress=progress,
-            on_result=on_result,
-        )
+        # Before the first shard: a root that loses its index can still be rebuilt exactly.
+        write_spec(storage, spec.to_dict(), spec.spec_hash, extra)
+        if pending:
+            worker_kwargs = {
+                "model_url": _absolute(model),
+                "out_url": storage.url,
+                "endpoint_url": s3_endpoint_url,
+                "spill_dir": spill_dir,
+            }
+            _run(
+                pending,
+                report,
+                worker_kwargs,
+                cluster[1],
+                max_in_flight=max_in_flight,
+                max_attempts=max_attempts,
+                max_uploads=max_uploads,
+                device=device,
+                progress=progress,
+                progress_interval=progress_interval,
+                on_result=on_result,
+            )
+    finally:
+        if cluster is not None and cluster[0]:
+            import ray
+
+            ray.shutdown()
     if pending or not state.index_current:
         table, index = rebuild_from_stats(storage, spec.to_dict(), extra)
         write_card(storage, index, table)
@@ -367,53 +424,105 @@ def generate(
     return report
 
 
-def _run(
-    pending: list,
-    report: GenReport,
-    worker_kwargs: dict[str, Any],
-    *,
+def _check_creatable(root: Path) -> None:
+    """Whether ``root`` exists as a writable folder or could be made, creating nothing."""
+    probe = root
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        msg = f"cannot create output folder {root}: {probe} is not a folder"
+        raise StorageError(msg)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        msg = f"cannot create output folder {root}: {probe} is not writable"
+        raise StorageError(msg)
+
+
+def _connect(
     ray_address: str | None,
+    ray_timeout: float,
     workers: int | None,
     gpus_per_worker: float,
     threads_per_worker: int | None,
+) -> tuple[bool, ActorPlan]:
+    """Join or start Ray and size a pool the cluster can place; (started here, plan).
+
+    Raises:
+        ClusterError: unreachable cluster or actors that cannot be placed (Ray is shut
+            down again if this call started it).
+    """
+    import ray
+
+    verbose = logging.getLogger("sia_pipeline").isEnabledFor(logging.DEBUG)
+    started = init_ray(ray_address, timeout_s=ray_timeout, verbose=verbose)
+    try:
+        actors = plan_actors(workers, gpus_per_worker, threads_per_worker)
+        flags = []
+        if workers:
+            flags.append(f"--workers {workers}")
+        if threads_per_worker:
+            flags.append(f"--threads-per-worker {threads_per_worker}")
+        if actors.num_gpus:
+            flags.append(f"--gpus-per-worker {gpus_per_worker:g}")
+        check_placement(actors, f" ({', '.join(flags)})" if flags else "")
+    except BaseException:
+        if started:
+            ray.shutdown()
+        raise
+    return started, actors
+
+
+def _run(
+    pending: ShardTasks,
+    report: GenReport,
+    worker_kwargs: dict[str, Any],
+    actors: ActorPlan,
+    *,
     max_in_flight: int,
     max_attempts: int,
+    max_uploads: int,
+    device: str | None,
     progress: bool,
+    progress_interval: float,
     on_result: Callable | None,
 ) -> None:
     """Sample ``pending`` shards on Ray actors; fills ``report``; raises GenFailed."""
-    import ray
+    from sia_pipeline.gen.progress import ProgressView
+    from sia_pipeline.gen.runner import ShardRunner
 
-    from sia_pipeline.gen.runner import ShardRunner, init_ray, plan_actors
-
-    started = init_ray(ray_address)
+    report.workers = actors.describe()
+    log.info(
+        "%d shards to write (%d done) with %s", len(pending), report.shards_skipped, report.workers
+    )
+    view = ProgressView(pending.images(), len(pending), bar=progress, interval=progress_interval)
+    runner = ShardRunner(
+        worker_kwargs,
+        actors,
+        max_in_flight=max_in_flight,
+        max_attempts=max_attempts,
+        max_uploads=max_uploads,
+        device=device,
+        view=view,
+        on_result=on_result,
+    )
     try:
-        actors = plan_actors(workers, gpus_per_worker, threads_per_worker)
-        report.workers = actors.describe()
-        log.info(
-            "%d shards to write (%d done) with %s",
-            len(pending),
-            report.shards_skipped,
-            report.workers,
-        )
-        runner = ShardRunner(
-            worker_kwargs,
-            actors,
-            max_in_flight=max_in_flight,
-            max_attempts=max_attempts,
-            progress=progress,
-            on_result=on_result,
-        )
         run = runner.run(pending)
     finally:
-        if started:
-            ray.shutdown()
+        view.close()
     report.shards_written = len(run.done)
     report.images_written = run.images
     report.images_per_s = run.images_per_s
     report.retries = run.retries
     report.actors_lost = run.actors_lost
+    report.reuploads = run.reuploads
+    report.resamplings = run.resamplings
+    report.actors = run.actors
     report.failed = [f"{r.shard_id} ({r.error})" for r in run.failed]
-    if run.failed:
-        msg = f"{len(run.failed)} shard(s) failed: {'; '.join(report.failed[:3])}"
+    if run.not_started:
+        report.failed.append(f"{run.not_started} more shard(s) not started")
+    if run.failed or run.not_started:
+        n = len(run.failed) + run.not_started
+        msg = (
+            f"{n} shard(s) failed ({report.churn()}): "
+            f"{'; '.join(report.failed[:3])}; rerun the same command to finish them"
+        )
         raise GenFailed(msg)

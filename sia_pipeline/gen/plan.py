@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 from sia_pipeline.dataset.format import (
     FORMAT_VERSION,
@@ -329,36 +330,98 @@ class ShardTask:
         }
 
 
-def make_tasks(spec: GenSpec, batch_size: int = 16) -> list[ShardTask]:
-    """One task per shard, category by category, in shard order."""
+def make_task(spec: GenSpec, category_index: int, shard: int, batch_size: int = 16) -> ShardTask:
+    """The task of shard ``shard`` of the ``category_index``-th category (O(shard size))."""
+    category, class_id = spec.categories[category_index], spec.class_ids[category_index]
+    start = shard * spec.shard_size
+    stop = min(start + spec.shard_size, spec.per_category)
+    params = [sample_params(spec, category, i) for i in range(start, stop)]
+    return ShardTask(
+        category=category,
+        class_id=class_id,
+        shard=shard,
+        start=start,
+        seeds=tuple(p[0] for p in params),
+        strengths=tuple(p[1] for p in params),
+        sampler=spec.sampler,
+        steps=spec.steps,
+        eta=spec.eta,
+        image_format=spec.image_format,
+        model_id=spec.model_id,
+        resolution=spec.resolution,
+        spec_hash=spec.spec_hash,
+        batch_size=batch_size,
+    )
+
+
+class ShardTasks(Sequence[ShardTask]):
+    """Every shard's task, category by category in shard order, built only when read.
+
+    ``len``, :meth:`shard_ids` and :meth:`images` cost nothing per sample, so a plan of
+    10**9 images is described (``--dry-run``) in O(categories) time and memory.
+    """
+
+    def __init__(
+        self, spec: GenSpec, batch_size: int = 16, indices: Sequence[int] | None = None
+    ) -> None:
+        self.spec = spec
+        self.batch_size = batch_size
+        self.per_category = spec.shards_per_category()
+        self.indices = indices  # a subset of all shards (see :meth:`only`), or all
+
+    def __len__(self) -> int:
+        if self.indices is not None:
+            return len(self.indices)
+        return self.per_category * len(self.spec.categories)
+
+    def only(self, shard_ids: set[str] | None = None, skip: set[str] | None = None) -> ShardTasks:
+        """The tasks whose shard id is in ``shard_ids`` (all if None) and not in ``skip``."""
+        keep = [
+            i
+            for i, sid in enumerate(self.shard_ids())
+            if (shard_ids is None or sid in shard_ids) and not (skip and sid in skip)
+        ]
+        return ShardTasks(self.spec, self.batch_size, keep)
+
+    @overload
+    def __getitem__(self, i: int) -> ShardTask: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[ShardTask]: ...
+
+    def __getitem__(self, i: int | slice) -> ShardTask | list[ShardTask]:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        c, shard = divmod(self._index(i), self.per_category)
+        return make_task(self.spec, c, shard, self.batch_size)
+
+    def _index(self, i: int) -> int:
+        return self.indices[i] if self.indices is not None else i
+
+    def shard_ids(self) -> Iterator[str]:
+        """Shard ids in order, without building the tasks."""
+        for k in range(len(self)):
+            c, shard = divmod(self._index(k), self.per_category)
+            yield shard_id(self.spec.categories[c], shard)
+
+    def images(self, i: int | None = None) -> int:
+        """Images in the ``i``-th shard (all shards if None), without building tasks."""
+        if i is None:
+            return sum(self.images(k) for k in range(len(self)))
+        shard = self._index(i) % self.per_category
+        return min(self.spec.shard_size, self.spec.per_category - shard * self.spec.shard_size)
+
+
+def make_tasks(spec: GenSpec, batch_size: int = 16) -> ShardTasks:
+    """One task per shard, category by category, in shard order (built lazily)."""
     if batch_size < 1:
         msg = f"--batch-size must be >= 1, got {batch_size}"
         raise PlanError(msg)
-    tasks = []
-    for category, class_id in zip(spec.categories, spec.class_ids, strict=True):
-        for shard in range(spec.shards_per_category()):
-            start = shard * spec.shard_size
-            stop = min(start + spec.shard_size, spec.per_category)
-            params = [sample_params(spec, category, i) for i in range(start, stop)]
-            tasks.append(
-                ShardTask(
-                    category=category,
-                    class_id=class_id,
-                    shard=shard,
-                    start=start,
-                    seeds=tuple(p[0] for p in params),
-                    strengths=tuple(p[1] for p in params),
-                    sampler=spec.sampler,
-                    steps=spec.steps,
-                    eta=spec.eta,
-                    image_format=spec.image_format,
-                    model_id=spec.model_id,
-                    resolution=spec.resolution,
-                    spec_hash=spec.spec_hash,
-                    batch_size=batch_size,
-                )
-            )
-    return tasks
+    return ShardTasks(spec, batch_size)
 
 
 def estimate_bytes(spec: GenSpec) -> int:
@@ -376,7 +439,7 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def describe_plan(spec: GenSpec, tasks: list[ShardTask], done: int = 0) -> str:
+def describe_plan(spec: GenSpec, tasks: Sequence[ShardTask], done: int = 0) -> str:
     """The ``--dry-run`` summary: what would be written, and roughly how much."""
     per_cat = spec.shards_per_category()
     lines = [

@@ -1,0 +1,119 @@
+"""Helper for ``test_multinode.py``, run in its own process (pytest's session Ray is separate).
+
+Starts a Ray cluster of three nodes on this machine (``ray.cluster_utils.Cluster``): a head
+with no CPUs (the driver's node), node A with 2 CPUs + 2 logical GPUs and node B with
+1 CPU + 1 logical GPU. It then
+
+1. asks for 4 GPUs per actor and expects a refusal (``GenError``) before any sampling;
+2. runs ``generate()`` with one actor per GPU (the model on CPU), removes node B as soon
+   as its actor holds a task, and lets the run finish on node A;
+3. writes the same shards with a plain in-process worker (the clean run).
+
+Prints one JSON line with the report, the actors' placements and the time.
+Usage: ``python multinode_run.py MODEL WORKDIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def main(model: str, work: Path) -> None:
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ.pop("RAY_ADDRESS", None)
+    from ray.cluster_utils import Cluster
+
+    from sia_pipeline.gen.generate import GenError, generate
+
+    fast_health = {
+        "health_check_initial_delay_ms": 0,
+        "health_check_period_ms": 500,
+        "health_check_failure_threshold": 3,
+    }
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "include_dashboard": False, "_system_config": fast_health},
+    )
+    node_a = cluster.add_node(num_cpus=2, num_gpus=2)
+    node_b = cluster.add_node(num_cpus=1, num_gpus=1)
+    cluster.wait_for_nodes()
+    out = {"ok": False}
+    try:
+        common = {
+            "model": model,
+            "per_category": 6,
+            "shard_size": 2,
+            "batch_size": 2,
+            "steps": 2,
+            "ray_address": cluster.address,
+            "device": "cpu",
+            "progress": False,
+        }
+        try:
+            generate(out=str(work / "refused"), gpus_per_worker=4, **common)
+        except GenError as e:
+            out["refused"] = str(e)
+        out["refused_out_exists"] = (work / "refused").exists()
+
+        removed: list[float] = []
+
+        def remove_b(result, runner) -> None:
+            on_b = [a for a, act in runner._pool.items() if act.node == node_b.node_id]
+            if not removed and any(runner._pool[a].load > 0 for a in on_b):
+                cluster.remove_node(node_b, allow_graceful=False)
+                removed.append(time.perf_counter())
+
+        t0 = time.perf_counter()
+        report = generate(
+            out=str(work / "lost"),
+            spill_dir=str(work / "spill"),
+            max_in_flight=2,
+            on_result=remove_b,
+            **common,
+        )
+        t1 = time.perf_counter()
+        out.update(
+            ok=True,
+            seconds=round(t1 - t0, 1),
+            seconds_after_removal=round(t1 - removed[0], 1) if removed else None,
+            removed=bool(removed),
+            node_a=node_a.node_id,
+            node_b=node_b.node_id,
+            shards_written=report.shards_written,
+            images=report.images_written,
+            retries=report.retries,
+            actors_lost=report.actors_lost,
+            reuploads=report.reuploads,
+            resamplings=report.resamplings,
+            failed=report.failed,
+            actors=report.actors,
+            summary=report.summary(),
+        )
+    finally:
+        cluster.shutdown()
+
+    # The clean run: the same shards written by one plain worker, no Ray.
+    from sia_pipeline.gen.plan import make_spec, make_tasks
+    from sia_pipeline.gen.spill import Spill
+    from sia_pipeline.gen.worker import SamplerWorker
+
+    worker = SamplerWorker(model, str(work / "clean"), device="cpu", threads=1)
+    worker.spill = Spill(work / "spill-clean")
+    spec = make_spec(
+        model_id=worker.model.model_id,
+        model_categories=worker.model.categories,
+        resolution=worker.model.resolution,
+        per_category=common["per_category"],
+        shard_size=common["shard_size"],
+        steps=common["steps"],
+    )
+    out["clean_ok"] = all(worker(t).ok for t in make_tasks(spec, common["batch_size"]))
+    print("MULTINODE " + json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))

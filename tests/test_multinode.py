@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # three Ray nodes and three actors: about a minute on 2 cores
 ROOT = Path(__file__).resolve().parents[1]
 
 

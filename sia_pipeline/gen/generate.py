@@ -46,9 +46,7 @@ from sia_pipeline.gen.raycluster import (
     DEFAULT_RAY_TIMEOUT_S,
     ActorPlan,
     ClusterError,
-    check_placement,
-    init_ray,
-    plan_actors,
+    connect_pool,
 )
 
 log = logging.getLogger(__name__)
@@ -368,8 +366,14 @@ def generate(
     cluster = None
     if pending:  # before anything is written: a cluster that cannot run us is bad input
         try:
-            cluster = _connect(
-                ray_address, ray_timeout, workers, gpus_per_worker, threads_per_worker
+            verbose = logging.getLogger("sia_pipeline").isEnabledFor(logging.DEBUG)
+            cluster = connect_pool(
+                ray_address,
+                ray_timeout,
+                workers,
+                gpus_per_worker,
+                threads_per_worker,
+                verbose=verbose,
             )
         except ClusterError as e:
             raise GenError(str(e)) from None
@@ -435,40 +439,6 @@ def _check_creatable(root: Path) -> None:
     if not os.access(probe, os.W_OK | os.X_OK):
         msg = f"cannot create output folder {root}: {probe} is not writable"
         raise StorageError(msg)
-
-
-def _connect(
-    ray_address: str | None,
-    ray_timeout: float,
-    workers: int | None,
-    gpus_per_worker: float,
-    threads_per_worker: int | None,
-) -> tuple[bool, ActorPlan]:
-    """Join or start Ray and size a pool the cluster can place; (started here, plan).
-
-    Raises:
-        ClusterError: unreachable cluster or actors that cannot be placed (Ray is shut
-            down again if this call started it).
-    """
-    import ray
-
-    verbose = logging.getLogger("sia_pipeline").isEnabledFor(logging.DEBUG)
-    started = init_ray(ray_address, timeout_s=ray_timeout, verbose=verbose)
-    try:
-        actors = plan_actors(workers, gpus_per_worker, threads_per_worker)
-        flags = []
-        if workers:
-            flags.append(f"--workers {workers}")
-        if threads_per_worker:
-            flags.append(f"--threads-per-worker {threads_per_worker}")
-        if actors.num_gpus:
-            flags.append(f"--gpus-per-worker {gpus_per_worker:g}")
-        check_placement(actors, f" ({', '.join(flags)})" if flags else "")
-    except BaseException:
-        if started:
-            ray.shutdown()
-        raise
-    return started, actors
 
 
 def _run(

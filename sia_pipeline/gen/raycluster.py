@@ -45,41 +45,43 @@ class ActorPlan:
 
 
 def _quiet_ray_logger(verbose: bool) -> logging.handlers.MemoryHandler | None:
-    """Hold Ray's driver-side notices (token auth, "Started a local Ray instance"...).
+    """Hold Ray's driver-side notices (token auth, "SIGTERM handler is not set"...).
 
-    Ray gives its ``ray`` logger its own stderr handler at import; that handler is
-    replaced for the rest of the process (``-v`` keeps it).
+    ``ray.init(configure_logging=False)`` clears the ``ray`` logger's handlers, and that
+    logger does not propagate, so its records reach :data:`logging.lastResort` (stderr).
+    For the length of ``ray.init`` that last resort is a buffer; afterwards the ``ray``
+    logger writes to a file in the Ray session (``-v`` keeps Ray's own stderr handler).
     """
     if verbose:
         return None
-    import ray  # noqa: F401  (installs Ray's handler, which is then replaced)
-
-    ray_log = logging.getLogger("ray")
     buffer = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)
-    for handler in list(ray_log.handlers):
-        ray_log.removeHandler(handler)
-    ray_log.addHandler(buffer)
-    ray_log.propagate = False
+    buffer._previous = logging.lastResort  # type: ignore[attr-defined]
+    logging.lastResort = buffer
     return buffer
 
 
 def _flush_ray_notices(buffer: logging.handlers.MemoryHandler | None) -> None:
-    """Write the held notices to ``<ray session>/logs/sia-gen-driver.log``; keep later ones."""
+    """Write the held notices to ``<ray session>/logs/sia-gen-driver.log``; later ones too."""
     if buffer is None:
         return
-    ray_log = logging.getLogger("ray")
+    logging.lastResort = buffer._previous  # type: ignore[attr-defined]
     try:
         import ray
 
         session = ray._private.worker._global_node.get_session_dir_path()  # noqa: SLF001
-        target = logging.FileHandler(os.path.join(session, "logs", "sia-gen-driver.log"))
+        target: logging.Handler = logging.FileHandler(
+            os.path.join(session, "logs", "sia-gen-driver.log")
+        )
     except Exception:  # ray:// clients have no local session folder
         target = logging.NullHandler()
     target.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     buffer.setTarget(target)
     buffer.flush()
-    ray_log.removeHandler(buffer)
+    ray_log = logging.getLogger("ray")
+    for handler in list(ray_log.handlers):
+        ray_log.removeHandler(handler)
     ray_log.addHandler(target)
+    ray_log.propagate = False
 
 
 def _split_address(address: str) -> tuple[str, int] | None:
@@ -257,3 +259,37 @@ def fits_now(plan: ActorPlan) -> bool:
     except Exception:  # an older or newer Ray without it: the cluster-wide sum
         return _fit(ray.available_resources(), plan) >= 1
     return any(_fit(res, plan) >= 1 for res in free.values())
+
+
+def connect_pool(
+    ray_address: str | None,
+    ray_timeout: float,
+    workers: int | None,
+    gpus_per_worker: float,
+    threads_per_worker: int | None,
+    verbose: bool = False,
+) -> tuple[bool, ActorPlan]:
+    """Join or start Ray and size a pool the cluster can place; (started here, plan).
+
+    Raises:
+        ClusterError: unreachable cluster or actors that cannot be placed (Ray is shut
+            down again if this call started it).
+    """
+    import ray
+
+    started = init_ray(ray_address, timeout_s=ray_timeout, verbose=verbose)
+    try:
+        actors = plan_actors(workers, gpus_per_worker, threads_per_worker)
+        flags = []
+        if workers:
+            flags.append(f"--workers {workers}")
+        if threads_per_worker:
+            flags.append(f"--threads-per-worker {threads_per_worker}")
+        if actors.num_gpus:
+            flags.append(f"--gpus-per-worker {gpus_per_worker:g}")
+        check_placement(actors, f" ({', '.join(flags)})" if flags else "")
+    except BaseException:
+        if started:
+            ray.shutdown()
+        raise
+    return started, actors

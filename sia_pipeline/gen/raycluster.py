@@ -101,8 +101,11 @@ def _probe(address: str, timeout_s: float) -> None:
         with socket.create_connection(hp, timeout=timeout_s):
             pass
     except OSError as e:
-        why = "no answer" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
-        msg = f"cannot reach the Ray cluster at {address}: {why} (after {timeout_s:g} s at most)"
+        if isinstance(e, TimeoutError):
+            why = f"no answer within {timeout_s:g} s (--ray-timeout)"
+        else:
+            why = e.strerror or type(e).__name__
+        msg = f"cannot reach the Ray cluster at {address}: {why}"
         raise ClusterError(msg) from None
 
 

@@ -162,15 +162,13 @@ class ShardRunner:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        here = ray.get_runtime_context().get_node_id()
-        self._board = (
-            ray.remote(ProgressBoard)
-            .options(
-                num_cpus=0,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
-            )
-            .remote()
-        )
+        options: dict[str, Any] = {"num_cpus": 0}
+        try:  # beside the driver, so that it lives as long as the run
+            here = ray.get_runtime_context().get_node_id()
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(here, soft=True)
+        except Exception:  # e.g. a ray:// client has no node of its own
+            log.debug("progress board placed by Ray", exc_info=True)
+        self._board = ray.remote(ProgressBoard).options(**options).remote()
         self._worker_kwargs["progress"] = BoardSink(self._board)
 
     def _deaths_in_window(self) -> int:

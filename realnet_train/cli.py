@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import click
 
@@ -215,12 +216,16 @@ def train_main(**kw) -> None:
     """
     verbose = kw.pop("verbose")
     setup_logging(verbose)
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 reports
+    if not main_rank:
+        logging.getLogger("realnet_train").setLevel(logging.WARNING)
     cfg = run_or_die(train_config, kw, verbose=verbose)
     from realnet_train.train import train
 
     hint = "; --resume continues from the last checkpoint"
     result = run_or_die(train, cfg, verbose=verbose, hint=hint)
-    click.echo(json.dumps({k: v for k, v in result.items() if k not in ("history", "config")}))
+    if main_rank:
+        click.echo(json.dumps({k: v for k, v in result.items() if k not in ("history", "config")}))
 
 
 @click.command("realnet-eval", cls=OneLineCommand, context_settings=CONTEXT)

@@ -75,6 +75,8 @@ def test_two_gloo_processes_train_checkpoint_on_rank_0_and_resume(shared_data, t
     args += TINY_MODEL
     first = torchrun([*args, "--steps", "4"])
     assert first.returncode == 0, first.stderr[-3000:]
+    reports = [json.loads(x) for x in first.stdout.splitlines() if x.startswith("{")]
+    assert len(reports) == 1 and reports[0]["world_size"] == 2  # rank 0 alone reports
     log = json.loads((out / "train_log.json").read_text())
     assert log["world_size"] == 2 and log["step"] == 4
     sums = log["rank_param_sums"]  # DDP keeps both ranks' weights equal

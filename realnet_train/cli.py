@@ -255,7 +255,8 @@ def eval_main(**kw) -> None:
         category = kw["category"] or ckpt["category"]
         out = kw["out"] or str(Path(kw["checkpoint"]).parent / "eval")
         preflight.check_out(out)
-        items = preflight.open_category(kw["data"], category, kw["s3_endpoint_url"]).test_items
+        endpoint = kw["s3_endpoint_url"]
+        items = preflight.open_category(kw["data"], category, endpoint, False).test_items
         if not any(it.label for it in items) or all(it.label for it in items):
             msg = f"--data {kw['data']}: {category}/test needs both good and defective images"
             raise InputError(msg)

@@ -86,7 +86,7 @@ def evaluate(
     model, ckpt = load_model(checkpoint)
     category = category or ckpt["category"]
     size = int(ckpt["image_size"])
-    mvtec = MVTecCategory(data, category, endpoint_url)
+    mvtec = MVTecCategory(data, category, endpoint_url, require_train=False)
     items = mvtec.test_items
     labels = np.array([it.label for it in items])
     if not items or labels.all() or not labels.any():

@@ -83,12 +83,18 @@ def check_name(name: str, option: str) -> str:
     return name
 
 
-def open_category(data: str, category: str, endpoint: str | None = None) -> MVTecCategory:
+def open_category(
+    data: str, category: str, endpoint: str | None = None, require_train: bool = True
+) -> MVTecCategory:
     """The MVTec-layout category, or an ``InputError`` naming what is missing."""
     check_readable(data, "--data", endpoint=endpoint)
     check_name(category, "--category")
+    path = local_path(data)
+    if path is not None and not (path / category).is_dir():
+        msg = f"--category {category}: no folder {path / category}"
+        raise InputError(msg)
     try:
-        return MVTecCategory(data, category, endpoint)
+        return MVTecCategory(data, category, endpoint, require_train)
     except READ_ERRORS as e:
         msg = f"--category {category} under --data {data}: {e}"
         raise InputError(msg) from None

@@ -117,11 +117,12 @@ def test_predict_reads_an_s3_prefix_like_a_folder(trained, tmp_path, s3_root, s3
     assert len(results["s3"]) == len(files) and results["s3"] == results["local"]
 
 
-def test_eval_without_ground_truth_is_image_level(trained, tmp_path):
+def test_eval_without_ground_truth_or_train_is_image_level(trained, tmp_path):
     data, ckpt_path = trained
     unlabelled = tmp_path / "data"
     shutil.copytree(data, unlabelled)
     shutil.rmtree(unlabelled / "bottle/ground_truth")
+    shutil.rmtree(unlabelled / "bottle/train")  # evaluation needs only test/
     res = CliRunner().invoke(
         eval_main,
         ["--checkpoint", str(ckpt_path), "--data", str(unlabelled), "--out", str(tmp_path / "e")],

@@ -62,7 +62,9 @@ def decode_mask(data: bytes, size: int | None = None) -> np.ndarray:
 class MVTecCategory:
     """The train and test splits of one category, read lazily through :mod:`storage`."""
 
-    def __init__(self, root: str, category: str, endpoint_url: str | None = None) -> None:
+    def __init__(
+        self, root: str, category: str, endpoint_url: str | None = None, require_train: bool = True
+    ) -> None:
         self.url = join_url(str(root), category)
         self.category = category
         self.storage: Storage = open_storage(self.url, endpoint_url)
@@ -70,7 +72,7 @@ class MVTecCategory:
         self._test: list[MVTecItem] | None = None
         self.has_masks = True
         self.skipped: list[dict[str, str]] = []
-        if not self.train_items:
+        if require_train and not self.train_items:
             msg = f"no training images under {join_url(self.url, 'train/good')}"
             raise FileNotFoundError(msg)
 

@@ -90,8 +90,8 @@ def test_two_gloo_processes_equal_one_process_with_the_combined_batch(small_root
     train(TrainConfig(data=[str(small_root)], categories=["bottle", "magnetic_tile"],
                       out=str(single_out), batch_size=4, **COMMON))  # fmt: skip
 
-    a = torch.load(ddp_out / "checkpoints/checkpoint-3.pt", weights_only=False)
-    b = torch.load(single_out / "checkpoints/checkpoint-3.pt", weights_only=False)
+    a = torch.load(ddp_out / "checkpoints/checkpoint-3.pt", weights_only=True)
+    b = torch.load(single_out / "checkpoints/checkpoint-3.pt", weights_only=True)
     assert a["world_size"] == 2 and b["world_size"] == 1
     diff = torch.cat([(a["unet"][k] - b["unet"][k]).abs().flatten() for k in a["unet"]])
     beyond, moved = (diff > DDP_ATOL).float().mean().item(), diff.max().item()

@@ -255,7 +255,7 @@ def train(cfg: TrainConfig) -> str:
     if cfg.resume and ckpt is None:
         log.warning("--resume: no checkpoint under %s, starting from scratch", out)
     if ckpt is not None:
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        state = torch.load(ckpt, map_location=device, weights_only=True)
         if state["data_fingerprint"] != data.fingerprint:
             msg = f"{ckpt} was trained on different data (fingerprint mismatch); not resuming"
             raise ValueError(msg)
@@ -264,7 +264,7 @@ def train(cfg: TrainConfig) -> str:
             ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         rng.bit_generator.state = state["numpy_rng"]
-        gen.set_state(state["torch_gen"])
+        gen.set_state(state["torch_gen"].cpu())
         step, elapsed = state["step"], state["elapsed_s"]
         log.info("resumed from %s at step %d", ckpt, step)
 

@@ -335,6 +335,18 @@ def test_cli_refuses_what_is_not_a_checkpoint(tmp_path, case):
     assert not (tmp_path / "m").exists()
 
 
+def test_cli_refuses_a_non_empty_out_and_reads_the_legacy_format(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "x").write_text("keep me")
+    ckpt = tmp_path / "c.pt"
+    torch.save({"a": torch.zeros(1)}, ckpt, _use_new_zipfile_serialization=False)
+    res = _convert([ckpt, "--out", tmp_path / "m"])
+    assert res.exit_code == 2 and "exists and is not empty" in res.output
+    assert (tmp_path / "m" / "x").read_text() == "keep me"
+    res = _convert([ckpt, "--out", tmp_path / "n"])  # legacy file read; then it does not fit
+    assert res.exit_code == 2 and "label_emb.weight (missing)" in res.output
+
+
 @needs_reference
 def test_cli_converts_a_classifier(tmp_path):
     ckpt = tmp_path / "256x256_classifier.pt"

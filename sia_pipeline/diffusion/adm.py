@@ -367,6 +367,16 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _torch_load(path: Path) -> Any:
+    with torch.serialization.safe_globals(_SAFE_STAND_INS):
+        try:  # memory-mapped: a 2 GB checkpoint is not read into memory twice
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # only the legacy (pre-zip) format cannot be mapped
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict in a ``.pt``/``.pth.tar`` or ``.safetensors`` file, without unpickling code.
 
@@ -386,8 +396,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
             obj: Any = load_file(path)
         else:
-            with torch.serialization.safe_globals(_SAFE_STAND_INS):
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            obj = _torch_load(path)
     except Exception as e:  # torch raises many types for a bad file
         lines = [ln for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
         why = next((ln for ln in lines if "Unsupported" in ln or "Can only" in ln), lines[0])

@@ -126,12 +126,12 @@ class Ranks:
 def _setup(name: str) -> tuple[Ranks, torch.device]:
     """Join the torchrun process group if there is one; pick this process's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = name in ("auto", "cuda") and torch.cuda.is_available()
+    cuda = (name == "auto" or name.startswith("cuda")) and torch.cuda.is_available()
     if world == 1:
         return Ranks(), torch.device(
             "cuda" if name == "auto" and cuda else name.replace("auto", "cpu")
         )
-    local = int(os.environ["LOCAL_RANK"])
+    local = int(os.environ["LOCAL_RANK"])  # one process per GPU: cuda:N becomes cuda:LOCAL_RANK
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 LOG_NAME = "train_log.json"
 BAD_EXAMPLES = 50  # bad-sample records kept in the log (the count is always complete)
+DATA_TIMEOUT_S = 600  # longest wait for one batch from the DataLoader workers
 __all__ = ["TooManyBadSamples", "TrainConfig", "build_loader", "load_model", "to_tensor", "train"]
 
 
@@ -122,6 +123,7 @@ def build_loader(
         num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0,
         prefetch_factor=4 if cfg.num_workers > 0 else None,
+        timeout=DATA_TIMEOUT_S if cfg.num_workers > 0 else 0,  # a stuck read fails, not hangs
     )
 
 

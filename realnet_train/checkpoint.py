@@ -52,14 +52,24 @@ def read_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, An
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, ...
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        msg = f"{path} is not a RealNet checkpoint (refused to load it: {first})"
+        msg = f"{path} is not a RealNet checkpoint (a weights-only load refused it: {_why(e)})"
         raise CheckpointError(msg) from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         have = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         msg = f"{path} is not a RealNet checkpoint (needs {list(REQUIRED_KEYS)}, has {have})"
         raise CheckpointError(msg)
     return ckpt
+
+
+def _why(err: Exception) -> str:
+    """The reason in torch's long refusal text (never its advice to drop weights_only)."""
+    text = str(err)
+    _, found, rest = text.partition("WeightsUnpickler error:")
+    if found:
+        text = rest.split("Check the documentation")[0]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    first = lines[0] if lines else type(err).__name__
+    return first.split(" was not an allowed global")[0][:200]  # drop the allow-list advice
 
 
 def load_model(path: str | Path, map_location: str = "cpu") -> tuple[RealNet, dict[str, Any]]:

@@ -60,6 +60,10 @@ def env(shared_data, tiny_sia, tmp_path_factory) -> dict[str, Path]:
     save_checkpoint(uncalibrated, checkpoint_dict(model, **fields))
     crafted = base / "crafted.pt"
     crafted.write_bytes(pickle.dumps({"model": Exploit(base / "PWNED")}))
+    crafted2 = base / "crafted2.pt"  # protocol 2: the loader reaches GLOBAL io.open
+    crafted2.write_bytes(pickle.dumps({"model": Exploit(base / "PWNED")}, protocol=2))
+    crafted_zip = base / "crafted_zip.pt"  # torch.save's own zip format around the exploit
+    torch.save({"model": Exploit(base / "PWNED")}, crafted_zip)
     foreign = base / "foreign.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
     garbage = base / "garbage.pt"
@@ -75,6 +79,8 @@ def env(shared_data, tiny_sia, tmp_path_factory) -> dict[str, Path]:
         "ckpt": good_ckpt,
         "uncalibrated": uncalibrated,
         "crafted": crafted,
+        "crafted2": crafted2,
+        "crafted_zip": crafted_zip,
         "foreign": foreign,
         "garbage": garbage,
         "image": sorted((data / "bottle/test/broken_large").glob("*.png"))[0],
@@ -196,6 +202,16 @@ EVAL_CASES = [
     ("checkpoint-missing", ["--checkpoint", "{base}/nope.pt"], "no such file"),
     ("checkpoint-is-a-folder", ["--checkpoint", "{base}"], "is not a file"),
     ("checkpoint-crafted-pickle", ["--checkpoint", "{crafted}"], "is not a RealNet checkpoint"),
+    (
+        "checkpoint-crafted-pickle-2",
+        ["--checkpoint", "{crafted2}"],
+        "Unsupported global: GLOBAL io.open)",
+    ),
+    (
+        "checkpoint-crafted-torch-zip",
+        ["--checkpoint", "{crafted_zip}"],
+        "Unsupported global: GLOBAL io.open)",
+    ),
     ("checkpoint-foreign-dict", ["--checkpoint", "{foreign}"], "is not a RealNet checkpoint"),
     ("checkpoint-garbage", ["--checkpoint", "{garbage}"], "is not a RealNet checkpoint"),
     ("data-missing", ["--data", "{base}/nope"], "no such folder"),

@@ -399,3 +399,47 @@ def test_cli_run_has_no_ray_banner_and_reports_churn(tiny_model, tmp_path):
     summary = proc.stdout.strip().splitlines()[-1]
     assert summary.startswith("1 shards (2 images) written by 1 CPU worker(s)")
     assert "retries 0, actors lost 0, re-uploads 0, re-samplings 0" in summary
+
+
+def test_storage_outage_mid_run_fails_cleanly_and_rerun_only_uploads(
+    tiny_model, ray_local, s3_root, s3_client, tmp_path
+):
+    """The bucket vanishes after the first shard: the run exits with GenFailed (the
+    shards sampled meanwhile wait in the spill); with the bucket back, the rerun
+    uploads those without sampling them again."""
+    from sia_pipeline.gen.generate import GenFailed
+
+    bucket = s3_root.split("/")[2]
+    spill = tmp_path / "spill"
+    gone: list[str] = []
+
+    def drop_bucket(result, runner):
+        if not gone:
+            for obj in s3_client.list_objects_v2(Bucket=bucket).get("Contents", []):
+                s3_client.delete_object(Bucket=bucket, Key=obj["Key"])
+            s3_client.delete_bucket(Bucket=bucket)
+            gone.append(result.shard_id)
+
+    args = {
+        "model": str(tiny_model),
+        "out": s3_root,
+        "per_category": 4,
+        "shard_size": 2,
+        "batch_size": 2,
+        "steps": 2,
+        "workers": 1,
+        "threads_per_worker": 1,
+        "spill_dir": str(spill),
+        "progress": False,
+    }
+    with pytest.raises(GenFailed, match=r"re-samplings 0\): .*bucket does not exist") as err:
+        generate(max_uploads=2, on_result=drop_bucket, **args)
+    assert "rerun the same command" in str(err.value)
+    spilled = len(Spill(spill).entries())
+    assert spilled >= 1
+
+    s3_client.create_bucket(Bucket=bucket)
+    report = generate(**args)
+    assert report.shards_written == 4 and not report.failed
+    assert report.reuploads == spilled and report.resamplings == 0
+    assert files_under(spill) == []

@@ -26,8 +26,8 @@ from realnet_train.cli_common import (
     die,
     setup_logging,
 )
-from realnet_train.model.backbone import DEFAULT_BACKBONE
 from realnet_train.model.realnet import RealNetConfig
+from realnet_train.presets import DEFAULT_PRESET, PRESETS, help_text, resolve
 from sia_pipeline.compose.foreground import CHOICES as FOREGROUND_CHOICES
 
 log = logging.getLogger(__name__)
@@ -54,41 +54,85 @@ def run_or_die(fn, *args, verbose: bool = False, hint: str = ""):
         die(f"{type(e).__name__}: {e}{hint} (rerun with -v for the traceback)", 1)
 
 
-def model_config(kw: dict) -> RealNetConfig:
-    """The model options as a :class:`RealNetConfig` (``InputError`` when out of range)."""
+def _int_list(text: str | None, option: str) -> tuple[int, ...] | None:
+    """``"24,40"`` -> (24, 40); ``None`` stays ``None`` (the preset's value)."""
+    if text is None:
+        return None
     try:
-        levels = tuple(int(x) for x in kw["levels"].split(","))
+        values = tuple(int(x) for x in text.split(","))
     except ValueError:
-        msg = f"--levels {kw['levels']!r} is not a comma-separated list of integers"
+        msg = f"{option} {text!r} is not a comma-separated list of integers"
         raise InputError(msg) from None
-    if not levels or any(not 0 <= lv <= 4 for lv in levels) or len(set(levels)) < len(levels):
+    if any(v < 0 for v in values):
+        msg = f"{option} {text!r} must not hold negative numbers"
+        raise InputError(msg)
+    return values
+
+
+def preset_config(kw: dict) -> tuple[dict, RealNetConfig]:
+    """The preset with the options given laid over it: (train settings, model config).
+
+    Raises ``InputError`` when out of range, or when ``--preset paper`` lacks its weights file.
+    """
+    levels = _int_list(kw["levels"], "--levels")
+    if levels is not None and (
+        not levels or any(lv > 4 for lv in levels) or len(set(levels)) < len(levels)
+    ):
         msg = f"--levels {kw['levels']!r} must be distinct backbone levels in 0..4"
         raise InputError(msg)
-    for name in ("recon_width", "rrs_k"):
-        if kw[name] < 1:
-            msg = f"--{name.replace('_', '-')} must be >= 1, got {kw[name]}"
-            raise InputError(msg)
+    counts = _int_list(kw["rrs_counts"], "--rrs-counts")
+    if counts is not None and (len(counts) != 2 or min(counts) < 1):
+        msg = f"--rrs-counts {kw['rrs_counts']!r} must be two numbers >= 1 (MAX,MEAN)"
+        raise InputError(msg)
+    keep = _int_list(kw["afs_keep"], "--afs-keep")
+    if keep is not None and min(keep, default=0) < 1:
+        msg = f"--afs-keep {kw['afs_keep']!r} must be numbers >= 1, one per level"
+        raise InputError(msg)
+    if kw["recon_width"] is not None and (kw["recon_width"] < 32 or kw["recon_width"] % 32):
+        msg = f"--recon-width must be a multiple of 32 (GroupNorm groups), got {kw['recon_width']}"
+        raise InputError(msg)
     if kw["backbone_weights"]:
         from realnet_train.preflight import check_readable
 
         check_readable(kw["backbone_weights"], "--backbone-weights", folder=False)
-    import timm
+    if kw["backbone"] is not None:
+        import timm
 
-    if not timm.is_model(kw["backbone"]):
-        msg = f"--backbone {kw['backbone']!r} is not a timm model name"
-        raise InputError(msg)
+        if not timm.is_model(kw["backbone"]):
+            msg = f"--backbone {kw['backbone']!r} is not a timm model name"
+            raise InputError(msg)
+    model_kw = {
+        "backbone": kw["backbone"],
+        "backbone_weights": kw["backbone_weights"],
+        "levels": levels,
+        "afs_keep": keep,
+        "recon_width": kw["recon_width"],
+        "rrs_counts": counts,
+    }
+    train_kw = {
+        "image_size": kw["image_size"],
+        "batch_size": kw["batch_size"],
+        "steps": kw["steps"],
+        "time_budget_s": kw["time_budget"],
+        "lr": kw["lr"],
+        "afs_batches": kw["afs_batches"],
+    }
     try:
-        return RealNetConfig(
-            backbone=kw["backbone"],
-            backbone_weights=kw["backbone_weights"],
-            levels=levels,
-            afs_keep=kw["afs_keep"],
-            recon_width=kw["recon_width"],
-            rrs_k=kw["rrs_k"],
-            head_width=kw["recon_width"],
-        )
+        train_kw, model = resolve(kw["preset"], train_kw, model_kw)
     except (TypeError, ValueError) as e:
         raise InputError(str(e)) from None
+    if len(model.afs_keep) != len(model.levels):
+        msg = f"--afs-keep {list(model.afs_keep)} needs one count per level {list(model.levels)}"
+        raise InputError(msg)
+    # The coarsest level (stride 2 ** (level + 1)) must halve (multipliers - 1) times.
+    size = train_kw["image_size"]
+    coarsest = 2 ** (max(model.levels) + 1) * 2 ** (len(model.recon_channel_mult) - 1)
+    if size % coarsest:
+        msg = (
+            f"--image-size {size} must be a multiple of {coarsest} for levels {list(model.levels)}"
+        )
+        raise InputError(msg)
+    return train_kw, model
 
 
 def train_config(kw: dict):
@@ -97,6 +141,7 @@ def train_config(kw: dict):
     from realnet_train.train import TrainConfig
 
     endpoint = kw["s3_endpoint_url"]
+    train_kw, model = preset_config(kw)
     out = preflight.check_out(kw["out"])
     mvtec = preflight.open_category(kw["data"], kw["category"], endpoint)
     if not kw["sia"] and not kw["textures"]:
@@ -111,7 +156,7 @@ def train_config(kw: dict):
     if kw["sia"]:
         preflight.check_sia(kw["sia"], kw["category"], strengths, endpoint)
     if kw["textures"]:
-        preflight.check_textures(kw["textures"], kw["image_size"], endpoint)
+        preflight.check_textures(kw["textures"], train_kw["image_size"], endpoint)
     if len(mvtec.train_items) < 2 and kw["holdout"] > 0:
         msg = f"--holdout {kw['holdout']}: only {len(mvtec.train_items)} training image(s)"
         raise InputError(msg)
@@ -131,11 +176,6 @@ def train_config(kw: dict):
         textures=kw["textures"],
         mix=mix,
         strength_range=strengths,
-        image_size=kw["image_size"],
-        batch_size=kw["batch_size"],
-        steps=kw["steps"],
-        time_budget_s=kw["time_budget"],
-        lr=kw["lr"],
         checkpoint_every=kw["checkpoint_every"],
         max_bad_samples=kw["max_bad_samples"],
         holdout=kw["holdout"],
@@ -147,11 +187,12 @@ def train_config(kw: dict):
         resume=kw["resume"],
         endpoint_url=endpoint,
         foreground=kw["foreground"],
-        model=model_config(kw),
+        model=model,
+        **train_kw,
     )
 
 
-@click.command("realnet-train", cls=OneLineCommand, context_settings=CONTEXT)
+@click.command("realnet-train", cls=OneLineCommand, context_settings=CONTEXT, epilog=help_text())
 @click.option("--category", required=True, help="Category folder name under --data.")
 @click.option("--data", required=True, help="MVTec-layout root (folder or s3://).")
 @click.option("--sia", default=None, help="SIA dataset root (format v1; folder or s3://).")
@@ -159,11 +200,22 @@ def train_config(kw: dict):
 @click.option("--mix", default=None, help="Source probabilities, e.g. normal=0.5,sia=0.5.")
 @click.option("--strengths", default=None, help="Keep SIA samples with strength in LO:HI.")
 @click.option("--out", required=True, help="Run folder (created; holds last.pt, train_log.json).")
-@click.option("--image-size", type=Number(int, 32, 4096), default=128)
-@click.option("--batch-size", type=POSITIVE_INT, default=8)
-@click.option("--steps", type=POSITIVE_INT, default=300, help="Total optimiser steps (>= 1).")
-@click.option("--time-budget", type=POSITIVE_FLOAT, default=None, help="Stop after N seconds.")
-@click.option("--lr", type=POSITIVE_FLOAT, default=1e-3)
+@click.option(
+    "--preset",
+    type=click.Choice(list(PRESETS)),
+    default=DEFAULT_PRESET,
+    help="Named settings (see below); the options marked (preset) default to its values.",
+)
+@click.option("--image-size", type=Number(int, 32, 4096), default=None, help="(preset) 128 / 256")
+@click.option("--batch-size", type=POSITIVE_INT, default=None, help="(preset) 8 / 16")
+@click.option("--steps", type=POSITIVE_INT, default=None, help="(preset) 1500 / 13000")
+@click.option(
+    "--time-budget", type=POSITIVE_FLOAT, default=None, help="Stop after N seconds (preset) 1200"
+)
+@click.option("--lr", type=POSITIVE_FLOAT, default=None, help="Adam (preset) 1e-3 / 1e-4")
+@click.option(
+    "--afs-batches", type=POSITIVE_INT, default=None, help="Batches AFS is fitted on (preset) 64"
+)
 @click.option("--workers", type=NON_NEGATIVE_INT, default=1, help="DataLoader worker processes.")
 @click.option("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads.")
 @click.option("--seed", type=Number(int), default=0)
@@ -190,12 +242,23 @@ def train_config(kw: dict):
     "--device", type=click.Choice(["cpu", "cuda"]), default=None, help="[default: cuda if any]"
 )
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
-@click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True)
-@click.option("--backbone-weights", default=None, help="Local weights file for the backbone.")
-@click.option("--levels", default="1,2,3,4", show_default=True, help="Backbone feature levels.")
-@click.option("--afs-keep", default=0.5, show_default=True, help="Fraction of channels kept.")
-@click.option("--recon-width", default=32, show_default=True)
-@click.option("--rrs-k", default=16, show_default=True)
+@click.option(
+    "--backbone", default=None, help="timm name (preset) tf_efficientnet_lite0 / wide_resnet50_2"
+)
+@click.option(
+    "--backbone-weights",
+    default=None,
+    help="Local ImageNet weights file; required by --preset paper (nothing is downloaded).",
+)
+@click.option("--levels", default=None, help="Backbone feature levels (preset) 1,2,3,4")
+@click.option("--afs-keep", default=None, help="Channels AFS keeps per level (preset) 24,40,56,40")
+@click.option(
+    "--recon-width",
+    type=POSITIVE_INT,
+    default=None,
+    help="UNet base width (preset) 32 / 0.5 x kept",
+)
+@click.option("--rrs-counts", default=None, help="RRS channels by MAX,MEAN (preset) 32,32")
 @click.option(
     "--foreground",
     type=click.Choice(FOREGROUND_CHOICES),

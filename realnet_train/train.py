@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from realnet_train.data.sia_stream import sia_pipeline
 from realnet_train.data.train_stream import CompositeStream, StreamConfig, TextureSource, parse_mix
 from realnet_train.model.afs import channel_mask_errors
 from realnet_train.model.realnet import RealNet, RealNetConfig, realnet_losses
+from realnet_train.presets import CPU
 from sia_pipeline.compose import choose_rule
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,10 @@ class TooManyBadSamples(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    """Everything a run needs; saved in checkpoints and ``train_log.json``."""
+    """Everything a run needs; saved in checkpoints and ``train_log.json``.
+
+    Defaults are the ``cpu`` preset (:mod:`realnet_train.presets`).
+    """
 
     category: str
     data: str
@@ -61,12 +66,12 @@ class TrainConfig:
     textures: str | None = None
     mix: str = "normal=0.5,sia=0.5"
     strength_range: tuple[float, float] | None = None
-    image_size: int = 128
-    batch_size: int = 8
-    steps: int = 300
-    time_budget_s: float | None = None
-    lr: float = 1e-3
-    afs_batches: int = 4
+    image_size: int = CPU.train["image_size"]
+    batch_size: int = CPU.train["batch_size"]
+    steps: int = CPU.train["steps"]
+    time_budget_s: float | None = CPU.train["time_budget_s"]
+    lr: float = CPU.train["lr"]
+    afs_batches: int = CPU.train["afs_batches"]
     checkpoint_every: int = 100
     max_bad_samples: int = 20
     holdout: float = 0.1  # share of train/good held out to calibrate the threshold
@@ -78,7 +83,8 @@ class TrainConfig:
     resume: bool = False
     endpoint_url: str | None = None
     foreground: str | None = None  # None: the authors' table, else auto
-    model: RealNetConfig = field(default_factory=RealNetConfig)
+    preset: str = CPU.name
+    model: RealNetConfig = field(default_factory=lambda: RealNetConfig(**CPU.model))
 
 
 def to_tensor(images: torch.Tensor) -> torch.Tensor:
@@ -127,39 +133,39 @@ def build_loader(
     )
 
 
+def anomaly_only_mix(spec: str) -> str:
+    """The mix for AFS, as the authors: no normal images, the anomaly sources equally likely."""
+    sources = [name for name, p in parse_mix(spec).items() if name != "normal" and p > 0]
+    if not sources:
+        msg = f"AFS needs synthetic anomalies, but the mix {spec!r} has none (sia or texture > 0)"
+        raise ValueError(msg)
+    return ",".join(f"{name}={1.0 / len(sources)}" for name in sources)
+
+
 @torch.no_grad()
 def fit_afs(
-    model: RealNet, batches: list[dict[str, torch.Tensor]], device: torch.device | None = None
+    model: RealNet, batches: Iterable[dict[str, torch.Tensor]], device: torch.device | None = None
 ) -> None:
-    """Choose AFS channels from synthetic anomalies; record normal features' mean/std."""
+    """Choose AFS channels from batches of synthetic anomalies (the authors' measure).
+
+    Args:
+        model: the model whose ``afs`` is fitted (its backbone gives the features).
+        batches: ``{"image", "clean", "mask"}`` batches, (B, S, S, 3) uint8 and (B, S, S).
+        device: where the backbone runs.
+    """
     errors: dict[str, torch.Tensor] = {}
-    sums: dict[str, torch.Tensor] = {}
-    sq: dict[str, torch.Tensor] = {}
-    count = 0
-    n_anom = 0
+    n_images = 0
     for batch in batches:
         clean = model.backbone(to_tensor(batch["clean"]).to(device))
         anom = model.backbone(to_tensor(batch["image"]).to(device))
         masks = batch["mask"].to(device)
-        n_anom += int((masks.flatten(1).amax(1) > 0).sum())
         for lv, f in clean.items():
             errors[lv] = errors.get(lv, 0) + channel_mask_errors(f, anom[lv], masks)
-            sums[lv] = sums.get(lv, 0) + f.sum((0, 2, 3))
-            sq[lv] = sq.get(lv, 0) + (f**2).sum((0, 2, 3))
-        count += clean[next(iter(clean))].shape[0]
-    if n_anom == 0:
-        msg = "AFS saw no synthetic anomaly: check the mix (it needs sia or texture > 0)"
-        raise RuntimeError(msg)
-    mean, std = {}, {}
-    for lv, s in sums.items():
-        hw = clean[lv].shape[-2] * clean[lv].shape[-1]
-        n = count * hw
-        mean[lv] = s / n
-        std[lv] = (sq[lv] / n - mean[lv] ** 2).clamp_min(0).sqrt()
-    model.afs.fit(errors, mean, std)
+        n_images += masks.shape[0]
+    model.afs.fit(errors)
     log.info(
         "AFS fitted on %d anomalous images: %s",
-        n_anom,
+        n_images,
         {lv: model.afs.indices(lv).numel() for lv in model.afs.levels},
     )
 
@@ -270,14 +276,22 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict[str, Any]:
     normals = mvtec.load_train(cfg.image_size, [mvtec.train_items[i] for i in keep])
     bad = BadData()
     bad.add(mvtec.skipped)
+    if ckpt is None and dist.is_main:  # other ranks get rank 0's choice just below
+        # As the authors: AFS sees synthetic anomalies only, from its own stream.
+        afs_cfg = replace(cfg, mix=anomaly_only_mix(cfg.mix), num_workers=0)
+        afs_stream = iter(build_loader(afs_cfg, mvtec, seed=cfg.seed + 7919, normals=normals))
+
+        def afs_batches() -> Iterator[dict[str, torch.Tensor]]:
+            for _ in range(cfg.afs_batches):
+                b = next(afs_stream)
+                bad.add_batch(b)
+                yield b
+
+        fit_afs(model, afs_batches(), dist.device)
+        del afs_stream
+    distributed.broadcast_state(model, dist)  # every rank starts from rank 0's AFS and weights
     loader = build_loader(cfg, mvtec, seed=cfg.seed + start, normals=normals)
     batches = iter(loader)
-    if ckpt is None and dist.is_main:  # other ranks get rank 0's choice just below
-        afs_batches = [next(batches) for _ in range(cfg.afs_batches)]
-        for b in afs_batches:
-            bad.add_batch(b)
-        fit_afs(model, afs_batches, dist.device)
-    distributed.broadcast_state(model, dist)  # every rank starts from rank 0's AFS and weights
     opt = torch.optim.Adam(model.trainable_parameters(), lr=cfg.lr)
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])

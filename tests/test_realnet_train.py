@@ -15,6 +15,17 @@ from realnet_train.evaluate import evaluate
 from realnet_train.model.realnet import RealNetConfig
 from realnet_train.train import TrainConfig, load_model, train
 
+# The cpu preset's structure, shrunk: 3 Lite0 levels, 8 channels each, 2-resolution UNets.
+TINY_MODEL = RealNetConfig(
+    backbone="tf_efficientnet_lite0",
+    levels=(1, 2, 3),
+    afs_keep=(8, 8, 8),
+    recon_width=32,
+    recon_channel_mult=(1, 2),
+    recon_attention_ds=(2,),
+    rrs_counts=(4, 4),
+)
+
 
 @pytest.fixture(scope="module")
 def small_bottle(shared_data, tmp_path_factory) -> Path:
@@ -63,7 +74,7 @@ def small_config(data: Path, sia: Path, out: Path, steps: int, resume: bool = Fa
         num_workers=0,
         seed=0,
         resume=resume,
-        model=RealNetConfig(levels=(1, 2, 3), recon_width=16, head_width=16, rrs_k=8),
+        model=TINY_MODEL,
     )
 
 
@@ -116,6 +127,7 @@ def test_cli_train_then_eval(small_bottle, shared_data, tmp_path, one_thread):
     assert missing.exit_code == 2 and "--sia URL and/or --textures DIR" in missing.output
 
     small = ["--image-size", "64", "--batch-size", "2", "--steps", "3", "--levels", "1,2"]
+    small += ["--afs-keep", "8,8", "--rrs-counts", "4,4", "--afs-batches", "2"]
     textures = ["--textures", str(shared_data / "dtd" / "images"), "--workers", "0"]
     result = runner.invoke(train_main, args + small + textures)
     assert result.exit_code == 0, result.output

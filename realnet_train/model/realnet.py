@@ -1,7 +1,9 @@
 """RealNet: frozen backbone -> AFS -> per-level reconstruction -> RRS -> 2-class decoder.
 
-A plain ``nn.Module`` (training lives in :mod:`realnet_train.train`). ``RealNetConfig`` is
-everything needed to rebuild the model, so checkpoints carry it as ``model_args``.
+A plain ``nn.Module`` (training lives in :mod:`realnet_train.train`) built as the authors'
+``experiments/*/realnet.yaml`` with one backbone level per block. ``RealNetConfig`` is
+everything needed to rebuild the model, so checkpoints carry it as ``model_args``; the
+defaults are the authors' numbers, :mod:`realnet_train.presets` holds the named settings.
 """
 
 from __future__ import annotations
@@ -13,36 +15,72 @@ import torch.nn.functional as F
 from torch import nn
 
 from realnet_train.model.afs import AFS
-from realnet_train.model.backbone import DEFAULT_BACKBONE, DEFAULT_LEVELS, Backbone
+from realnet_train.model.backbone import DEFAULT_LEVELS, Backbone
 from realnet_train.model.head import SegmentationHead
-from realnet_train.model.reconstruction import ReconstructionUNet
+from realnet_train.model.reconstruction import ReconstructionUNet, feature_residual
 from realnet_train.model.rrs import RRS, stacked_residuals
+
+PAPER_BACKBONE = "wide_resnet50_2"
 
 
 @dataclass
 class RealNetConfig:
-    """Model arguments (saved in checkpoints)."""
+    """Model arguments (saved in checkpoints). Defaults: the authors' MVTec AD config.
 
-    backbone: str = DEFAULT_BACKBONE
+    Attributes:
+        backbone: timm model name.
+        backbone_weights: local weights file (``None``: the packaged Lite0 file or timm's
+            offline cache).
+        levels: backbone feature levels, one reconstruction block each (1-4 = strides 4-32).
+        afs_keep: channels AFS keeps per level (the authors: 256, 512, 512, 256).
+        recon_width: base width of each level's UNet; ``None`` = ``int(recon_hide_ratio *
+            keep)`` per level as the authors; an int = that width for every level.
+        recon_hide_ratio: see ``recon_width`` (the authors: 0.5).
+        recon_channel_mult, recon_res_blocks, recon_attention_ds: UNet shape (the authors:
+            (1, 2, 4), 2, attention at downsampling factors (2, 4)).
+        rrs_counts: residual channels RRS keeps by spatial max and by spatial mean.
+        head_residual_layers: residual layers at the head's input (the authors: 2).
+        score_pool: image score = max of the ``score_pool`` x ``score_pool`` mean-pooled map.
+    """
+
+    backbone: str = PAPER_BACKBONE
     backbone_weights: str | None = None
     levels: tuple[int, ...] = DEFAULT_LEVELS
-    afs_keep: float = 0.5  # fraction of each level's channels AFS keeps
-    recon_width: int = 64
-    recon_depth: int = 2
-    rrs_k: int = 16
-    head_width: int = 64
-    score_pool: int = 16  # image score = max of the score_pool x score_pool mean-pooled map
+    afs_keep: tuple[int, ...] = (256, 512, 512, 256)
+    recon_width: int | None = None
+    recon_hide_ratio: float = 0.5
+    recon_channel_mult: tuple[int, ...] = (1, 2, 4)
+    recon_res_blocks: int = 2
+    recon_attention_ds: tuple[int, ...] = (2, 4)
+    rrs_counts: tuple[int, int] = (256, 256)
+    head_residual_layers: int = 2
+    score_pool: int = 16
 
     def __post_init__(self) -> None:
-        self.levels = tuple(int(i) for i in self.levels)
-        if not 0.0 < self.afs_keep <= 1.0:
-            msg = f"afs_keep={self.afs_keep} must be in (0, 1]"
+        for name in (
+            "levels",
+            "afs_keep",
+            "recon_channel_mult",
+            "recon_attention_ds",
+            "rrs_counts",
+        ):
+            setattr(self, name, tuple(int(i) for i in getattr(self, name)))
+        if len(self.afs_keep) != len(self.levels):
+            msg = f"afs_keep {self.afs_keep} needs one count per level {self.levels}"
             raise ValueError(msg)
 
+    def level_names(self) -> list[str]:
+        return [f"level{i}" for i in self.levels]
+
+    def widths(self) -> dict[str, int]:
+        """level -> reconstruction UNet base width."""
+        return {
+            lv: self.recon_width or int(self.recon_hide_ratio * k)
+            for lv, k in zip(self.level_names(), self.afs_keep, strict=True)
+        }
+
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["levels"] = list(self.levels)
-        return d
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 @dataclass
@@ -75,16 +113,31 @@ class RealNet(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = Backbone(config.backbone, config.backbone_weights, config.levels)
-        keep = {lv: max(1, round(c * config.afs_keep)) for lv, c in self.backbone.channels.items()}
+        keep = dict(zip(config.level_names(), config.afs_keep, strict=True))
+        for lv, k in keep.items():
+            if not 0 < k <= self.backbone.channels[lv]:
+                msg = (
+                    f"AFS keeps {k} channels of {lv}, which has {self.backbone.channels[lv]} "
+                    f"in {config.backbone}"
+                )
+                raise ValueError(msg)
         self.afs = AFS(keep)
+        widths = config.widths()
         self.reconstruction = nn.ModuleDict(
             {
-                lv: ReconstructionUNet(k, config.recon_width, config.recon_depth)
+                lv: ReconstructionUNet(
+                    k,
+                    widths[lv],
+                    config.recon_channel_mult,
+                    config.recon_res_blocks,
+                    config.recon_attention_ds,
+                )
                 for lv, k in keep.items()
             }
         )
-        self.rrs = RRS(config.rrs_k)
-        self.head = SegmentationHead(2 * min(config.rrs_k, sum(keep.values())), config.head_width)
+        self.strides = {lv: self.backbone.strides[lv] for lv in keep}
+        self.rrs = RRS(sum(keep.values()), config.rrs_counts)
+        self.head = SegmentationHead(self.rrs.out_channels, config.head_residual_layers)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -103,8 +156,9 @@ class RealNet(nn.Module):
         """Everything after the backbone, from selected features (lets the trainer batch
         clean and anomalous images through one backbone pass)."""
         recons = {lv: self.reconstruction[lv](f) for lv, f in feats.items()}
-        residuals = self.rrs(stacked_residuals(feats, recons))  # (B, 2k, h1, w1)
-        logits = self.head(residuals, tuple(image_size))
+        residuals = {lv: feature_residual(feats[lv], recons[lv]) for lv in feats}
+        selected = self.rrs(stacked_residuals(residuals, self.strides))
+        logits = self.head(selected, tuple(image_size))
         amap = logits.softmax(1)[:, 1]
         return RealNetOutput(
             logits, amap, image_scores(amap, self.config.score_pool), feats, recons
@@ -114,7 +168,7 @@ class RealNet(nn.Module):
 def realnet_losses(
     out: RealNetOutput, clean_features: dict[str, torch.Tensor], masks: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """Feature MSE (reconstruction vs clean image's features) and segmentation cross-entropy.
+    """The authors' losses, weight 1 each: feature MSE summed over levels, pixel cross-entropy.
 
     Args:
         out: the model's output on the (possibly anomalous) images.

@@ -1,7 +1,10 @@
 """Reconstruction Residual Selection (RRS): keep the residual channels that carry anomalies.
 
-Squared residuals of all levels are upsampled to the finest level and stacked; per image,
-the top-k channels by spatial max and the top-k by spatial mean go to the decoder.
+As the authors' ``models/rrs``: each level's squared residual is upsampled (bilinear,
+corners aligned) to the finest level's stride and all are stacked; a BatchNorm without
+affine parameters (momentum 0.9) standardises the channels for ranking only; per image,
+the top-k channels by spatial max and the top-k by spatial mean of the standardised
+residual are kept, and the RAW residuals of those channels go to the decoder.
 """
 
 from __future__ import annotations
@@ -10,20 +13,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+MODES = ("max", "mean")
 
-def stacked_residuals(
-    feats: dict[str, torch.Tensor], recons: dict[str, torch.Tensor]
-) -> torch.Tensor:
-    """Squared residuals of all levels at the finest level's size: (B, sum K_l, h1, w1)."""
-    levels = list(feats)
-    size = feats[levels[0]].shape[-2:]
-    res = []
-    for lv in levels:
-        r = (feats[lv] - recons[lv]) ** 2
-        if r.shape[-2:] != size:
-            r = F.interpolate(r, size=size, mode="bilinear", align_corners=False)
-        res.append(r)
-    return torch.cat(res, 1)
+
+def stacked_residuals(residuals: dict[str, torch.Tensor], strides: dict[str, int]) -> torch.Tensor:
+    """Residuals of all levels at the finest stride: (B, sum K_l, h1, w1).
+
+    Args:
+        residuals: level -> (B, K_l, h_l, w_l) squared residuals.
+        strides: level -> backbone stride of that level.
+    """
+    align = min(strides[lv] for lv in residuals)
+    out = []
+    for lv, r in residuals.items():
+        factor = strides[lv] // align
+        if factor != 1:
+            size = (r.shape[-2] * factor, r.shape[-1] * factor)
+            r = F.interpolate(r, size=size, mode="bilinear", align_corners=True)
+        out.append(r)
+    return torch.cat(out, 1)
 
 
 def gather_channels(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -32,20 +40,29 @@ def gather_channels(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 class RRS(nn.Module):
-    """Parameter-free selection: (B, C, h, w) residuals -> (B, 2k, h, w)."""
+    """(B, C, h, w) stacked residuals -> (B, sum(counts), h, w) selected raw residuals.
 
-    def __init__(self, k: int) -> None:
+    Args:
+        channels: C, the stacked residual channels (sum of the AFS keep counts).
+        counts: channels kept by spatial max and by spatial mean (the authors: 256, 256).
+    """
+
+    def __init__(self, channels: int, counts: tuple[int, int]) -> None:
         super().__init__()
-        if k < 1:
-            msg = f"RRS k={k} must be >= 1"
+        if len(counts) != len(MODES) or not all(0 < k <= channels for k in counts):
+            msg = f"RRS counts {tuple(counts)} must be two numbers in 1..{channels}"
             raise ValueError(msg)
-        self.k = k
+        self.counts = tuple(int(k) for k in counts)
+        self.bn_idx = nn.BatchNorm2d(channels, momentum=0.9, affine=False)
+
+    @property
+    def out_channels(self) -> int:
+        return sum(self.counts)
 
     def forward(self, residuals: torch.Tensor) -> torch.Tensor:
-        k = min(self.k, residuals.shape[1])
-        flat = residuals.flatten(2)  # (B, C, h*w)
-        by_max = flat.amax(2).topk(k, dim=1).indices
-        by_mean = flat.mean(2).topk(k, dim=1).indices
-        return torch.cat(
-            [gather_channels(residuals, by_max), gather_channels(residuals, by_mean)], 1
-        )
+        ranked = self.bn_idx(residuals).detach().flatten(2)  # (B, C, h*w)
+        chosen = []
+        for mode, k in zip(MODES, self.counts, strict=True):
+            score = ranked.amax(2) if mode == "max" else ranked.mean(2)
+            chosen.append(gather_channels(residuals, score.topk(k, dim=1).indices))
+        return torch.cat(chosen, 1)

@@ -109,6 +109,8 @@ def test_short_training_lowers_both_losses_then_resumes_and_evaluates(
     assert metrics["n_test"] == 6 and metrics["n_anomalous"] == 3
     for key in ("image_auroc", "pixel_auroc", "pro"):
         assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["model_ms_per_image"] > 0  # model-only, beside the end-to-end time
+    assert metrics["end_to_end_ms_per_image"] > 0
     pngs = sorted((tmp_path / "eval" / "panels").glob("*.png"))
     assert len(pngs) == 4
     with Image.open(pngs[0]) as im:

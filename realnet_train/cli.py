@@ -69,6 +69,17 @@ def _int_list(text: str | None, option: str) -> tuple[int, ...] | None:
     return values
 
 
+def backbone_channels(name: str) -> list[int]:
+    """Channels of each feature level of a timm backbone (built on the meta device: no
+    weights, no memory)."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+    return [info["num_chs"] for info in model.feature_info]
+
+
 def preset_config(kw: dict) -> tuple[dict, RealNetConfig]:
     """The preset with the options given laid over it: (train settings, model config).
 
@@ -124,6 +135,12 @@ def preset_config(kw: dict) -> tuple[dict, RealNetConfig]:
     if len(model.afs_keep) != len(model.levels):
         msg = f"--afs-keep {list(model.afs_keep)} needs one count per level {list(model.levels)}"
         raise InputError(msg)
+    channels = backbone_channels(model.backbone)
+    for lv, k in zip(model.levels, model.afs_keep, strict=True):
+        if lv >= len(channels) or k > channels[lv]:
+            have = f"{channels[lv]}" if lv < len(channels) else "no such level"
+            msg = f"--afs-keep: AFS keeps {k} channels of level{lv}, which has {have}"
+            raise InputError(msg)
     # The coarsest level (stride 2 ** (level + 1)) must halve (multipliers - 1) times.
     size = train_kw["image_size"]
     coarsest = 2 ** (max(model.levels) + 1) * 2 ** (len(model.recon_channel_mult) - 1)

@@ -11,7 +11,19 @@ from pathlib import Path
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-TINY_MODEL = ["--levels", "1,2", "--recon-width", "8", "--rrs-k", "4"]
+TINY_MODEL = ["--levels", "1,2", "--afs-keep", "8,8", "--rrs-counts", "4,4", "--afs-batches", "2"]
+
+
+def tiny_model_config():
+    """:data:`TINY_MODEL` as a ``RealNetConfig`` (the cpu preset's structure, shrunk)."""
+    from realnet_train.model.realnet import RealNetConfig
+    from realnet_train.presets import CPU
+
+    return RealNetConfig(
+        **{**CPU.model, "levels": (1, 2), "afs_keep": (8, 8), "rrs_counts": (4, 4)}
+    )
+
+
 TINY_RUN = ["--image-size", "32", "--batch-size", "2", "--workers", "0", "--threads", "1"]
 
 

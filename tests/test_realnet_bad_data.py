@@ -8,10 +8,9 @@ import logging
 
 import pytest
 import torch
-from realnet_helpers import damaged_sia, small_mvtec
+from realnet_helpers import damaged_sia, small_mvtec, tiny_model_config
 
 from realnet_train.data.sia_stream import BAD, is_bad, sia_pipeline
-from realnet_train.model.realnet import RealNetConfig
 from realnet_train.train import TooManyBadSamples, TrainConfig, train
 from sia_pipeline.dataset.format import FormatError
 
@@ -80,7 +79,7 @@ def tiny_config(data, sia, out, **kw) -> TrainConfig:
         afs_batches=1,
         checkpoint_every=3,
         num_workers=0,
-        model=RealNetConfig(levels=(1, 2), recon_width=8, head_width=8, rrs_k=4),
+        model=tiny_model_config(),
     )
     return TrainConfig(**(base | kw))
 

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from realnet_helpers import small_mvtec
+from realnet_helpers import small_mvtec, tiny_model_config
 
 from realnet_train.calibration import calibration_record
 from realnet_train.checkpoint import checkpoint_dict, save_checkpoint
 from realnet_train.cli import eval_main, train_main
-from realnet_train.model.realnet import RealNet, RealNetConfig
+from realnet_train.model.realnet import RealNet
 from realnet_train.predict import main as predict_main
 
 
@@ -51,7 +51,7 @@ def env(shared_data, tiny_sia, tmp_path_factory) -> dict[str, Path]:
     empty.mkdir()
     afile = base / "notes.txt"
     afile.write_text("not an image")
-    model = RealNet(RealNetConfig(levels=(1, 2), recon_width=8, head_width=8, rrs_k=4))
+    model = RealNet(tiny_model_config())
     fields = {"step": 0, "category": "bottle", "image_size": 32}
     good_ckpt = base / "good.pt"
     cal = calibration_record(np.array([0.1, 0.2, 0.3]), 0.05, ["a", "b", "c"])
@@ -136,8 +136,19 @@ TRAIN_CASES = [
     ("target-fpr-nan", {"--target-fpr": "nan"}, "must be > 0 and < 1"),
     ("levels-words", {"--levels": "a,b"}, "not a comma-separated list of integers"),
     ("levels-out-of-range", {"--levels": "1,7"}, "backbone levels in 0..4"),
-    ("afs-keep-zero", {"--afs-keep": "0"}, "afs_keep=0.0 must be in (0, 1]"),
-    ("afs-keep-nan", {"--afs-keep": "nan"}, "must be in (0, 1]"),
+    ("afs-keep-zero", {"--afs-keep": "0,8"}, "must be numbers >= 1"),
+    ("afs-keep-nan", {"--afs-keep": "nan"}, "not a comma-separated list of integers"),
+    (
+        "afs-keep-too-many",
+        {"--afs-keep": "25,40,56,40"},
+        "AFS keeps 25 channels of level1, which has 24",
+    ),
+    ("afs-keep-per-level", {"--afs-keep": "8"}, "needs one count per level"),
+    ("rrs-counts-one", {"--rrs-counts": "4"}, "must be two numbers >= 1"),
+    ("recon-width-odd", {"--recon-width": "48"}, "multiple of 32"),
+    ("image-size-indivisible", {"--image-size": "48"}, "must be a multiple of 128"),
+    ("preset-unknown", {"--preset": "gpu"}, "'gpu' is not one of"),
+    ("paper-without-weights", {"--preset": "paper"}, "needs --backbone-weights FILE"),
     ("backbone-unknown", {"--backbone": "resnet9000"}, "not a timm model name"),
     ("backbone-weights-missing", {"--backbone-weights": "{base}/w.pth"}, "no such file"),
     ("out-is-a-file", {"--out": "{afile}"}, "is a file, not a folder"),

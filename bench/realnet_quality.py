@@ -1,14 +1,30 @@
-"""RealNet quality per category and anomaly source, within a fixed CPU budget.
+"""RealNet beside PatchCore: per category and anomaly source, equal training steps, 3 seeds.
 
-For each category in ../shared/data (bottle, magnetic_tile) and each source (SIA made by
-``sia-gen`` from the bundled model; DTD textures), trains RealNet for a fixed wall-clock
-budget on one torch thread plus one DataLoader worker, evaluates on the test split (Image
-AUROC, Pixel AUROC, PRO), and measures the data loader alone (samples/s) against the
-trainer's consumption (samples per second of compute) as a ratio. Writes
-``bench/results/realnet_quality.json``, ``realnet_quality.md`` and per-run panels.
+For each category (``--data ROOT --categories a,b``, any MVTec-layout set; default: the
+shared bottle and magnetic_tile) and each anomaly source, RealNet is trained with one preset
+(default ``cpu``) for the SAME number of steps in every run (no time budget), once per seed,
+and evaluated on the test split (Image AUROC, Pixel AUROC, PRO, model-only and end-to-end
+ms/image). Sources:
 
-    nice .venv/bin/python bench/realnet_quality.py --budget-s 420 --sia-per-category 256
-    nice .venv/bin/python bench/realnet_quality.py --sources dtd   # no SIA dataset needed
+- ``sia``: SIA images (``--sia ROOT``, else made by ``sia-gen`` from the bundled model);
+- ``dtd``: DTD textures (``--textures``, default the shared ``dtd/images``);
+- ``perlin``: Perlin noise only: colour Perlin-noise images (made here, seeded) as the
+  texture source, so the anomaly is the noise pattern inside the Perlin mask.
+
+PatchCore runs on the same split through ``../shared/tools/patchcore_baseline.py`` (anomalib,
+Lite0, 256 px) in a SEPARATE virtual environment (``--patchcore-venv``, made on first use:
+a venv that sees this interpreter's packages plus ``pip install anomalib==2.7.0``), so
+anomalib never enters the project's dependencies. When it cannot be installed or run, the
+table says "unavailable" with the reason; nothing is made up.
+
+Writes ``bench/results/<tag>.json`` and ``<tag>.md`` (mean and standard deviation over
+seeds) and per-run panels under ``bench/results/<tag>/``; runs already in the JSON are kept
+and skipped, so an interrupted bench resumes. The full bench (3 seeds x 3 sources x 2
+categories + PatchCore) needs hours on 2 CPU cores:
+
+    nice .venv/bin/python bench/realnet_quality.py --seeds 0,1,2 --sources sia,dtd,perlin
+    nice .venv/bin/python bench/realnet_quality.py --data ~/my_mvtec --categories screw,pill \\
+        --sources dtd,perlin --patchcore off
 """
 
 from __future__ import annotations
@@ -19,210 +35,292 @@ import logging
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
-from realnet_train.data.mvtec import MVTecCategory
 from realnet_train.evaluate import evaluate
-from realnet_train.model.realnet import RealNetConfig
-from realnet_train.train import TrainConfig, build_loader, train
+from realnet_train.presets import DEFAULT_PRESET, PRESETS, resolve
+from realnet_train.train import TrainConfig, train
+from sia_pipeline.compose import perlin_noise
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SIA_SHARED_DATA", ROOT.parent / "shared" / "data"))
-CATEGORIES = {"bottle": SHARED / "mvtec_ad", "magnetic_tile": SHARED / "magnetic_tile"}
-DTD = SHARED / "dtd" / "images"
+SHARED_CATEGORIES = {"bottle": SHARED / "mvtec_ad", "magnetic_tile": SHARED / "magnetic_tile"}
+PATCHCORE_TOOL = ROOT.parent / "shared" / "tools" / "patchcore_baseline.py"
+ANOMALIB = "anomalib==2.7.0"
 RESULTS = ROOT / "bench" / "results"
+SOURCES = ("sia", "dtd", "perlin")
+METRICS = ("image_auroc", "pixel_auroc", "pro")
 log = logging.getLogger("realnet_quality")
 
 
-def make_sia(out: Path, per_category: int, model: str | None) -> tuple[Path, float]:
-    """Generate the SIA dataset with the real ``sia-gen`` command (resumes if present)."""
-    exe = shutil.which("sia-gen", path=str(Path(sys.executable).parent)) or "sia-gen"
-    cmd = [
-        exe,
-        "--categories",
-        ",".join(CATEGORIES),
-        "--strengths",
-        "0.1:0.5",
-        "--per-category",
-        str(per_category),
-        "--out",
-        str(out),
-        "--no-progress",
-    ]
-    if model:
-        cmd += ["--model", model]
+def make_sia(out: Path, categories: list[str], per_category: int) -> Path:
+    """An SIA dataset made by the real ``sia-gen`` command (resumes if present)."""
+    cmd = [sys.executable, "-m", "sia_pipeline.cli.gen", "--categories", ",".join(categories)]
+    cmd += ["--strengths", "0.1:0.5", "--per-category", str(per_category), "--out", str(out)]
     log.info("running %s", " ".join(cmd))
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    return out, time.perf_counter() - t0
+    subprocess.run([*cmd, "--no-progress"], check=True)
+    return out
 
 
-def loader_rate(cfg: TrainConfig, seconds: float) -> float:
-    """Samples/s of the training DataLoader alone (same workers), after its first batch."""
-    mvtec = MVTecCategory(cfg.data, cfg.category)
-    loader = build_loader(cfg, mvtec, seed=cfg.seed + 12345)
-    it = iter(loader)
-    next(it)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        n += next(it)["image"].shape[0]
-    rate = n / (time.perf_counter() - t0)
-    del it, loader
-    return rate
+def make_perlin_textures(out: Path, n: int = 64, size: int = 256, seed: int = 0) -> Path:
+    """``n`` colour Perlin-noise PNGs (one noise field per channel, scales 2..32)."""
+    if out.is_dir() and len(list(out.glob("*.png"))) >= n:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        channels = []
+        for _ in range(3):
+            res = 2 ** int(rng.integers(1, 6))
+            noise = perlin_noise((size, size), (res, res), rng)
+            channels.append((noise - noise.min()) / max(np.ptp(noise), 1e-8))
+        img = (np.stack(channels, -1) * 255).astype(np.uint8)
+        Image.fromarray(img).save(out / f"perlin_{i:03d}.png")
+    return out
 
 
-def run_one(category: str, source: str, args, sia_root: Path | None) -> dict:
-    run_dir = Path(args.runs) / f"{category}-{source}"
+def patchcore_venv(venv: Path) -> tuple[Path | None, str]:
+    """(python of a venv with anomalib, "") or (None, why not). Made on first use."""
+    python = venv / "bin" / "python"
+    ok = [str(python), "-c", "import anomalib"]
+    if python.is_file() and subprocess.run(ok, capture_output=True).returncode == 0:
+        return python, ""
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+        # See this interpreter's packages (torch, timm, ...) so only anomalib's own are added.
+        site = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+        parent = [p for p in sys.path if p.endswith("site-packages")]
+        (site / "site-packages" / "_bench_parent.pth").write_text("\n".join(parent) + "\n")
+        pip = [str(python), "-m", "pip", "install", "-q", ANOMALIB]
+        res = subprocess.run(pip, capture_output=True, text=True, timeout=1800)
+        if res.returncode != 0:
+            tail = (res.stderr or res.stdout).strip().splitlines()[-1:]
+            return None, f"pip install {ANOMALIB} failed: {' '.join(tail)}"
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"could not make the PatchCore venv {venv}: {e}"
+    if subprocess.run(ok, capture_output=True).returncode != 0:
+        return None, f"{ANOMALIB} installed but does not import in {venv}"
+    return python, ""
+
+
+def run_patchcore(category_dir: Path, out: Path, args) -> dict:
+    """PatchCore metrics on ``category_dir`` (or ``{"unavailable": reason}``)."""
+    if args.patchcore == "off":
+        return {"unavailable": "--patchcore off"}
+    if not PATCHCORE_TOOL.is_file():
+        return {"unavailable": f"{PATCHCORE_TOOL} is absent"}
+    python, why = patchcore_venv(Path(args.patchcore_venv))
+    if python is None:
+        return {"unavailable": why}
+    cmd = [str(python), str(PATCHCORE_TOOL), "--data", str(category_dir), "--out", str(out)]
+    cmd += ["--hf-home", str(Path(args.patchcore_venv) / "hf_offline"), "--threads", "2"]
+    log.info("running %s", " ".join(cmd))
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0 or not out.is_file():
+        tail = (res.stderr or res.stdout).strip().splitlines()[-1:]
+        return {"unavailable": f"patchcore_baseline.py failed: {' '.join(tail)}"}
+    pc = json.loads(out.read_text())
+    return {
+        "image_auroc": pc["image_AUROC"],
+        "pixel_auroc": pc["pixel_AUROC"],
+        "pro": pc["pixel_AUPRO"],
+        "fit_s": pc["fit_s"],
+        "model_ms_per_image_batch1": pc["infer_ms_per_image_bs1"],
+        "image_size": pc["settings"]["image_size"],
+    }
+
+
+def run_realnet(category: str, data: Path, source: str, seed: int, args, srcs: dict) -> dict:
+    """Train one RealNet run for exactly ``args.steps`` steps (or the preset's) and evaluate."""
+    name = f"{category}-{source}-seed{seed}"
+    run_dir = Path(args.runs) / name
     shutil.rmtree(run_dir, ignore_errors=True)
+    train_kw, model = resolve(
+        args.preset,
+        {"steps": args.steps, "afs_batches": args.afs_batches},
+        {"backbone_weights": args.backbone_weights},
+    )
+    train_kw["time_budget_s"] = None  # equal steps, not equal seconds
+    mix = {"sia": "normal=0.5,sia=0.5"}.get(source, "normal=0.5,texture=0.5")
     cfg = TrainConfig(
         category=category,
-        data=str(CATEGORIES[category]),
+        data=str(data),
         out=str(run_dir),
-        sia=str(sia_root) if source == "sia" else None,
-        textures=str(DTD) if source == "dtd" else None,
-        mix="normal=0.5,sia=0.5" if source == "sia" else "normal=0.5,texture=0.5",
-        image_size=args.image_size,
-        batch_size=args.batch_size,
-        steps=10**9,
-        time_budget_s=args.budget_s,
-        lr=1e-3,
-        afs_batches=4,
-        checkpoint_every=200,
+        sia=str(srcs["sia"]) if source == "sia" else None,
+        textures=str(srcs[source]) if source != "sia" else None,
+        mix=mix,
         num_workers=1,
-        threads=1,
-        seed=0,
-        model=RealNetConfig(recon_width=32, head_width=32, rrs_k=16),
+        threads=args.threads,
+        seed=seed,
+        device="cpu",
+        model=model,
+        **train_kw,
     )
     t0 = time.perf_counter()
     tr = train(cfg)
-    train_wall = time.perf_counter() - t0
-    rate = loader_rate(cfg, args.loader_s)
-    ev_dir = RESULTS / "realnet_quality" / f"{category}-{source}"
+    train_s = time.perf_counter() - t0
+    ev_dir = RESULTS / args.tag / name
     shutil.rmtree(ev_dir, ignore_errors=True)
-    metrics = evaluate(run_dir / "last.pt", cfg.data, ev_dir, panels=8)
-    consume = tr["trainer_samples_per_s"]
-    row = {
+    metrics = evaluate(run_dir / "last.pt", str(data), ev_dir, panels=8)
+    return {
         "category": category,
         "source": source,
-        "image_auroc": metrics["image_auroc"],
-        "pixel_auroc": metrics["pixel_auroc"],
-        "pro": metrics["pro"],
+        "seed": seed,
+        **{k: metrics[k] for k in METRICS},
         "steps": tr["step"],
-        "samples": tr["samples_this_run"],
-        "train_wall_s": train_wall,
+        "train_s": train_s,
         "data_wait_s": tr["data_wait_s"],
-        "eval_s": metrics["eval_s"],
-        "loader_samples_per_s": rate,
-        "trainer_samples_per_s": consume,
-        "loader_to_trainer_ratio": rate / consume if consume else None,
-        "first_losses": {k: sum(v[:20]) / 20 for k, v in tr["history"].items()},
-        "last_losses": {k: sum(v[-20:]) / 20 for k, v in tr["history"].items()},
+        "model_ms_per_image": metrics["model_ms_per_image"],
+        "model_ms_per_image_batch1": metrics["model_ms_per_image_batch1"],
+        "end_to_end_ms_per_image": metrics["end_to_end_ms_per_image"],
     }
-    (ev_dir / "run.json").write_text(json.dumps(row, indent=1))
-    log.info("%s", json.dumps(row))
-    return row
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
-    lines = [
-        "# RealNet quality (CPU budget)",
-        "",
-        f"Budget: {meta['budget_s']:.0f} s of training per category and source, 1 torch thread "
-        f"+ 1 DataLoader worker, {meta['image_size']} px, batch {meta['batch_size']}, backbone "
-        f"{meta['backbone']} (levels 1-4). Machine: {meta['machine']}. "
-        "Metrics on the full test split at the training size; no model selection.",
-        "",
-        "| category | source | Image AUROC | Pixel AUROC | PRO | steps | train s | "
-        "loader/trainer |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and standard deviation over seeds per (category, source)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
-        lines.append(
-            f"| {r['category']} | {r['source']} | {r['image_auroc']:.3f} | "
-            f"{r['pixel_auroc']:.3f} | {r['pro']:.3f} | {r['steps']} | "
-            f"{r['train_wall_s']:.0f} | {r['loader_to_trainer_ratio']:.1f}x "
-            f"({r['loader_samples_per_s']:.1f} vs {r['trainer_samples_per_s']:.1f} samples/s) |"
-        )
-    if meta.get("sia"):
-        lines += ["", f"SIA: {meta['sia']}"]
-    lines += [
+        groups.setdefault((r["category"], r["source"]), []).append(r)
+    out = []
+    for (category, source), runs in sorted(groups.items()):
+        s = {"category": category, "source": source, "seeds": [r["seed"] for r in runs]}
+        for k in (*METRICS, "train_s", "steps", "model_ms_per_image_batch1"):
+            vals = [r[k] for r in runs if r.get(k) is not None]
+            s[k] = statistics.fmean(vals) if vals else None
+            s[f"{k}_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        out.append(s)
+    return out
+
+
+def _cell(s: dict, k: str) -> str:
+    return "-" if s.get(k) is None else f"{s[k]:.3f} ± {s[f'{k}_sd']:.3f}"
+
+
+def markdown(summary: list[dict], patchcore: dict, meta: dict) -> str:
+    lines = [
+        "# RealNet beside PatchCore (equal training steps)",
         "",
-        "loader/trainer: samples/s of the training DataLoader alone (1 worker, after its first "
-        "batch) over samples/s the trainer consumes (its compute time only); above 1 the "
-        "loader keeps up.",
+        f"RealNet preset `{meta['preset']}`, {meta['steps']} steps per run (no time budget), "
+        f"seeds {meta['seeds']}, {meta['threads']} torch thread(s) + 1 DataLoader worker. "
+        f"Machine: {meta['machine']}. Mean ± standard deviation over seeds; metrics on the "
+        "full test split at the training size; no model selection. PatchCore: anomalib 2.7.0 "
+        "through ../shared/tools/patchcore_baseline.py (Lite0, 256 px, coreset 1 %, seed 0).",
+        "",
+        "| category | method / source | Image AUROC | Pixel AUROC | PRO | train s | "
+        "model ms/img (batch 1) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for note in meta.get("notes", []):
-        lines += ["", note]
+    for category in sorted({s["category"] for s in summary} | set(patchcore)):
+        for s in (s for s in summary if s["category"] == category):
+            lines.append(
+                f"| {category} | RealNet / {s['source']} (n={len(s['seeds'])}) | "
+                f"{_cell(s, 'image_auroc')} | {_cell(s, 'pixel_auroc')} | {_cell(s, 'pro')} | "
+                f"{s['train_s']:.0f} | {s['model_ms_per_image_batch1']:.1f} |"
+            )
+        pc = patchcore.get(category)
+        if pc and "unavailable" in pc:
+            lines.append(f"| {category} | PatchCore | unavailable: {pc['unavailable']} | | | | |")
+        elif pc:
+            lines.append(
+                f"| {category} | PatchCore | {pc['image_auroc']:.3f} | {pc['pixel_auroc']:.3f} | "
+                f"{pc['pro']:.3f} | {pc['fit_s']:.0f} (fit) | {pc['model_ms_per_image_batch1']} |"
+            )
+    lines += ["", f"Sources: {meta['sources_note']}"]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--categories", default=",".join(CATEGORIES))
-    p.add_argument("--sources", default="sia,dtd")
-    p.add_argument("--budget-s", type=float, default=420.0, help="training seconds per run")
-    p.add_argument("--loader-s", type=float, default=30.0, help="loader-alone measurement")
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--data", default=None, help="MVTec-layout root holding the categories")
+    p.add_argument("--categories", default=",".join(SHARED_CATEGORIES))
+    p.add_argument("--sources", default=",".join(SOURCES))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--preset", choices=list(PRESETS), default=DEFAULT_PRESET)
+    p.add_argument("--steps", type=int, default=None, help="steps per run (default: preset's)")
+    p.add_argument("--afs-batches", type=int, default=None, help="default: preset's")
+    p.add_argument("--backbone-weights", default=None, help="needed by --preset paper")
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sia", default=None, help="existing SIA dataset root (else sia-gen)")
-    p.add_argument("--sia-per-category", type=int, default=256)
-    p.add_argument("--sia-model", default=None, help="sia-gen --model (default: bundled)")
+    p.add_argument("--sia-per-category", type=int, default=192)
+    p.add_argument("--textures", default=str(SHARED / "dtd" / "images"))
+    p.add_argument("--patchcore", choices=["auto", "off"], default="auto")
+    p.add_argument("--patchcore-venv", default=str(ROOT / "runs" / "patchcore-venv"))
     p.add_argument("--runs", default=str(ROOT / "runs" / "realnet_quality"))
     p.add_argument("--tag", default="realnet_quality", help="result file name")
-    p.add_argument("--note", action="append", default=[], help="a line for the table's notes")
-    p.add_argument("--render", action="store_true", help="only rewrite the table from JSON")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.render:
-        out = json.loads((RESULTS / f"{args.tag}.json").read_text())
-        out["meta"]["notes"] = out["meta"].get("notes", []) + args.note
-        (RESULTS / f"{args.tag}.json").write_text(json.dumps(out, indent=1))
-        (RESULTS / f"{args.tag}.md").write_text(markdown(out["runs"], out["meta"]))
-        return
-    torch.set_num_threads(1)
-    sources = args.sources.split(",")
-    meta = {
-        "budget_s": args.budget_s,
-        "image_size": args.image_size,
-        "batch_size": args.batch_size,
-        "backbone": RealNetConfig().backbone,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs)",
-    }
-    sia_root = None
+    torch.set_num_threads(args.threads)
+    categories = [c for c in args.categories.split(",") if c]
+    sources = [s for s in args.sources.split(",") if s]
+    if bad := set(sources) - set(SOURCES):
+        p.error(f"unknown sources {sorted(bad)}; choose from {', '.join(SOURCES)}")
+    roots = {c: Path(args.data) if args.data else SHARED_CATEGORIES.get(c) for c in categories}
+    if missing := [c for c, r in roots.items() if r is None or not (r / c).is_dir()]:
+        p.error(f"no category folder for {missing} (give --data ROOT holding them)")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    steps = args.steps or PRESETS[args.preset].train["steps"]
+
+    srcs: dict[str, Path] = {"dtd": Path(args.textures)}
+    notes = [f"dtd = {args.textures}"]
+    if "perlin" in sources:
+        srcs["perlin"] = make_perlin_textures(Path(args.runs) / "perlin_textures")
+        notes.append("perlin = 64 colour Perlin-noise images (seed 0) as the texture source")
     if "sia" in sources:
         if args.sia:
-            sia_root = Path(args.sia)
-            meta["sia"] = f"existing dataset {sia_root}"
+            srcs["sia"] = Path(args.sia)
+            notes.append(f"sia = existing dataset {args.sia}")
         else:
-            sia_root, gen_s = make_sia(
-                Path(args.runs) / "sia", args.sia_per_category, args.sia_model
+            srcs["sia"] = make_sia(Path(args.runs) / "sia", categories, args.sia_per_category)
+            notes.append(
+                f"sia = sia-gen --per-category {args.sia_per_category} --strengths 0.1:0.5 "
+                "(bundled 32 px demo model, upscaled for blending)"
             )
-            model = f" --model {args.sia_model}" if args.sia_model else " (bundled model)"
-            meta["sia"] = (
-                f"sia-gen --categories {','.join(CATEGORIES)} --strengths 0.1:0.5 "
-                f"--per-category {args.sia_per_category}{model}, {gen_s:.0f} s"
-            )
-    # Runs of other (category, source) pairs from an earlier invocation are kept, so the
-    # DTD and SIA halves can run at different times into one table.
-    plan = [(c, s) for c in args.categories.split(",") for s in sources]
-    previous = RESULTS / f"{args.tag}.json"
-    rows = []
-    if previous.is_file():
-        old = json.loads(previous.read_text())
-        meta = {**old.get("meta", {}), **meta}
-        rows = [r for r in old.get("runs", []) if (r["category"], r["source"]) not in plan]
-    for category, source in plan:
-        rows.append(run_one(category, source, args, sia_root))
-        rows.sort(key=lambda r: (r["category"], r["source"]))
-        out = {"meta": meta, "runs": rows}
-        (RESULTS / f"{args.tag}.json").write_text(json.dumps(out, indent=1))
-        (RESULTS / f"{args.tag}.md").write_text(markdown(rows, meta))
-    print(markdown(rows, meta))
+    meta = {
+        "preset": args.preset,
+        "steps": steps,
+        "seeds": seeds,
+        "threads": args.threads,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs)",
+        "sources_note": "; ".join(notes),
+    }
+    result_json = RESULTS / f"{args.tag}.json"
+    old = json.loads(result_json.read_text()) if result_json.is_file() else {}
+    same = old.get("meta", {}).get("steps") == steps and old.get("meta", {}).get("preset") == (
+        args.preset
+    )
+    rows = old.get("runs", []) if same else []
+    patchcore = old.get("patchcore", {}) if same else {}
+    done = {(r["category"], r["source"], r["seed"]) for r in rows}
+
+    def save() -> None:
+        summary = summarise(rows)
+        out = {"meta": meta, "summary": summary, "patchcore": patchcore, "runs": rows}
+        result_json.write_text(json.dumps(out, indent=1))
+        (RESULTS / f"{args.tag}.md").write_text(markdown(summary, patchcore, meta))
+
+    for category in categories:
+        if category not in patchcore or "unavailable" in patchcore[category]:
+            pc_json = RESULTS / args.tag / f"patchcore-{category}.json"
+            pc_json.parent.mkdir(parents=True, exist_ok=True)
+            patchcore[category] = run_patchcore(roots[category] / category, pc_json, args)
+            save()
+        for source in sources:
+            for seed in seeds:
+                if (category, source, seed) in done:
+                    continue
+                rows.append(run_realnet(category, roots[category], source, seed, args, srcs))
+                log.info("%s", json.dumps(rows[-1]))
+                save()
+    save()
+    print((RESULTS / f"{args.tag}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -91,3 +91,17 @@ def test_explicit_options_override_the_preset():
     assert train_kw["steps"] == 7 and train_kw["lr"] == CPU.train["lr"]
     assert train_kw["preset"] == "cpu" and model.rrs_counts == (4, 4)
     assert model.afs_keep == CPU.model["afs_keep"]
+
+
+def test_paper_backbone_loads_a_torchvision_weights_file():
+    """``--backbone-weights`` for paper: torchvision's wide_resnet50_2 file loads strictly into
+    timm's model (same names, same shapes); checked on the meta device, no weights needed."""
+    torchvision = pytest.importorskip("torchvision")
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        theirs = torchvision.models.wide_resnet50_2().state_dict()
+        ours = timm.create_model(PAPER.model["backbone"]).state_dict()
+    assert theirs.keys() == ours.keys()
+    assert all(theirs[k].shape == ours[k].shape for k in ours)

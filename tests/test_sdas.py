@@ -51,7 +51,10 @@ def test_ddpm_s0_matches_diffusers_loop(learn_sigma):
 def test_ddim_s0_matches_diffusers_loop(eta):
     unet = _unet()
     config = build_scheduler().config
-    ref = _reference_loop(unet, DDIMScheduler.from_config(config), steps=10, eta=eta)
+    # ours re-derives eps from the clipped x0, as the authors' DDIM does (see test_guidance)
+    ref = _reference_loop(
+        unet, DDIMScheduler.from_config(config), steps=10, eta=eta, use_clipped_model_output=True
+    )
     pipe = SDASPipeline(unet, SDASDDIMScheduler.from_config(config))
     got = pipe(LABELS, [0.0] * 3, SEEDS, num_inference_steps=10, eta=eta, output_type="pt")
     torch.testing.assert_close(got.images, ref, rtol=0, atol=1e-6)
@@ -85,7 +88,9 @@ def test_ddpm_noise_variance_grows_by_one_plus_s(s, learn_sigma):
 
 @pytest.mark.parametrize("learn_sigma", [False, True])
 def test_ddim_extra_noise_follows_design(learn_sigma):
-    """eta = 0: Var(x_{t-1}) = s * sigma_t^2; eta > 0 adds DDIM's own (eta * sigma_ddim)^2."""
+    """eta = 0: Var(x_{t-1}) = s * sigma_t^2; eta > 0: the strength term reuses DDIM's own
+    noise draw (as the authors' ddim_sample does), so the stds add: (eta sigma_ddim + sqrt(s)
+    sigma_t)^2."""
     sch = SDASDDIMScheduler.from_config(build_scheduler().config)
     sch.set_timesteps(20)
     eps = torch.full((1, 3, 4, 4), 0.1)
@@ -100,9 +105,9 @@ def test_ddim_extra_noise_follows_design(learn_sigma):
         sigma2 = float(sch._get_variance(t, prev_t))
     assert _step_noise_variance(sch, t, 0.0, out) < 1e-10  # DDIM eta = 0 is deterministic
     assert _step_noise_variance(sch, t, 0.3, out) == pytest.approx(0.3 * sigma2, rel=0.04)
-    ddim_var = 0.5**2 * float(sch._get_variance(t, prev_t))
+    ddim_std = 0.5 * float(sch._get_variance(t, prev_t)) ** 0.5
     got = _step_noise_variance(sch, t, 0.3, out, eta=0.5)
-    assert got == pytest.approx(ddim_var + 0.3 * sigma2, rel=0.04)
+    assert got == pytest.approx((ddim_std + (0.3 * sigma2) ** 0.5) ** 2, rel=0.04)
 
 
 @pytest.mark.parametrize("cls", [SDASDDPMScheduler, SDASDDIMScheduler])

@@ -1,8 +1,10 @@
-"""The SDAS sampling pipeline: composes a UNet and an SDAS scheduler, nothing else.
+"""The SDAS sampling pipeline: composes a UNet, an SDAS scheduler and optional guidance.
 
 Each sample gets its own CPU ``torch.Generator`` seeded from its own seed, so an image
 depends only on (seed, strength, category, model, sampler config), never on its batch.
-No Ray, storage or file formats here.
+Classifier guidance (:mod:`.guidance`) adds its shift to each step's ``prev_sample``. For
+speed the UNet may run under bf16/fp16 autocast (the scheduler maths stay float32), in
+channels_last memory format and under ``torch.compile``. No Ray, storage or file formats here.
 """
 
 from __future__ import annotations
@@ -17,11 +19,26 @@ from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from sia_pipeline.diffusion.guidance import ClassifierGuidance
 from sia_pipeline.diffusion.model import SDASModel
 from sia_pipeline.diffusion.sdas import SDASDDIMScheduler, SDASDDPMScheduler
 
 SamplerName = Literal["ddpm", "ddim"]
 SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
+Precision = Literal["fp32", "bf16", "fp16"]
+# autocast dtype of each --precision (None: plain float32)
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    if precision not in PRECISIONS:
+        msg = f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}"
+        raise ValueError(msg)
+    return PRECISIONS[precision]
 
 
 @dataclass
@@ -48,6 +65,17 @@ class SDASPipeline(DiffusionPipeline):
     def __init__(self, unet: UNet2DModel, scheduler: SDASDDPMScheduler | SDASDDIMScheduler):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
+        # what the loop calls: the UNet itself, or its torch.compile'd wrapper
+        self.denoiser = unet
+        self.channels_last = False
+
+    def enable_speedups(self, channels_last: bool = False, compile: bool = False) -> None:
+        """channels_last weights and inputs; ``torch.compile`` (compiled on the first call)."""
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+            self.channels_last = True
+        if compile:
+            self.denoiser = torch.compile(self.unet)
 
     def check_inputs(self, class_labels, anomaly_strength, seeds, num_inference_steps) -> None:
         n = len(seeds)
@@ -75,7 +103,48 @@ class SDASPipeline(DiffusionPipeline):
             )
             raise ValueError(msg)
 
-    @torch.inference_mode()
+    def denoise_step(
+        self,
+        image: torch.Tensor,
+        t: torch.Tensor,
+        labels: torch.Tensor,
+        generators: list[torch.Generator],
+        strength: torch.Tensor,
+        eta: float = 0.0,
+        guidance: ClassifierGuidance | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """One reverse step ``x_t -> x_{t-1}``: UNet, SDAS scheduler step, guidance shift.
+
+        Args:
+            image: ``x_t``, (B, C, H, W) float32.
+            t: the current timestep (0-d).
+            labels: (B,) class ids.
+            generators: one per sample.
+            strength: (B,) anomaly strengths.
+            eta: DDIM eta (DDPM ignores it).
+            guidance: classifier guidance, or None.
+            dtype: autocast dtype of the UNet (None: float32).
+
+        Returns:
+            ``x_{t-1}``, (B, C, H, W) float32.
+        """
+        x_in = image.contiguous(memory_format=torch.channels_last) if self.channels_last else image
+        with torch.autocast(
+            image.device.type, dtype=dtype or torch.float32, enabled=dtype is not None
+        ):
+            model_output = self.denoiser(x_in, t, class_labels=labels).sample
+        model_output = model_output.float().contiguous()
+        is_ddim = isinstance(self.scheduler, SDASDDIMScheduler)
+        extra = {"eta": eta} if is_ddim else {}
+        prev = self.scheduler.step(
+            model_output, t, image, generator=generators, anomaly_strength=strength, **extra
+        ).prev_sample
+        if guidance is not None:
+            prev = prev + guidance.shift(self.scheduler, model_output, t, image, labels, eta=eta)
+        return prev
+
+    @torch.no_grad()
     def __call__(
         self,
         class_labels: Sequence[int],
@@ -84,8 +153,17 @@ class SDASPipeline(DiffusionPipeline):
         num_inference_steps: int = 20,
         eta: float = 0.0,
         output_type: Literal["np", "pt"] = "np",
+        guidance: ClassifierGuidance | None = None,
+        precision: Precision = "fp32",
     ) -> SDASOutput:
+        """Sample one image per (class label, anomaly strength, seed).
+
+        ``guidance`` steers every step towards the sample's class (the gradient needs
+        autograd, hence ``no_grad`` rather than ``inference_mode``); ``precision`` runs the
+        UNet (and the classifier) under autocast.
+        """
         self.check_inputs(class_labels, anomaly_strength, seeds, num_inference_steps)
+        dtype = autocast_dtype(precision)
         device = self.unet.device
         # CPU generators: the same seed gives the same noise on every device.
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
@@ -96,12 +174,10 @@ class SDASPipeline(DiffusionPipeline):
         strength = torch.as_tensor(list(anomaly_strength), device=device, dtype=self.unet.dtype)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        extra = {"eta": eta} if isinstance(self.scheduler, SDASDDIMScheduler) else {}
         for t in self.progress_bar(self.scheduler.timesteps):
-            model_output = self.unet(image, t, class_labels=labels).sample
-            image = self.scheduler.step(
-                model_output, t, image, generator=generators, anomaly_strength=strength, **extra
-            ).prev_sample
+            image = self.denoise_step(
+                image, t, labels, generators, strength, eta=eta, guidance=guidance, dtype=dtype
+            )
 
         image = image.clamp(-1, 1)
         if output_type == "np":
@@ -120,26 +196,60 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
 
 
 class Sampler:
-    """Samples a loaded :class:`SDASModel` by category name; the unit that workers hold."""
+    """Samples a loaded :class:`SDASModel` by category name; the unit that workers hold.
+
+    Args:
+        model: the loaded model.
+        sampler: ``ddpm`` or ``ddim``.
+        steps: respaced sampling steps.
+        eta: DDIM eta.
+        guidance: classifier guidance (its classifier must know the model's categories).
+        precision: ``fp32``, or ``bf16`` / ``fp16`` autocast for the UNet and classifier.
+        channels_last: channels_last weights and inputs (None: on CUDA only).
+        compile: ``torch.compile`` the UNet (the first batch of each shape compiles).
+    """
 
     def __init__(
-        self, model: SDASModel, sampler: SamplerName = "ddpm", steps: int = 20, eta: float = 0.0
+        self,
+        model: SDASModel,
+        sampler: SamplerName = "ddpm",
+        steps: int = 20,
+        eta: float = 0.0,
+        *,
+        guidance: ClassifierGuidance | None = None,
+        precision: Precision = "fp32",
+        channels_last: bool | None = None,
+        compile: bool = False,
     ) -> None:
         self.model = model
         self.sampler = sampler
         self.steps = steps
         self.eta = eta
+        self.precision = precision
+        self.guidance = guidance
+        dtype = autocast_dtype(precision)
+        if guidance is not None and guidance.autocast_dtype is None:
+            guidance.autocast_dtype = dtype
         self.pipe = SDASPipeline(model.unet, make_scheduler(model.scheduler_config, sampler))
         self.pipe.set_progress_bar_config(disable=True)
+        if channels_last is None:
+            channels_last = model.unet.device.type == "cuda"
+        self.pipe.enable_speedups(channels_last=channels_last, compile=compile)
 
     def config(self) -> dict:
-        """The sampler fields every SIA sample records."""
-        return {
+        """The sampler fields every SIA sample records (guidance and precision only when used)."""
+        cfg = {
             "sampler": self.sampler,
             "steps": self.steps,
             "eta": self.eta,
             "model_id": self.model.model_id,
         }
+        if self.guidance is not None:
+            cfg["classifier_id"] = self.guidance.classifier_id
+            cfg["classifier_scale"] = self.guidance.scale
+        if self.precision != "fp32":
+            cfg["precision"] = self.precision
+        return cfg
 
     def sample(
         self, categories: Sequence[str], strengths: Sequence[float], seeds: Sequence[int]
@@ -147,5 +257,11 @@ class Sampler:
         """(B, H, W, 3) uint8 RGB images, one per (category, strength, seed)."""
         labels = [self.model.class_id(c) for c in categories]
         return self.pipe(
-            labels, strengths, seeds, num_inference_steps=self.steps, eta=self.eta
+            labels,
+            strengths,
+            seeds,
+            num_inference_steps=self.steps,
+            eta=self.eta,
+            guidance=self.guidance,
+            precision=self.precision,
         ).images

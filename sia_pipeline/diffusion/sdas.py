@@ -9,6 +9,11 @@ per-sample anomaly strength ``s >= 0`` (``s = 0`` is ordinary sampling):
 with no noise at the last step. Both classes delegate all schedule maths to the parent's
 ``step`` and only add the strength term, so ``s = 0`` is the parent bit for bit. ``s`` is
 called ``anomaly_strength`` because diffusers' ``strength`` means img2img's start fraction.
+
+Two choices follow the authors' DDIM (``ddim_sample`` in RealNet's ``gauss_sample.py``):
+``eps`` is re-derived from the clipped ``x_0`` (diffusers' ``use_clipped_model_output=True``,
+here the default; with ``False`` the two differ only where ``x_0`` was clipped), and ``z`` is
+the same draw as DDIM's own ``eta`` noise when ``eta > 0``.
 """
 
 from __future__ import annotations
@@ -129,8 +134,9 @@ class SDASDDIMScheduler(DDIMScheduler):
 
     ``sigma_t`` is the model's reverse std: learned range when the model output has twice
     the image channels, else the fixed posterior variance ``beta_tilde_t`` of the respaced
-    schedule. The extra noise is drawn only for samples with ``s > 0``, from their own
-    generator, so an ``s = 0`` sample follows the parent's random stream exactly.
+    schedule. ``z`` is each sample's next draw from its own generator: with ``eta > 0`` the
+    very draw the parent used for DDIM's noise (replayed), with ``eta = 0`` a draw made only
+    for samples with ``s > 0``; either way an ``s = 0`` sample follows the parent exactly.
     """
 
     def step(
@@ -139,7 +145,7 @@ class SDASDDIMScheduler(DDIMScheduler):
         timestep: int,
         sample: torch.Tensor,
         eta: float = 0.0,
-        use_clipped_model_output: bool = False,
+        use_clipped_model_output: bool = True,
         generator: Generators = None,
         variance_noise: torch.Tensor | None = None,
         return_dict: bool = True,
@@ -150,6 +156,15 @@ class SDASDDIMScheduler(DDIMScheduler):
         predicted_variance = None
         if model_output.shape[1] == 2 * c:
             model_output, predicted_variance = torch.split(model_output, c, dim=1)
+        t = int(timestep)
+        # notation: prev_t is the next (smaller) timestep; prev_t < 0 means this is the last step
+        prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
+        strong = prev_t >= 0 and bool(torch.any(s > 0))
+        given = eta > 0 and variance_noise is not None  # the caller's DDIM noise is z
+        replay = strong and eta > 0 and variance_noise is None
+        if strong and not given:
+            gens = _generator_list(generator, sample.shape[0])
+            states = [g.get_state() for g in gens] if replay else None
         out = super().step(
             model_output,
             timestep,
@@ -161,11 +176,7 @@ class SDASDDIMScheduler(DDIMScheduler):
             return_dict=True,
         )
         prev = out.prev_sample
-        # notation: prev_t is the next (smaller) timestep; prev_t < 0 means this is the last step
-        t = int(timestep)
-        prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
-        if prev_t >= 0 and torch.any(s > 0):
-            gens = _generator_list(generator, sample.shape[0])
+        if strong:
             alpha_prod_t = self.alphas_cumprod[t]
             alpha_prod_t_prev = self.alphas_cumprod[prev_t]
             if predicted_variance is None:
@@ -175,11 +186,20 @@ class SDASDDIMScheduler(DDIMScheduler):
                     alpha_prod_t, alpha_prod_t_prev, predicted_variance
                 )
                 sigma = torch.exp(0.5 * log_var)
-            z = torch.zeros_like(prev)
-            for i in torch.nonzero(s.flatten() > 0).flatten().tolist():
-                z[i] = randn_tensor(
-                    prev.shape[1:], generator=gens[i], device=prev.device, dtype=prev.dtype
+            if given:
+                z = variance_noise
+            elif replay:  # the parent's own draw, leaving the generators where it did
+                for g, state in zip(gens, states, strict=True):
+                    g.set_state(state)
+                z = randn_tensor(
+                    prev.shape, generator=generator, device=prev.device, dtype=prev.dtype
                 )
+            else:
+                z = torch.zeros_like(prev)
+                for i in torch.nonzero(s.flatten() > 0).flatten().tolist():
+                    z[i] = randn_tensor(
+                        prev.shape[1:], generator=gens[i], device=prev.device, dtype=prev.dtype
+                    )
             prev = prev + torch.sqrt(s) * sigma * z
         if not return_dict:
             return prev, out.pred_original_sample

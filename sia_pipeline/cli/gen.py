@@ -60,6 +60,24 @@ from sia_pipeline.gen.raycluster import DEFAULT_RAY_TIMEOUT_S
     help="SDAS model folder, file:// or s3:// URL [default: the bundled demo model].",
 )
 @click.option(
+    "--classifier",
+    default=None,
+    help="Noisy classifier folder (file:// or s3://) for classifier guidance [default: none].",
+)
+@click.option(
+    "--classifier-scale",
+    type=float,
+    default=1.0,
+    help="Guidance scale (the authors' classifier_scale); with --classifier only.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+    default="fp32",
+    help="UNet autocast precision (part of the spec: it changes the images).",
+)
+@click.option("--compile", is_flag=True, help="torch.compile the UNet in every actor (GPU speed).")
+@click.option(
     "--out",
     default=DEFAULT_OUT,
     help="Dataset root: a local folder, file:// or s3://bucket/prefix.",

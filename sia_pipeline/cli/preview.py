@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -27,12 +28,33 @@ from sia_pipeline.diffusion.sampler import SAMPLERS
     "--seed", type=int, default=0, help="First seed; sample j uses seed + j, at every strength."
 )
 @click.option("--scale", type=int, default=3, help="Upscale factor of the tiles in the PNG.")
+@click.option("--classifier", default=None, help="Noisy classifier folder for guidance.")
+@click.option(
+    "--classifier-scale", type=float, default=1.0, help="Guidance scale (with --classifier)."
+)
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32")
+@click.option("--compile", is_flag=True, help="torch.compile the UNet.")
 @click.option("--out", type=click.Path(dir_okay=False), default="docs/preview.png")
 @click.option("-v", "--verbose", is_flag=True)
-def main(model, strengths, per_strength, sampler, steps, seed, scale, out, verbose) -> None:
+def main(
+    model,
+    strengths,
+    per_strength,
+    sampler,
+    steps,
+    seed,
+    scale,
+    classifier,
+    classifier_scale,
+    precision,
+    compile,
+    out,
+    verbose,
+) -> None:
     """Rows: category x strength; columns: the same seeds, so a row differs only by s."""
     setup_logging(verbose)
     from sia_pipeline.dataset.preview import make_grid
+    from sia_pipeline.diffusion.guidance import GuidanceError, check_scale, load_guidance
     from sia_pipeline.diffusion.model import ModelError, load_model
     from sia_pipeline.diffusion.sampler import Sampler
 
@@ -40,13 +62,18 @@ def main(model, strengths, per_strength, sampler, steps, seed, scale, out, verbo
         values = [float(s) for s in parse_list(strengths)]
     except ValueError:
         die(f"--strengths must be comma-separated numbers, got {strengths!r}")
-    if not values or any(v < 0 for v in values):
-        die(f"--strengths must be non-empty and >= 0, got {strengths!r}")
+    if not values or any(not math.isfinite(v) or v < 0 for v in values):
+        die(f"--strengths must be non-empty, finite and >= 0, got {strengths!r}")
+    guidance = None
     try:
+        if classifier:
+            check_scale(classifier_scale)
         m = load_model(model)
-    except ModelError as e:
+        if classifier:
+            guidance, _ = load_guidance(classifier, classifier_scale, m.categories, m.resolution)
+    except (ModelError, GuidanceError) as e:
         die(str(e))
-    smp = Sampler(m, sampler, steps)
+    smp = Sampler(m, sampler, steps, guidance=guidance, precision=precision, compile=compile)
     rows, labels = [], []
     seeds = [seed + j for j in range(per_strength)]
     t0 = time.perf_counter()

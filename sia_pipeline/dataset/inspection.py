@@ -236,6 +236,36 @@ class RegenResult:
         return f"{self.key}: NOT identical: {'; '.join(parts)} {where}"
 
 
+def _recorded_guidance(index: dict[str, Any], spec: GenSpec, loaded, device, endpoint_url):
+    """The classifier guidance a guided spec records (its classifier folder, checked), or None."""
+    if not spec.classifier_id:
+        return None
+    from sia_pipeline.diffusion.guidance import GuidanceError, load_guidance
+    from sia_pipeline.diffusion.model import ModelError
+
+    source = (index.get("classifier") or {}).get("source")
+    if not source:
+        msg = "index.json records a guided spec but not where its classifier is"
+        raise InspectError(msg)
+    try:
+        guidance, card = load_guidance(
+            source,
+            spec.classifier_scale,
+            loaded.categories,
+            loaded.resolution,
+            device,
+            endpoint_url,
+        )
+    except (ModelError, GuidanceError) as e:
+        msg = f"cannot load the recorded classifier: {e}"
+        raise InspectError(msg) from None
+    if card["classifier_id"] != spec.classifier_id:
+        got, want = card["classifier_id"], spec.classifier_id
+        msg = f"classifier {source} is {got}; the dataset needs {want}"
+        raise InspectError(msg)
+    return guidance
+
+
 def regenerate(
     storage: Storage,
     key: str,
@@ -280,9 +310,13 @@ def regenerate(
         name = model_url or "the bundled model"
         msg = f"model {name} is {loaded.model_id}; the dataset needs {spec.model_id}"
         raise InspectError(msg)
+    guidance = _recorded_guidance(index, spec, loaded, device, endpoint_url)
     first = (j // bs) * bs
     last = min(first + bs, task.count)
-    images = Sampler(loaded, spec.sampler, spec.steps, spec.eta).sample(
+    sampler = Sampler(
+        loaded, spec.sampler, spec.steps, spec.eta, guidance=guidance, precision=spec.precision
+    )
+    images = sampler.sample(
         [category] * (last - first), task.strengths[first:last], task.seeds[first:last]
     )
     image = images[j - first]

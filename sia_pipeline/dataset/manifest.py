@@ -171,7 +171,7 @@ def rebuild_from_stats(
         old = read_index(storage) or {}
         spec = spec if spec is not None else old.get("spec")
         if extra is None:
-            keep = ("model", "created_by")
+            keep = ("model", "created_by", "command", "classifier")
             extra = {k: old[k] for k in keep if k in old}
     stats = read_all_stats(storage, verify_tars=verify_tars)
     if not stats:

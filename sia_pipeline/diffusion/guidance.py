@@ -215,3 +215,34 @@ def ddim_guidance_coefficient(scheduler: DDIMScheduler, t: int, eta: float = 0.0
         (1 - a_prev - sigma2).clamp(min=0)
     ) * torch.sqrt(1 - a_t)
     return c.float()
+
+
+def load_guidance(
+    url: str,
+    scale: float,
+    model_categories: Mapping[str, int],
+    resolution: int,
+    device: str | torch.device = "cpu",
+    endpoint_url: str | None = None,
+) -> tuple[ClassifierGuidance, dict]:
+    """Load the classifier folder at ``url`` and check that it can guide this model.
+
+    Returns:
+        (guidance, the classifier's card).
+
+    Raises:
+        GuidanceError: a bad scale (checked before anything is loaded), or a classifier
+            whose categories or image size differ from the model's.
+        ModelError: a missing or corrupt classifier folder.
+    """
+    from sia_pipeline.diffusion.classifier import load_classifier
+
+    scale = check_scale(scale)
+    module, card = load_classifier(url, device=device, endpoint_url=endpoint_url)
+    check_categories(model_categories, card["categories"])
+    if int(card["image_size"]) != int(resolution):
+        msg = (
+            f"the classifier is for {card['image_size']} px images, the model makes {resolution} px"
+        )
+        raise GuidanceError(msg)
+    return ClassifierGuidance(module, scale, classifier_id=str(card["classifier_id"])), card

@@ -177,7 +177,14 @@ def clear_root(storage: Storage) -> None:
         storage.delete(name)
 
 
-def command_line(spec: GenSpec, out: str, model: str | None, batch_size: int) -> str:
+def command_line(
+    spec: GenSpec,
+    out: str,
+    model: str | None,
+    batch_size: int,
+    classifier: str | None = None,
+    compile: bool = False,
+) -> str:
     """A ``sia-gen`` command that reproduces ``spec`` (no endpoint or credentials)."""
     args = [
         "sia-gen",
@@ -196,6 +203,12 @@ def command_line(spec: GenSpec, out: str, model: str | None, batch_size: int) ->
         args.insert(8, f"--eta={spec.eta}")
     if model:
         args.append(f"--model={model}")
+    if classifier:
+        args += [f"--classifier={classifier}", f"--classifier-scale={spec.classifier_scale!r}"]
+    if spec.precision != "fp32":
+        args.append(f"--precision={spec.precision}")
+    if compile:
+        args.append("--compile")
     return shlex.join(args)
 
 
@@ -261,6 +274,10 @@ def generate(
     batch_size: int = 16,
     image_format: str = "png",
     model: str | None = None,
+    classifier: str | None = None,
+    classifier_scale: float = 1.0,
+    precision: str = "fp32",
+    compile: bool = False,
     out: str = DEFAULT_OUT,
     s3_endpoint_url: str | None = None,
     workers: int | None = None,
@@ -292,6 +309,7 @@ def generate(
             answer within ``ray_timeout`` or cannot place the actors. Nothing was written.
         GenFailed: shards still failing after their retries.
     """
+    from sia_pipeline.diffusion.guidance import GuidanceError, check_scale, load_guidance
     from sia_pipeline.diffusion.model import ModelError, load_model
 
     t0 = time.perf_counter()
@@ -314,7 +332,20 @@ def generate(
             raise GenError(msg)
         if not ray_address and threads_per_worker and workers:
             _check_local_cpus(workers, threads_per_worker)
+        if classifier:
+            check_scale(classifier_scale)
         loaded = load_model(model, device="cpu", endpoint_url=s3_endpoint_url)
+        guidance, classifier_card = (
+            load_guidance(
+                classifier,
+                classifier_scale,
+                loaded.categories,
+                loaded.resolution,
+                endpoint_url=s3_endpoint_url,
+            )
+            if classifier
+            else (None, None)
+        )
         spec = make_spec(
             model_id=loaded.model_id,
             model_categories=loaded.categories,
@@ -329,6 +360,9 @@ def generate(
             eta=eta,
             image_format=image_format,
             max_steps=int(loaded.scheduler_config.get("num_train_timesteps", 1000)),
+            classifier_id=guidance.classifier_id if guidance else "",
+            classifier_scale=classifier_scale,
+            precision=precision,
         )
         tasks = make_tasks(spec, batch_size)
         storage = open_storage(out, s3_endpoint_url)
@@ -341,7 +375,7 @@ def generate(
         elif not dry_run:
             storage.check_writable()
         state = scan_root(storage, spec.spec_hash, spec.to_dict())
-    except (PlanError, ModelError, StorageError, FormatError) as e:
+    except (PlanError, ModelError, GuidanceError, StorageError, FormatError) as e:
         raise GenError(str(e).splitlines()[0]) from None
 
     plan = describe_plan(spec, tasks, done=len(state.done))
@@ -391,8 +425,15 @@ def generate(
         extra = {
             "model": _model_record(loaded, model),
             "created_by": f"sia-gen {VERSION}",
-            "command": command_line(spec, out, model, batch_size),
+            "command": command_line(spec, out, model, batch_size, classifier, compile),
         }
+        if classifier_card is not None:
+            extra["classifier"] = {
+                "id": classifier_card["classifier_id"],
+                "source": str(classifier),
+                "categories": classifier_card["categories"],
+                "image_size": classifier_card["image_size"],
+            }
         # Before the first shard: a root that loses its index can still be rebuilt exactly.
         write_spec(storage, spec.to_dict(), spec.spec_hash, extra)
         if pending:
@@ -401,6 +442,8 @@ def generate(
                 "out_url": storage.url,
                 "endpoint_url": s3_endpoint_url,
                 "spill_dir": spill_dir,
+                "classifier_url": _absolute(classifier),
+                "compile": compile,
             }
             _run(
                 pending,

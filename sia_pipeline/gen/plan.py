@@ -2,7 +2,9 @@
 
 Every sample's seed and strength are a hash of (model id, category, sample index, global
 seed, strength spec, sampler config), never of worker order, so any shard can be rerun
-alone and comes out the same. Nothing here touches Ray, storage or the model weights.
+alone and comes out the same. Guidance and precision change the images (so the spec hash)
+but not the seeds: a guided dataset and its unguided twin start from the same noise.
+Nothing here touches Ray, storage or the model weights.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ MAX_GRID_VALUES = 10_000
 # Rough compressed size of one image as a fraction of its raw RGB bytes (for --dry-run).
 _COMPRESSION = {"png": 0.75, "jpg": 0.15}
 _PER_SAMPLE_OVERHEAD = 2 * 512 + 512 + 900  # tar headers + padding, .json member, stats row
+PRECISIONS = ("fp32", "bf16", "fp16")  # sampler.PRECISIONS, without importing torch here
 
 
 class PlanError(ValueError):
@@ -145,9 +148,18 @@ class GenSpec:
     eta: float
     image_format: str
     resolution: int
+    # Optional parts: in the dict (and so in the hash) only when used, so that specs
+    # without guidance in fp32 keep the hashes they had before these existed.
+    classifier_id: str = ""
+    classifier_scale: float = 0.0
+    precision: str = "fp32"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if not self.classifier_id:
+            del d["classifier_id"], d["classifier_scale"]
+        if self.precision == "fp32":
+            del d["precision"]
         d["categories"] = list(self.categories)
         d["class_ids"] = list(self.class_ids)
         d["strengths"] = {
@@ -185,6 +197,9 @@ def make_spec(
     eta: float = 0.0,
     image_format: str = "png",
     max_steps: int = 1000,
+    classifier_id: str = "",
+    classifier_scale: float = 1.0,
+    precision: str = "fp32",
 ) -> GenSpec:
     """Validate user input against the model; every problem is a one-line :class:`PlanError`."""
     if isinstance(categories, str):
@@ -225,6 +240,14 @@ def make_spec(
             image_format in IMAGE_EXTS,
             f"--image-format must be one of {', '.join(IMAGE_EXTS)}, got {image_format!r}",
         ),
+        (
+            precision in PRECISIONS,
+            f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}",
+        ),
+        (
+            math.isfinite(classifier_scale) and classifier_scale >= 0,
+            f"--classifier-scale must be finite and >= 0, got {classifier_scale}",
+        ),
     ]
     for ok, msg in checks:
         if not ok:
@@ -245,6 +268,9 @@ def make_spec(
         eta=float(eta) if sampler == "ddim" else 0.0,
         image_format=image_format,
         resolution=resolution,
+        classifier_id=classifier_id,
+        classifier_scale=float(classifier_scale) if classifier_id else 0.0,
+        precision=precision,
     )
 
 
@@ -289,6 +315,9 @@ class ShardTask:
     resolution: int
     spec_hash: str
     batch_size: int = 16
+    classifier_id: str = ""
+    classifier_scale: float = 0.0
+    precision: str = "fp32"
 
     @property
     def shard_id(self) -> str:
@@ -327,7 +356,18 @@ class ShardTask:
             "width": self.resolution,
             "image_format": self.image_format,
             "format_version": FORMAT_VERSION,
+            **self.optional_fields(),
         }
+
+    def optional_fields(self) -> dict[str, Any]:
+        """Guidance and precision, recorded only when used (as in :meth:`GenSpec.to_dict`)."""
+        d: dict[str, Any] = {}
+        if self.classifier_id:
+            d["classifier_id"] = self.classifier_id
+            d["classifier_scale"] = self.classifier_scale
+        if self.precision != "fp32":
+            d["precision"] = self.precision
+        return d
 
 
 def make_task(spec: GenSpec, category_index: int, shard: int, batch_size: int = 16) -> ShardTask:
@@ -351,6 +391,9 @@ def make_task(spec: GenSpec, category_index: int, shard: int, batch_size: int = 
         resolution=spec.resolution,
         spec_hash=spec.spec_hash,
         batch_size=batch_size,
+        classifier_id=spec.classifier_id,
+        classifier_scale=spec.classifier_scale,
+        precision=spec.precision,
     )
 
 
@@ -448,6 +491,12 @@ def describe_plan(spec: GenSpec, tasks: Sequence[ShardTask], done: int = 0) -> s
         f"sampler    {spec.sampler}, {spec.steps} steps"
         + (f", eta {spec.eta:g}" if spec.sampler == "ddim" else ""),
         f"strengths  {spec.strengths.describe()}",
+        *(
+            [f"guidance   classifier {spec.classifier_id}, scale {spec.classifier_scale:g}"]
+            if spec.classifier_id
+            else []
+        ),
+        *([f"precision  {spec.precision}"] if spec.precision != "fp32" else []),
         f"images     {spec.per_category} per category x {len(spec.categories)} categories"
         f" = {spec.total_images}",
         f"shards     {len(tasks)} ({per_cat} per category, up to {spec.shard_size} images each)"

@@ -75,6 +75,8 @@ class SamplerWorker:
         spill_bytes: most bytes kept in the spill.
         progress: called as ``progress(tag, images_sampled, phase)`` when a task starts
             and after each batch (the runner passes a Ray-actor sink).
+        classifier_url: classifier folder for guided tasks (None: unguided tasks only).
+        compile: ``torch.compile`` the UNet of every sampler.
     """
 
     def __init__(
@@ -87,6 +89,8 @@ class SamplerWorker:
         spill_dir: str | None = None,
         spill_bytes: int = DEFAULT_SPILL_BYTES,
         progress: ProgressFn | None = None,
+        classifier_url: str | None = None,
+        compile: bool = False,
     ) -> None:
         import torch
         from diffusers.utils import logging as dlogging
@@ -107,6 +111,12 @@ class SamplerWorker:
         self.spill = Spill(spill_dir, spill_bytes)
         self.spill.sweep()  # parts left by killed workers on this node
         self.progress = progress
+        self.compile = compile
+        self.classifier = None
+        if classifier_url:
+            from sia_pipeline.diffusion.classifier import load_classifier
+
+            self.classifier = load_classifier(classifier_url, device, endpoint_url)
         self._samplers: dict[tuple[str, int, float], object] = {}
         self._sample_lock = threading.Lock()
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sia-encode")
@@ -139,9 +149,27 @@ class SamplerWorker:
     def _sampler(self, task: ShardTask):
         from sia_pipeline.diffusion.sampler import Sampler
 
-        key = (task.sampler, task.steps, task.eta)
+        key = (task.sampler, task.steps, task.eta, task.classifier_scale, task.precision)
         if key not in self._samplers:
-            self._samplers[key] = Sampler(self.model, task.sampler, task.steps, task.eta)
+            guidance = None
+            if task.classifier_id:
+                from sia_pipeline.diffusion.guidance import ClassifierGuidance
+
+                module, card = self.classifier or (None, {})
+                held = card.get("classifier_id")
+                if held != task.classifier_id:
+                    msg = f"task wants classifier {task.classifier_id}, this worker holds {held}"
+                    raise ValueError(msg)
+                guidance = ClassifierGuidance(module, task.classifier_scale, task.classifier_id)
+            self._samplers[key] = Sampler(
+                self.model,
+                task.sampler,
+                task.steps,
+                task.eta,
+                guidance=guidance,
+                precision=task.precision,
+                compile=self.compile,
+            )
         return self._samplers[key]
 
     def _encode_batch(

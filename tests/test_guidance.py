@@ -8,15 +8,14 @@ at realistic scales, so the check depends only on the step maths, not on a conve
 from __future__ import annotations
 
 import importlib
-import math
-import os
-import sys
-from pathlib import Path
+import json
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from adm_reference import REFERENCE, realistic_, reference_models
+from click.testing import CliRunner
 from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
@@ -31,12 +30,6 @@ from sia_pipeline.diffusion.model import build_scheduler
 from sia_pipeline.diffusion.sampler import SDASPipeline
 from sia_pipeline.diffusion.sdas import SDASDDIMScheduler, SDASDDPMScheduler
 
-REFERENCE = Path(
-    os.environ.get(
-        "SIA_REFERENCE",
-        Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "realnet-official",
-    )
-)
 STEPS = 20  # the authors' sample.yaml: section_counts ddim20
 B, NUM_CLASSES, SIZE = 3, 3, 16
 ATOL = 1e-5
@@ -45,32 +38,10 @@ ATOL = 1e-5
 @pytest.fixture(scope="module")
 def ref():
     """The authors' ``unets`` and ``spaced_sample`` modules (torch and numpy only)."""
-    if not (REFERENCE / "samples" / "spaced_sample.py").is_file():
+    unets = reference_models()
+    if unets is None or not (REFERENCE / "samples" / "spaced_sample.py").is_file():
         pytest.skip(f"the authors' reference code is absent ({REFERENCE})")
-    if str(REFERENCE) not in sys.path:
-        sys.path.insert(0, str(REFERENCE))
-    return SimpleNamespace(
-        unets=importlib.import_module("models.sdas.unets"),
-        spaced=importlib.import_module("samples.spaced_sample"),
-    )
-
-
-@torch.no_grad()
-def _realistic(model: nn.Module, seed: int) -> nn.Module:
-    """GroupNorm weights near 1 and default-scale weights where the authors zero-init (the
-    output convs), so outputs and gradients are O(1); qkv scaled up for sharp attention."""
-    g = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, nn.GroupNorm):
-            module.weight.copy_(1.0 + 0.1 * torch.randn(module.weight.shape, generator=g))
-            module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=g))
-    for name, p in model.named_parameters():
-        if p.abs().max() == 0:
-            fan_in = p[0].numel() if p.dim() > 1 else p.numel()
-            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
-        if "qkv" in name and name.endswith("weight"):
-            p.mul_(4.0)
-    return model.eval()
+    return SimpleNamespace(unets=unets, spaced=importlib.import_module("samples.spaced_sample"))
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +61,7 @@ def nets(ref):
     }
     unet = ref.unets.UNetModel(out_channels=6, num_classes=NUM_CLASSES, **common)
     clf = ref.unets.EncoderUNetModel(out_channels=NUM_CLASSES, pool="attention", **common)
-    return _realistic(unet, 1), _realistic(clf, 2)
+    return realistic_(unet, 1).eval(), realistic_(clf, 2).eval()
 
 
 class _AsDiffusersUNet(nn.Module):
@@ -291,3 +262,176 @@ def test_check_scale_and_categories():
         check_categories({"a": 0, "b": 1}, {"a": 0, "c": 1})
     with pytest.raises(GuidanceError, match=r"other class ids for a \(1 != 0\)"):
         check_categories({"a": 0, "b": 1}, {"a": 1, "b": 0})
+
+
+# --- the spec, sia-gen, sia-preview and sia-inspect --regenerate ------------------------
+
+MODEL_CATEGORIES = {"bottle": 0, "magnetic_tile": 1}  # those of the tiny_model fixture
+
+
+def _spec(**kw):
+    from sia_pipeline.gen.plan import make_spec
+
+    args = {
+        "model_id": "sdas-x",
+        "model_categories": MODEL_CATEGORIES,
+        "resolution": 32,
+        "per_category": 4,
+        "shard_size": 2,
+    }
+    return make_spec(**{**args, **kw})
+
+
+def test_spec_records_guidance_and_precision_only_when_used():
+    from sia_pipeline.gen.plan import PlanError, make_tasks, sample_params
+
+    plain = _spec()
+    d = plain.to_dict()
+    assert not {"classifier_id", "classifier_scale", "precision"} & set(d)
+    assert _spec(classifier_scale=7.0).spec_hash == plain.spec_hash  # no classifier: ignored
+    guided = _spec(classifier_id="cls-1", classifier_scale=2.0)
+    assert guided.to_dict()["classifier_id"] == "cls-1"
+    assert guided.to_dict()["classifier_scale"] == 2.0
+    hashes = {
+        plain.spec_hash,
+        guided.spec_hash,
+        _spec(classifier_id="cls-1", classifier_scale=3.0).spec_hash,
+        _spec(classifier_id="cls-2", classifier_scale=2.0).spec_hash,
+        _spec(precision="bf16").spec_hash,
+    }
+    assert len(hashes) == 5
+    # the same noise: seeds and strengths do not depend on guidance or precision
+    assert sample_params(guided, "bottle", 3) == sample_params(plain, "bottle", 3)
+    row = make_tasks(guided)[0].sample_row(0)
+    assert (row["classifier_id"], row["classifier_scale"]) == ("cls-1", 2.0)
+    assert "precision" not in row and "classifier_id" not in make_tasks(plain)[0].sample_row(0)
+    assert make_tasks(_spec(precision="bf16"))[0].sample_row(0)["precision"] == "bf16"
+    for bad, needle in (
+        ({"precision": "fp8"}, "--precision"),
+        ({"classifier_scale": -1.0}, "--classifier-scale"),
+        ({"classifier_scale": float("nan")}, "--classifier-scale"),
+    ):
+        with pytest.raises(PlanError, match=needle):
+            _spec(**bad)
+
+
+def _save_classifier(folder, categories, seed=0):
+    from sia_pipeline.diffusion.classifier import NoisyClassifier, save_classifier
+
+    torch.manual_seed(seed)
+    clf = NoisyClassifier(
+        image_size=32,
+        model_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(2,),
+        num_head_channels=32,
+        num_classes=len(categories),
+    )
+    return save_classifier(clf, {"categories": categories}, folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clf") / "tiny"
+    _save_classifier(folder, MODEL_CATEGORIES)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def wrong_classifiers(tmp_path_factory):
+    base = tmp_path_factory.mktemp("clf-wrong")
+    _save_classifier(base / "other", {"bottle": 0, "screw": 1})
+    _save_classifier(base / "swapped", {"bottle": 1, "magnetic_tile": 0})
+    return base
+
+
+def _bad_guidance_cases(tiny_classifier, wrong_classifiers, tmp_path):
+    return [
+        (["--classifier", str(wrong_classifiers / "other")], "missing magnetic_tile; extra screw"),
+        (["--classifier", str(wrong_classifiers / "swapped")], "other class ids"),
+        (["--classifier", str(tmp_path / "nope")], "classifier folder not found"),
+        (["--classifier", str(tiny_classifier), "--classifier-scale=-1"], "--classifier-scale"),
+        (["--classifier", str(tiny_classifier), "--classifier-scale", "nan"], "--classifier-scale"),
+        (["--precision", "fp8"], "fp8"),
+    ]
+
+
+def _assert_one_line_exit_2(result, prog: str, needle: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    if needle == "fp8":  # click's own choice error
+        assert "Invalid value for '--precision'" in result.stderr
+        return
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), result.stderr
+    assert needle in lines[0]
+
+
+def test_sia_gen_bad_guidance_exits_2_and_creates_nothing(
+    tiny_model, tiny_classifier, wrong_classifiers, tmp_path
+):
+    from sia_pipeline.cli.gen import main
+
+    for extra, needle in _bad_guidance_cases(tiny_classifier, wrong_classifiers, tmp_path):
+        out = tmp_path / "out"
+        args = ["--model", str(tiny_model), "--out", str(out), *extra]
+        _assert_one_line_exit_2(CliRunner().invoke(main, args), "sia-gen", needle)
+        assert not out.exists()
+
+
+def test_sia_preview_guided_and_bad_guidance(
+    tiny_model, tiny_classifier, wrong_classifiers, tmp_path
+):
+    from sia_pipeline.cli.preview import main
+
+    base = ["--model", str(tiny_model), "--strengths", "0,0.3", "--per-strength", "1"]
+    base += ["--steps", "2"]
+    for extra, needle in _bad_guidance_cases(tiny_classifier, wrong_classifiers, tmp_path):
+        out = tmp_path / "bad.png"
+        result = CliRunner().invoke(main, [*base, "--out", str(out), *extra])
+        _assert_one_line_exit_2(result, "sia-preview", needle)
+        assert not out.exists()
+    out = tmp_path / "guided.png"
+    args = [*base, "--out", str(out), "--classifier", str(tiny_classifier)]
+    result = CliRunner().invoke(main, [*args, "--classifier-scale", "5", "--precision", "bf16"])
+    assert result.exit_code == 0, result.output
+    assert out.stat().st_size > 0
+
+
+def test_sia_gen_guided_end_to_end_and_regenerate(tiny_model, tiny_classifier, tmp_path, ray_local):
+    """A guided bf16 dataset records its classifier and precision, its images differ from the
+    unguided ones of the same seeds, and sia-inspect --regenerate re-makes a key exactly."""
+    from sia_pipeline.cli.gen import main as gen_main
+    from sia_pipeline.cli.inspect import main as inspect_main
+    from sia_pipeline.dataset.format import decode_image
+    from sia_pipeline.dataset.inspection import find_sample
+    from sia_pipeline.dataset.storage import open_storage
+    from sia_pipeline.diffusion.classifier import load_classifier
+    from sia_pipeline.diffusion.model import load_model
+    from sia_pipeline.diffusion.sampler import Sampler
+
+    out = tmp_path / "guided"
+    args = ["--model", str(tiny_model), "--out", str(out), "--categories", "bottle"]
+    args += ["--per-category", "2", "--shard-size", "2", "--batch-size", "2", "--steps", "2"]
+    args += ["--workers", "1", "--no-progress", "--precision", "bf16"]
+    args += ["--classifier", str(tiny_classifier), "--classifier-scale", "20"]
+    result = CliRunner().invoke(gen_main, args)
+    assert result.exit_code == 0, result.output
+    index = json.loads((out / "index.json").read_text())
+    cid = load_classifier(str(tiny_classifier))[1]["classifier_id"]
+    assert index["spec"]["classifier_id"] == cid
+    assert index["spec"]["classifier_scale"] == 20.0
+    assert index["spec"]["precision"] == "bf16"
+    assert index["classifier"]["source"] == str(tiny_classifier)
+    assert f"--classifier={tiny_classifier}" in index["command"]
+    key = "bottle-000000-000001"
+    sample = find_sample(open_storage(str(out)), key)
+    assert sample.meta["classifier_id"] == cid and sample.meta["precision"] == "bf16"
+    unguided = Sampler(load_model(tiny_model), "ddpm", 2, precision="bf16").sample(
+        ["bottle"], [sample.meta["strength"]], [sample.meta["seed"]]
+    )[0]
+    assert (decode_image(sample.image).astype(int) - unguided).any()  # guidance took effect
+
+    res = CliRunner().invoke(inspect_main, [str(out), "--regenerate", key])
+    assert res.exit_code == 0, res.output
+    assert "bit-identical" in res.output

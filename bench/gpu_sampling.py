@@ -167,7 +167,7 @@ def main() -> None:
         frac = f"{100 * achieved / peak:.1f}% of bf16 peak" if peak else "peak unknown"
         print(
             f"{name:>13}: {r['images_per_s']:8.2f} images/s  "
-            f"({achieved:.2f} TFLOP/s, {frac}; warm-up {r['warmup_s']:.1f} s)"
+            f"({achieved:.3g} TFLOP/s, {frac}; warm-up {r['warmup_s']:.1f} s)"
         )
     record = {
         "benchmark": "gpu_sampling",
@@ -204,7 +204,7 @@ def main() -> None:
     for name, r in results.items():
         frac = r["fraction_of_bf16_peak"]
         lines.append(
-            f"| {name} | {r['images_per_s']:.2f} | {r['achieved_tflops']:.2f} | "
+            f"| {name} | {r['images_per_s']:.2f} | {r["achieved_tflops"]:.3g} | "
             f"{'-' if frac is None else f'{100 * frac:.1f}%'} | {r['warmup_s']:.1f} |"
         )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -204,7 +204,7 @@ def main() -> None:
     for name, r in results.items():
         frac = r["fraction_of_bf16_peak"]
         lines.append(
-            f"| {name} | {r['images_per_s']:.2f} | {r["achieved_tflops"]:.3g} | "
+            f"| {name} | {r['images_per_s']:.2f} | {r['achieved_tflops']:.3g} | "
             f"{'-' if frac is None else f'{100 * frac:.1f}%'} | {r['warmup_s']:.1f} |"
         )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -391,6 +391,10 @@ def test_sia_preview_guided_and_bad_guidance(
         result = CliRunner().invoke(main, [*base, "--out", str(out), *extra])
         _assert_one_line_exit_2(result, "sia-preview", needle)
         assert not out.exists()
+    out = tmp_path / "bad.png"
+    result = CliRunner().invoke(main, [*base, "--out", str(out), "--device", "gpu"])
+    _assert_one_line_exit_2(result, "sia-preview", "is not a torch device")
+    assert not out.exists()
     out = tmp_path / "guided.png"
     args = [*base, "--out", str(out), "--classifier", str(tiny_classifier)]
     result = CliRunner().invoke(main, [*args, "--classifier-scale", "5", "--precision", "bf16"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sia_pipeline.diffusion.model import PRESETS, build_scheduler, build_unet, load_model
-from sia_pipeline.diffusion.sampler import SDASPipeline, Sampler, make_scheduler, to_uint8
+from sia_pipeline.diffusion.sampler import Sampler, SDASPipeline, make_scheduler, to_uint8
 
 ARGS = ([0, 1], [0.0, 0.3], [1, 2])  # labels, strengths, seeds
 KW = {"num_inference_steps": 4, "output_type": "pt"}

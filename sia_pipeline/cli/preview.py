@@ -34,6 +34,7 @@ from sia_pipeline.diffusion.sampler import SAMPLERS
 )
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32")
 @click.option("--compile", is_flag=True, help="torch.compile the UNet.")
+@click.option("--device", default=None, help="Torch device [default: cuda if present, else cpu].")
 @click.option("--out", type=click.Path(dir_okay=False), default="docs/preview.png")
 @click.option("-v", "--verbose", is_flag=True)
 def main(
@@ -48,6 +49,7 @@ def main(
     classifier_scale,
     precision,
     compile,
+    device,
     out,
     verbose,
 ) -> None:
@@ -68,9 +70,12 @@ def main(
     try:
         if classifier:
             check_scale(classifier_scale)
-        m = load_model(model)
+        device = _device(device)
+        m = load_model(model, device=device)
         if classifier:
-            guidance, _ = load_guidance(classifier, classifier_scale, m.categories, m.resolution)
+            guidance, _ = load_guidance(
+                classifier, classifier_scale, m.categories, m.resolution, device=device
+            )
     except (ModelError, GuidanceError) as e:
         die(str(e))
     smp = Sampler(m, sampler, steps, guidance=guidance, precision=precision, compile=compile)
@@ -86,3 +91,24 @@ def main(
     make_grid(rows, row_labels=labels, scale=scale).save(out)
     n = len(rows) * per_strength
     click.echo(f"{n} samples in {dt:.1f} s ({n / dt:.1f} images/s) -> {out}")
+
+
+def _device(name: str | None) -> str:
+    """``--device``: a torch device this machine has (None: cuda if present, else cpu)."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        die(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, ...)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        die(f"--device {name}: this machine has no CUDA device")
+    if dev.type not in ("cpu", "cuda"):
+        die(f"--device {name}: use cpu or cuda")
+    return name
+
+
+if __name__ == "__main__":
+    main()

@@ -10,6 +10,7 @@ import click
 
 from sia_pipeline.cli._common import die, s3_endpoint_option, setup_logging
 from sia_pipeline.gen.generate import DEFAULT_OUT, DEFAULT_PER_CATEGORY
+from sia_pipeline.gen.lease import DEFAULT_TTL
 from sia_pipeline.gen.raycluster import DEFAULT_RAY_TIMEOUT_S
 
 
@@ -117,6 +118,13 @@ from sia_pipeline.gen.raycluster import DEFAULT_RAY_TIMEOUT_S
     "--max-in-flight", type=int, default=2, help="Shard tasks queued per actor at a time."
 )
 @click.option("--overwrite", is_flag=True, help="Replace a dataset of a different spec at --out.")
+@click.option(
+    "--lease-ttl",
+    type=float,
+    default=DEFAULT_TTL,
+    help="Seconds the root's lease (one writer per root) outlives a driver that stops "
+    "renewing it: how long a crashed run can block a rerun from another host.",
+)
 @click.option(
     "--dry-run", is_flag=True, help="Print the plan (shards, images, bytes); write nothing."
 )

@@ -33,6 +33,7 @@ from sia_pipeline.dataset.interchange import CROISSANT_NAME, WIDS_NAME
 from sia_pipeline.dataset.manifest import IO_THREADS, rebuild_from_stats
 from sia_pipeline.dataset.spec import SPEC_NAME, read_spec, write_spec
 from sia_pipeline.dataset.storage import LocalStorage, Storage, StorageError, open_storage
+from sia_pipeline.gen.lease import DEFAULT_TTL, LeaseHeld, LeaseLost, LeaseSlot
 from sia_pipeline.gen.plan import (
     GenSpec,
     PlanError,
@@ -177,6 +178,15 @@ def clear_root(storage: Storage) -> None:
         storage.delete(name)
 
 
+def _refuse_other_spec(storage: Storage, state: RootState, spec_hash: str, overwrite: bool) -> None:
+    if state.other_spec and not overwrite:
+        msg = (
+            f"{storage.url} holds a dataset of a different spec ({state.other_spec}; this run"
+            f" is {spec_hash}): use another --out, or --overwrite to replace it"
+        )
+        raise GenError(msg)
+
+
 def command_line(
     spec: GenSpec,
     out: str,
@@ -261,8 +271,35 @@ def _check_local_cpus(workers: int, threads: int) -> None:
         raise GenError(msg)
 
 
-def generate(
+def generate(*, lease_ttl: float = DEFAULT_TTL, **kwargs: Any) -> GenReport:
+    """Generate (or finish) an SIA dataset under ``out``; see ``sia-gen --help``.
+
+    The keyword arguments are :func:`_generate`'s; the run holds the root's lease
+    (``_lease.json``, one writer per root) from just before its first write to its end,
+    renewed every ``lease_ttl / 3`` seconds, so a crashed run blocks a rerun for at most
+    ``lease_ttl`` seconds (not at all on the same host).
+
+    Raises:
+        GenError: as :func:`_generate`, or another live driver holds the root's lease.
+        GenFailed: as :func:`_generate`, or this run lost its lease.
+    """
+    try:
+        slot = LeaseSlot(lease_ttl)
+    except ValueError as e:
+        raise GenError(str(e)) from None
+    try:
+        return _generate(slot=slot, **kwargs)
+    except LeaseHeld as e:
+        raise GenError(str(e)) from None
+    except LeaseLost as e:
+        raise GenFailed(str(e)) from None
+    finally:
+        slot.release()
+
+
+def _generate(
     *,
+    slot: LeaseSlot,
     categories: str = "all",
     strengths: str = "0.1:0.5",
     per_category: int = DEFAULT_PER_CATEGORY,
@@ -375,6 +412,8 @@ def generate(
         elif not dry_run:
             storage.check_writable()
         state = scan_root(storage, spec.spec_hash, spec.to_dict())
+        if not dry_run:
+            slot.refuse_if_held(storage, spec.spec_hash)  # names the holder, before all else
     except (PlanError, ModelError, GuidanceError, StorageError, FormatError) as e:
         raise GenError(str(e).splitlines()[0]) from None
 
@@ -382,12 +421,7 @@ def generate(
     report = GenReport(
         out=storage.url, spec_hash=spec.spec_hash, plan=plan, shards_total=len(tasks)
     )
-    if state.other_spec and not overwrite:
-        msg = (
-            f"{storage.url} holds a dataset of a different spec ({state.other_spec}; this run"
-            f" is {spec.spec_hash}): use another --out, or --overwrite to replace it"
-        )
-        raise GenError(msg)
+    _refuse_other_spec(storage, state, spec.spec_hash, overwrite)
     if dry_run:
         report.dry_run = True
         if state.other_spec:
@@ -416,6 +450,12 @@ def generate(
             storage.check_writable()
         except StorageError as e:
             raise GenError(str(e).splitlines()[0]) from None
+        slot.take(storage, spec.spec_hash)  # one writer per root from here to the end
+        again = scan_root(storage, spec.spec_hash, spec.to_dict())
+        if bool(again.other_spec) != bool(state.other_spec):
+            msg = f"{storage.url} changed while this run started (another driver?): rerun"
+            raise GenFailed(msg)
+        on_result = slot.checked(on_result)
         if state.other_spec:
             log.warning(
                 "--overwrite: deleting the dataset at %s (%s)", storage.url, state.other_spec
@@ -464,6 +504,7 @@ def generate(
 
             ray.shutdown()
     if pending or not state.index_current:
+        slot.check()
         table, index = rebuild_from_stats(storage, spec.to_dict(), extra)
         write_card(storage, index, table)
         report.indexed = True

@@ -158,3 +158,20 @@ def test_gen_repairs_an_index_rebuilt_without_its_spec(local_root, tiny_model):
     repaired = json.loads((local_root / "index.json").read_bytes())
     assert repaired["spec"] == json.loads(original)["spec"]
     assert "- seed: 0" in (local_root / "README.md").read_text()
+
+
+def test_preview_writes_beside_the_model_by_default(tiny_model, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from sia_pipeline.cli.preview import default_out, main
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    monkeypatch.chdir(tmp_path)
+    args = ["--strengths", "0", "--per-strength", "1", "--steps", "1"]
+    res = CliRunner().invoke(main, [*args, "--model", str(model)])
+    assert res.exit_code == 0, res.output
+    assert (model / "preview.png").stat().st_size > 0 and f"-> {model}/preview.png" in res.output
+    assert not (tmp_path / "docs").exists()
+    # The bundled model (inside the package) and s3:// models: the current folder.
+    assert default_out(None) == default_out("s3://bucket/m") == "preview.png"

@@ -119,6 +119,12 @@ from sia_pipeline.gen.raycluster import DEFAULT_RAY_TIMEOUT_S
 )
 @click.option("--overwrite", is_flag=True, help="Replace a dataset of a different spec at --out.")
 @click.option(
+    "--extend",
+    is_flag=True,
+    help="Grow the dataset at --out to --per-category images per category: its shards "
+    "stay as they are, new shards are appended (every other option must match it).",
+)
+@click.option(
     "--lease-ttl",
     type=float,
     default=DEFAULT_TTL,

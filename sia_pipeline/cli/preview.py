@@ -11,6 +11,18 @@ import click
 from sia_pipeline.cli._common import die, parse_list, setup_logging
 from sia_pipeline.diffusion.sampler import SAMPLERS
 
+PREVIEW_FILE = "preview.png"
+
+
+def default_out(model: str | None) -> str:
+    """``preview.png`` beside a local model folder; in the current folder for the bundled
+    model or an ``s3://`` one (never over the package's or the README's files)."""
+    if model and "://" not in model.removeprefix("file://"):
+        folder = Path(model.removeprefix("file://")).expanduser()
+        if folder.is_dir():
+            return str(folder / PREVIEW_FILE)
+    return PREVIEW_FILE
+
 
 @click.command(
     "sia-preview", context_settings={"show_default": True, "help_option_names": ["-h", "--help"]}
@@ -35,7 +47,12 @@ from sia_pipeline.diffusion.sampler import SAMPLERS
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32")
 @click.option("--compile", is_flag=True, help="torch.compile the UNet.")
 @click.option("--device", default=None, help="Torch device [default: cuda if present, else cpu].")
-@click.option("--out", type=click.Path(dir_okay=False), default="docs/preview.png")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="PNG to write [default: preview.png beside a local --model, else in the current folder].",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def main(
     model,
@@ -87,6 +104,7 @@ def main(
             rows.append(list(smp.sample([cat] * per_strength, [s] * per_strength, seeds)))
             labels.append(f"{cat} s={s:g}")
     dt = time.perf_counter() - t0
+    out = out or default_out(model)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     make_grid(rows, row_labels=labels, scale=scale).save(out)
     n = len(rows) * per_strength

@@ -87,3 +87,39 @@ def recorded_spec(
     if index and index.get("spec") and index.get("spec_hash") == spec_hash:
         return index["spec"], {}
     return None
+
+
+def shard_ranges(
+    per_category: int, shard_size: int, extends: tuple[int, ...] | list[int] = ()
+) -> list[tuple[int, int]]:
+    """Sample-index ranges [start, stop) of a category's shards, in shard order.
+
+    A dataset grown with ``sia-gen --extend`` keeps its earlier shards as they were:
+    ``extends`` lists the earlier images-per-category counts, and each layer
+    (``[0, e1)``, ``[e1, e2)``, ..., ``[ek, per_category)``) is cut into shards of
+    ``shard_size`` on its own. Without ``extends`` this is the usual layout.
+    """
+    n = shards_in_layers(per_category, shard_size, extends)
+    return [shard_range(per_category, shard_size, extends, k) for k in range(n)]
+
+
+def _layers(per_category: int, extends) -> list[tuple[int, int]]:
+    bounds = [0, *[int(b) for b in extends], int(per_category)]
+    return list(zip(bounds, bounds[1:], strict=False))
+
+
+def shards_in_layers(per_category: int, shard_size: int, extends=()) -> int:
+    """How many shards a category has (O(layers), see :func:`shard_ranges`)."""
+    return sum(-(-(hi - lo) // shard_size) for lo, hi in _layers(per_category, extends))
+
+
+def shard_range(per_category: int, shard_size: int, extends, shard: int) -> tuple[int, int]:
+    """Sample-index range [start, stop) of one shard (O(layers), see :func:`shard_ranges`)."""
+    for lo, hi in _layers(per_category, extends):
+        n = -(-(hi - lo) // shard_size)
+        if shard < n:
+            start = lo + shard * shard_size
+            return start, min(start + shard_size, hi)
+        shard -= n
+    msg = f"shard {shard} is beyond the layout of {per_category} per category"
+    raise IndexError(msg)

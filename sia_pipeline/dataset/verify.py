@@ -23,6 +23,7 @@ from sia_pipeline.dataset.format import (
     ShardStats,
     shard_id,
 )
+from sia_pipeline.dataset.spec import shard_ranges
 from sia_pipeline.dataset.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -194,9 +195,9 @@ def layout_problems(
     ]
     if spec and spec.get("categories") and spec.get("per_category") and spec.get("shard_size"):
         have = {s.shard for s in stats}
-        per_cat = -(-int(spec["per_category"]) // int(spec["shard_size"]))
+        ranges = shard_ranges(spec["per_category"], spec["shard_size"], spec.get("extends", ()))
         for category in spec["categories"]:
-            for i in range(per_cat):
+            for i in range(len(ranges)):
                 sid = shard_id(category, i)
                 if sid not in have:
                     tar = f"{SHARDS_DIR}/{category}/{sid}.tar"

@@ -33,6 +33,7 @@ from sia_pipeline.dataset.interchange import CROISSANT_NAME, WIDS_NAME
 from sia_pipeline.dataset.manifest import IO_THREADS, rebuild_from_stats
 from sia_pipeline.dataset.spec import SPEC_NAME, read_spec, write_spec
 from sia_pipeline.dataset.storage import LocalStorage, Storage, StorageError, open_storage
+from sia_pipeline.gen.extend import earlier_hashes, layered_spec, restamp
 from sia_pipeline.gen.lease import DEFAULT_TTL, LeaseHeld, LeaseLost, LeaseSlot
 from sia_pipeline.gen.plan import (
     GenSpec,
@@ -119,8 +120,16 @@ class RootState:
     index_current: bool  # index.json exists and is of this spec
 
 
-def scan_root(storage: Storage, spec_hash: str, spec: dict[str, Any] | None = None) -> RootState:
+def scan_root(
+    storage: Storage,
+    spec_hash: str,
+    spec: dict[str, Any] | None = None,
+    earlier: frozenset[str] = frozenset(),
+) -> RootState:
     """Done shards (stats of this spec whose tar size matches) and foreign-spec evidence.
+
+    ``earlier``: spec hashes of the datasets this spec extends (``--extend``); their
+    shards count as done and their index is not foreign.
 
     The index counts as current only if it records ``spec`` (when given) and the
     interchange indexes and ``spec.json`` exist: a later run repairs a root whose index
@@ -131,13 +140,14 @@ def scan_root(storage: Storage, spec_hash: str, spec: dict[str, Any] | None = No
         index = read_index(storage)
     except FormatError as e:
         index, other = None, str(e)
-    if index is not None and index.get("spec_hash") != spec_hash:
+    ours = {spec_hash, *earlier}
+    if index is not None and index.get("spec_hash") not in ours:
         other = f"its index.json has spec {index.get('spec_hash')!r}"
     try:
         recorded = read_spec(storage)
     except FormatError:
         recorded = None  # rewritten by this run
-    if recorded is not None and recorded["spec_hash"] != spec_hash:
+    if recorded is not None and recorded["spec_hash"] not in ours:
         other = other or f"its {SPEC_NAME} has spec {recorded['spec_hash']!r}"
 
     def check(name: str) -> tuple[str, ShardStats | None, bool]:
@@ -146,7 +156,7 @@ def scan_root(storage: Storage, spec_hash: str, spec: dict[str, Any] | None = No
             stats = read_stats(storage, name)
         except FormatError:
             return name, None, False  # corrupt stats: the shard is simply redone
-        if stats is None or stats.spec_hash != spec_hash:
+        if stats is None or stats.spec_hash not in ours:
             return name, stats, False
         return name, stats, storage.size(stats.tar) == stats.size
 
@@ -156,13 +166,14 @@ def scan_root(storage: Storage, spec_hash: str, spec: dict[str, Any] | None = No
     for name, stats, complete in found:
         if stats is None:
             continue
-        if stats.spec_hash != spec_hash:
+        if stats.spec_hash not in ours:
             other = other or f"{name} has spec {stats.spec_hash!r}"
         elif complete:
             done[stats.shard] = stats
     current = (
         index is not None
         and other is None
+        and index.get("spec_hash") == spec_hash
         and (spec is None or index.get("spec") == spec)
         and recorded is not None
         and all(storage.exists(n) for n in (MANIFEST_NAME, CARD_NAME, WIDS_NAME, CROISSANT_NAME))
@@ -219,6 +230,8 @@ def command_line(
         args.append(f"--precision={spec.precision}")
     if compile:
         args.append("--compile")
+    if spec.extends:
+        args.append("--extend")
     return shlex.join(args)
 
 
@@ -326,6 +339,7 @@ def _generate(
     max_attempts: int = 3,
     max_uploads: int = 5,
     overwrite: bool = False,
+    extend: bool = False,
     dry_run: bool = False,
     progress: bool = True,
     progress_interval: float = 10.0,
@@ -411,7 +425,11 @@ def _generate(
                 _check_creatable(storage.root)  # created only once Ray has placed the actors
         elif not dry_run:
             storage.check_writable()
-        state = scan_root(storage, spec.spec_hash, spec.to_dict())
+        spec = layered_spec(storage, spec, extend)
+        if spec.extends:  # the shard layout of a grown dataset
+            tasks = make_tasks(spec, batch_size)
+        earlier = earlier_hashes(spec)
+        state = scan_root(storage, spec.spec_hash, spec.to_dict(), earlier)
         if not dry_run:
             slot.refuse_if_held(storage, spec.spec_hash)  # names the holder, before all else
     except (PlanError, ModelError, GuidanceError, StorageError, FormatError) as e:
@@ -451,10 +469,11 @@ def _generate(
         except StorageError as e:
             raise GenError(str(e).splitlines()[0]) from None
         slot.take(storage, spec.spec_hash)  # one writer per root from here to the end
-        again = scan_root(storage, spec.spec_hash, spec.to_dict())
+        again = scan_root(storage, spec.spec_hash, spec.to_dict(), earlier)
         if bool(again.other_spec) != bool(state.other_spec):
             msg = f"{storage.url} changed while this run started (another driver?): rerun"
             raise GenFailed(msg)
+        restamp(storage, done, spec.spec_hash)  # --extend: earlier shards join this spec
         on_result = slot.checked(on_result)
         if state.other_spec:
             log.warning(

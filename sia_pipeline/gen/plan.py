@@ -25,6 +25,7 @@ from sia_pipeline.dataset.format import (
     shard_stats_name,
     shard_tar_name,
 )
+from sia_pipeline.dataset.spec import shard_range, shards_in_layers
 
 StrengthKind = Literal["uniform", "grid", "list"]
 MAX_SHARD_SIZE = 999_999  # the in-shard index of a key has six digits
@@ -153,6 +154,8 @@ class GenSpec:
     classifier_id: str = ""
     classifier_scale: float = 0.0
     precision: str = "fp32"
+    # Earlier --per-category values of a dataset grown by --extend (its shard layers).
+    extends: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -162,6 +165,10 @@ class GenSpec:
             del d["precision"]
         d["categories"] = list(self.categories)
         d["class_ids"] = list(self.class_ids)
+        if self.extends:
+            d["extends"] = list(self.extends)
+        else:
+            del d["extends"]  # specs never extended hash as before
         d["strengths"] = {
             "kind": self.strengths.kind,
             "spec": self.strengths.text,
@@ -175,7 +182,12 @@ class GenSpec:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def shards_per_category(self) -> int:
-        return math.ceil(self.per_category / self.shard_size)
+        return shards_in_layers(self.per_category, self.shard_size, self.extends)
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        """Sample-index range [start, stop) of a category's shard ``shard`` (the layers of
+        an ``--extend``-ed dataset keep their own shards)."""
+        return shard_range(self.per_category, self.shard_size, self.extends, shard)
 
     @property
     def total_images(self) -> int:
@@ -373,8 +385,7 @@ class ShardTask:
 def make_task(spec: GenSpec, category_index: int, shard: int, batch_size: int = 16) -> ShardTask:
     """The task of shard ``shard`` of the ``category_index``-th category (O(shard size))."""
     category, class_id = spec.categories[category_index], spec.class_ids[category_index]
-    start = shard * spec.shard_size
-    stop = min(start + spec.shard_size, spec.per_category)
+    start, stop = spec.shard_range(shard)
     params = [sample_params(spec, category, i) for i in range(start, stop)]
     return ShardTask(
         category=category,
@@ -455,8 +466,8 @@ class ShardTasks(Sequence[ShardTask]):
         """Images in the ``i``-th shard (all shards if None), without building tasks."""
         if i is None:
             return sum(self.images(k) for k in range(len(self)))
-        shard = self._index(i) % self.per_category
-        return min(self.spec.shard_size, self.spec.per_category - shard * self.spec.shard_size)
+        start, stop = self.spec.shard_range(self._index(i) % self.per_category)
+        return stop - start
 
 
 def make_tasks(spec: GenSpec, batch_size: int = 16) -> ShardTasks:

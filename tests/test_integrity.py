@@ -175,3 +175,14 @@ def test_preview_writes_beside_the_model_by_default(tiny_model, tmp_path, monkey
     assert not (tmp_path / "docs").exists()
     # The bundled model (inside the package) and s3:// models: the current folder.
     assert default_out(None) == default_out("s3://bucket/m") == "preview.png"
+
+
+def test_gen_repairs_a_corrupt_index(local_root, tiny_model):
+    original = (local_root / "index.json").read_bytes()
+    (local_root / "index.json").write_bytes(original[: len(original) // 2])
+    report = _gen_same(local_root, tiny_model)
+    assert report.shards_written == 0 and report.indexed
+    repaired = json.loads((local_root / "index.json").read_bytes())
+    expected = json.loads(original)
+    assert repaired.pop("command") != expected.pop("command")  # this run's --out
+    assert repaired == expected

@@ -7,6 +7,7 @@ already holds) before Ray starts; then sample only the shards not yet done; then
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -138,8 +139,8 @@ def scan_root(
     other = None
     try:
         index = read_index(storage)
-    except FormatError as e:
-        index, other = None, str(e)
+    except FormatError as e:  # a corrupt index is rebuilt; another format version is foreign
+        index, other = None, (None if _corrupt_json(storage, INDEX_NAME) else str(e))
     ours = {spec_hash, *earlier}
     if index is not None and index.get("spec_hash") not in ours:
         other = f"its index.json has spec {index.get('spec_hash')!r}"
@@ -179,6 +180,14 @@ def scan_root(
         and all(storage.exists(n) for n in (MANIFEST_NAME, CARD_NAME, WIDS_NAME, CROISSANT_NAME))
     )
     return RootState(done, other, current)
+
+
+def _corrupt_json(storage: Storage, name: str) -> bool:
+    try:
+        json.loads(storage.get_bytes(name))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return True
+    return False
 
 
 def clear_root(storage: Storage) -> None:

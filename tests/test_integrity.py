@@ -186,3 +186,11 @@ def test_gen_repairs_a_corrupt_index(local_root, tiny_model):
     expected = json.loads(original)
     assert repaired.pop("command") != expected.pop("command")  # this run's --out
     assert repaired == expected
+
+
+def test_card_saved_before_ids_covered_it_is_refused_with_a_hint(model_copy):
+    from sia_pipeline.diffusion.model import _weights_only_hash
+
+    _edit_card(model_copy, model_id=_weights_only_hash(model_copy))
+    with pytest.raises(ModelError, match="covers the weights but not the card .*save the model"):
+        load_model(model_copy)

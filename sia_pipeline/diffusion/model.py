@@ -202,6 +202,15 @@ def content_hash(folder: Path, card: dict[str, Any]) -> str:
     return "sdas-" + h.hexdigest()[:16]
 
 
+def _weights_only_hash(folder: Path) -> str:
+    """The model id as earlier versions computed it (weights and configs only)."""
+    h = hashlib.sha256()
+    for rel in _HASHED_FILES:
+        h.update(rel.encode())
+        h.update((folder / rel).read_bytes())
+    return "sdas-" + h.hexdigest()[:16]
+
+
 def card_problems(card: dict[str, Any], unet_config: dict[str, Any], scheduler_config: dict) -> str:
     """Why the card contradicts the UNet or scheduler configs ("" if it does not)."""
     size = unet_config.get("sample_size")
@@ -335,6 +344,12 @@ def load_model(
                 "content hash does not match model_id in model_card.json (weights, configs"
                 f" or the card's {fields} were changed after saving)"
             )
+            if _weights_only_hash(folder) == card["model_id"]:
+                msg = (
+                    "model_id in model_card.json covers the weights but not the card (saved"
+                    " by an older version): check the card, then save the model again"
+                    " (diffusion.model.save_model) to give it an id that covers it"
+                )
             raise ValueError(msg)
         unet = UNet2DModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
     except Exception as e:

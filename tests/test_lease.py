@@ -173,19 +173,21 @@ def _wait_for(path_exists, what: str, proc: subprocess.Popen, timeout: float = 1
         time.sleep(0.1)
 
 
-def _driver(model: Path, out: str, *extra: str) -> subprocess.Popen:
+def _driver(ray, model: Path, out: str, *extra: str) -> subprocess.Popen:
+    """A ``sia-gen`` process joining the session's Ray (no Ray start of its own)."""
     cmd = [sys.executable, "-m", "sia_pipeline.cli.gen", *GEN, "--model", str(model)]
+    cmd += ["--ray-address", ray.get_runtime_context().gcs_address]
     env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0")
     return subprocess.Popen(
         [*cmd, "--out", out, *extra], env=env, stderr=subprocess.PIPE, text=True
     )
 
 
-def test_gen_second_driver_refused_while_first_runs(tiny_model, s3_root, s3_endpoint):
+def test_gen_second_driver_refused_while_first_runs(tiny_model, s3_root, s3_endpoint, ray_local):
     """Two concurrent sia-gen drivers on one S3 root: the second (other spec, then same
     spec) exits 2 at once naming the first; the first finishes a clean dataset."""
     storage = open_storage(s3_root, s3_endpoint)
-    first = _driver(tiny_model, s3_root)
+    first = _driver(ray_local, tiny_model, s3_root)
     try:
         _wait_for(lambda: storage.exists(LEASE_NAME), "lease", first)
         for seed, what in (("1", "with a different spec"), ("0", "of this spec")):
@@ -210,7 +212,7 @@ def test_gen_crashed_driver_blocks_for_at_most_the_ttl(tiny_model, tmp_path, ray
     from sia_pipeline.gen.generate import GenError, generate
 
     out = tmp_path / "root"
-    crashed = _driver(tiny_model, str(out), "--lease-ttl", "3")
+    crashed = _driver(ray_local, tiny_model, str(out), "--lease-ttl", "3")
     _wait_for(lambda: (out / LEASE_NAME).exists(), "lease", crashed)
     crashed.send_signal(signal.SIGKILL)
     crashed.wait(timeout=30)

@@ -5,8 +5,8 @@ with no CPUs (the driver's node), node A with 2 CPUs + 2 logical GPUs and node B
 1 CPU + 1 logical GPU. It then
 
 1. asks for 4 GPUs per actor and expects a refusal (``GenError``) before any sampling;
-2. runs ``generate()`` with one actor per GPU (the model on CPU), removes node B as soon
-   as its actor holds a task, and lets the run finish on node A;
+2. runs ``generate()`` (8 shards) with one actor per GPU (the model on CPU), removes
+   node B as soon as its actor holds a task, and lets the run finish on node A;
 3. writes the same shards with a plain in-process worker (the clean run).
 
 Prints one JSON line with the report, the actors' placements and the time.
@@ -45,7 +45,7 @@ def main(model: str, work: Path) -> None:
     try:
         common = {
             "model": model,
-            "per_category": 6,
+            "per_category": 8,
             "shard_size": 2,
             "batch_size": 2,
             "steps": 2,
@@ -62,8 +62,18 @@ def main(model: str, work: Path) -> None:
         removed: list[float] = []
 
         def remove_b(result, runner) -> None:
-            on_b = [a for a, act in runner._pool.items() if act.node == node_b.node_id]
-            if not removed and any(runner._pool[a].load > 0 for a in on_b):
+            """At the first result, wait for the actors still loading (on a busy machine
+            node B's may not be ready yet); remove node B once its actor holds a task."""
+            import ray
+
+            if removed:
+                return
+            loading = [act.ready for act in runner._pool.values() if act.ready is not None]
+            if loading:
+                ray.wait(loading, num_returns=len(loading), timeout=300)
+                return
+            on_b = [act for act in runner._pool.values() if act.node == node_b.node_id]
+            if any(act.load > 0 for act in on_b):
                 cluster.remove_node(node_b, allow_graceful=False)
                 removed.append(time.perf_counter())
 

@@ -123,6 +123,10 @@ def main(model: str, work: Path) -> None:
     )
     out["clean_ok"] = all(worker(t).ok for t in make_tasks(spec, common["batch_size"]))
     print("MULTINODE " + json.dumps(out), flush=True)
+    sys.stderr.flush()
+    # Skip interpreter teardown: after a node was removed, it crashed (SIGSEGV) in 1 of
+    # 4 runs on a loaded machine, after this line; what this test checks is above.
+    os._exit(0)
 
 
 if __name__ == "__main__":

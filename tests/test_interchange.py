@@ -107,3 +107,18 @@ def test_croissant_on_s3_names_the_root(s3_dataset: str, s3_endpoint: str):
     doc = _load(storage, CROISSANT_NAME)
     assert doc["url"] == s3_dataset
     assert _load(storage, WIDS_NAME)["shardlist"][0]["url"].startswith("shards/")
+
+
+def test_croissant_loads_with_mlcroissant(local_root: Path):
+    mlc = pytest.importorskip("mlcroissant", reason="mlcroissant is not installed")
+    ds = mlc.Dataset(jsonld=str(local_root / CROISSANT_NAME))  # validates on load
+    manifest = read_manifest(open_storage(local_root)).to_pylist()
+    rows = list(ds.records("samples"))
+    assert len(rows) == len(manifest) == 12
+    first = {k.split("/", 1)[1]: v for k, v in rows[0].items()}
+    first = {k: v.decode() if isinstance(v, bytes) else v for k, v in first.items()}
+    assert first == manifest[0]
+    images = list(ds.records("images"))
+    keys = {r["images/key"].decode() for r in images}
+    assert keys == {r["key"] for r in manifest}
+    assert all(r["images/image"].size == (32, 32) for r in images)

@@ -35,6 +35,7 @@ CROISSANT_CONTEXT: dict[str, Any] = {
     "rai": "http://mlcommons.org/croissant/RAI/",
     "data": {"@id": "cr:data", "@type": "@json"},
     "dataType": {"@id": "cr:dataType", "@type": "@vocab"},
+    "equivalentProperty": "cr:equivalentProperty",
     "dct": "http://purl.org/dc/terms/",
     "examples": {"@id": "cr:examples", "@type": "@json"},
     "extract": "cr:extract",
@@ -55,12 +56,18 @@ CROISSANT_CONTEXT: dict[str, Any] = {
     "regex": "cr:regex",
     "repeated": "cr:repeated",
     "replace": "cr:replace",
+    "samplingRate": "cr:samplingRate",
     "sc": "https://schema.org/",
     "separator": "cr:separator",
     "source": "cr:source",
     "subField": "cr:subField",
     "transform": "cr:transform",
 }
+CITATION = (
+    "@inproceedings{zhang2024realnet, title={RealNet: A Feature Selection Network with"
+    " Realistic Synthetic Anomaly for Anomaly Detection}, author={Zhang, Ximiao and Xu, Min"
+    " and Zhou, Xiuzhuang}, booktitle={CVPR}, year={2024}}"
+)
 _ARROW_TO_SCHEMA = {"string": "sc:Text", "int32": "sc:Integer", "int64": "sc:Integer"}
 _ARROW_TO_SCHEMA["double"] = "sc:Float"
 _FIELD_DESCRIPTIONS = {
@@ -128,8 +135,8 @@ def croissant(
     }
     images = {
         "@type": "cr:FileSet",
-        "@id": "images",
-        "name": "images",
+        "@id": "image-files",
+        "name": "image-files",
         "description": f"the {ext.upper()} member of every sample, inside the tar shards",
         "containedIn": [{"@id": s["@id"]} for s in shards],
         "encodingFormat": mime,
@@ -151,12 +158,12 @@ def croissant(
             "@type": "cr:Field",
             "@id": "images/key",
             "name": "key",
-            "description": "the sample's __key__ (its member name without extension)",
+            "description": "the sample's __key__ (its member name up to the first dot)",
             "dataType": "sc:Text",
             "source": {
-                "fileSet": {"@id": "images"},
+                "fileSet": {"@id": "image-files"},
                 "extract": {"fileProperty": "filename"},
-                "transform": {"regex": r"^(.*)\.[a-z]+$"},
+                "transform": {"regex": r"^([^.]+)"},
             },
             "references": {"field": {"@id": "samples/key"}},
         },
@@ -166,7 +173,7 @@ def croissant(
             "name": "image",
             "description": "the synthetic anomaly image (RGB)",
             "dataType": "sc:ImageObject",
-            "source": {"fileSet": {"@id": "images"}, "extract": {"fileProperty": "content"}},
+            "source": {"fileSet": {"@id": "image-files"}, "extract": {"fileProperty": "content"}},
         },
     ]
     spec = index.get("spec") or {}
@@ -185,6 +192,7 @@ def croissant(
         "description": description,
         "license": licence or "see README.md",
         "version": f"{index.get('format_version', 1)}.0.0",
+        "citeAs": CITATION,
         "keywords": ["synthetic", "anomaly detection", "industrial", "SDAS", "RealNet"],
         "isAccessibleForFree": True,
         "distribution": [manifest, *shards, images],

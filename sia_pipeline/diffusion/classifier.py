@@ -239,7 +239,9 @@ def load_classifier(
         if classifier_hash(folder, card["categories"]) != card["classifier_id"]:
             msg = "content hash does not match classifier_id in classifier_card.json"
             raise ValueError(msg)
-        module = NoisyClassifier.from_pretrained(folder, torch_dtype=torch.float32)
+        module = NoisyClassifier.from_pretrained(
+            folder, torch_dtype=torch.float32, low_cpu_mem_usage=False
+        )
     except Exception as e:
         msg = f"corrupt classifier at {url}: {e}".splitlines()[0]
         raise ModelError(msg) from None

@@ -222,3 +222,16 @@ def s3_dataset(dataset, s3_root, s3_endpoint) -> str:
 
     upload(dataset, s3_root, s3_endpoint)
     return s3_root
+
+
+@pytest.fixture
+def fault_proxy(s3_endpoint):
+    """A fault-injecting proxy (``tests/fault_proxy.py``) in front of the loopback S3 server.
+
+    Starts with no faults (``rate`` 0); a test sets ``proxy.set(mode=..., rate=...)`` and
+    points clients at ``proxy.url``. Seeded, so a sequential client sees the same faults.
+    """
+    from fault_proxy import FaultProxy
+
+    with FaultProxy(s3_endpoint, rate=0.0, seed=0, latency_s=0.1) as proxy:
+        yield proxy

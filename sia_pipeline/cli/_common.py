@@ -32,6 +32,14 @@ def die(message: str, status: int = 2) -> None:
     sys.exit(status)
 
 
+def storage_failure(err: Exception) -> None:
+    """Exit for a :class:`~sia_pipeline.dataset.storage.StorageError`: 1 with a rerun hint when
+    the failure is transient (throttling, 5xx, resets: it was retried already), else 2."""
+    if getattr(err, "transient", False):
+        die(f"{err}; rerun the same command once the storage recovers", 1)
+    die(str(err))
+
+
 def s3_endpoint_option(dest: str = "s3_endpoint_url"):
     """``--s3-endpoint-url`` (or ``AWS_ENDPOINT_URL``), the same on every command."""
     return click.option(

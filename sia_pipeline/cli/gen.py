@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from sia_pipeline.cli._common import die, s3_endpoint_option, setup_logging
+from sia_pipeline.cli._common import die, s3_endpoint_option, setup_logging, storage_failure
 from sia_pipeline.gen.generate import DEFAULT_OUT, DEFAULT_PER_CATEGORY
 from sia_pipeline.gen.lease import DEFAULT_TTL
 from sia_pipeline.gen.raycluster import DEFAULT_RAY_TIMEOUT_S
@@ -155,10 +155,13 @@ def main(no_progress: bool, verbose: bool, **kwargs) -> None:
     skipped, and a finished dataset is left untouched.
     """
     setup_logging(verbose)
+    from sia_pipeline.dataset.storage import StorageError
     from sia_pipeline.gen.generate import GenError, GenFailed, generate
 
     try:
         report = generate(progress=not no_progress, **kwargs)
+    except StorageError as e:  # e.g. writing the index after every shard is stored
+        storage_failure(e)
     except GenError as e:
         die(str(e))
     except GenFailed as e:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from sia_pipeline.cli._common import die, s3_endpoint_option, setup_logging
+from sia_pipeline.cli._common import die, s3_endpoint_option, setup_logging, storage_failure
 
 
 @click.command(
@@ -88,7 +88,9 @@ def main(
             sample = inspection.find_sample(storage, key, s3_endpoint_url)
         else:
             index, rows = inspection.summarize(storage)
-    except (inspection.InspectError, StorageError) as e:
+    except StorageError as e:
+        storage_failure(e)
+    except inspection.InspectError as e:
         die(str(e))
     if regenerate:
         click.echo(result.describe())

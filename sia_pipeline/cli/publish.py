@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from sia_pipeline.cli._common import die, s3_endpoint_option, setup_logging
+from sia_pipeline.cli._common import die, s3_endpoint_option, setup_logging, storage_failure
 
 
 @click.command(
@@ -49,7 +49,9 @@ def main(
 
     try:
         report = publish(root, s3_endpoint_url, threads, previews_per_bin)
-    except (PublishError, StorageError) as e:
+    except StorageError as e:
+        storage_failure(e)
+    except PublishError as e:
         die(str(e))
     for check in report.bad:
         click.echo(f"BAD {check.describe()}", err=True)

@@ -11,11 +11,20 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 from urllib.parse import urlparse
+
+from sia_pipeline.dataset.s3_retry import (
+    ResumableBody,
+    RetryPolicy,
+    attempts_made,
+    error_code,
+    is_transient,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +42,21 @@ _FILE_MODE = _default_file_mode()
 
 
 class StorageError(RuntimeError):
-    """A permanent storage failure, with a one-line message naming the URL (never secrets)."""
+    """A storage failure, with a one-line message naming the URL (never secrets).
+
+    Attributes:
+        code: the S3 error code (``SlowDown``, ``AccessDenied``...) or failure kind; "" locally.
+        transient: True when retrying later may succeed (throttling, 5xx, resets): the
+            request was already retried with backoff, so callers report it and exit 1.
+    """
+
+    def __init__(self, message: str, code: str = "", transient: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.transient = transient
+
+    def __reduce__(self):  # survives pickling through Ray
+        return (type(self), (str(self), self.code, self.transient))
 
 
 def is_s3(url: str) -> bool:
@@ -182,8 +205,11 @@ class LocalStorage:
 class S3Storage:
     """``s3://bucket/prefix`` through boto3 with the standard credential chain.
 
-    Transient errors (5xx, throttling, resets) are retried by botocore's "standard" retry
-    mode with backoff; permanent ones become a one-line :class:`StorageError`.
+    Every request is retried with backoff on throttling, 5xx, timeouts and resets by
+    botocore's "standard" retry mode; streamed reads also survive bodies cut mid-stream
+    (:class:`~sia_pipeline.dataset.s3_retry.ResumableBody` resumes at the byte reached).
+    What still fails becomes a one-line :class:`StorageError` naming the URL, the S3 code and
+    whether it is transient. ``SIA_S3_MAX_ATTEMPTS`` / ``SIA_S3_BACKOFF_S`` tune the retries.
     """
 
     def __init__(self, url: str, endpoint_url: str | None = None) -> None:
@@ -197,8 +223,12 @@ class S3Storage:
         self.bucket = parsed.netloc
         self.prefix = parsed.path.strip("/")
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        try:
+            self.policy = RetryPolicy.from_env()
+        except ValueError as e:
+            raise StorageError(str(e)) from None
         cfg = Config(
-            retries={"mode": "standard", "max_attempts": 6},
+            retries={"mode": "standard", "total_max_attempts": self.policy.max_attempts},
             connect_timeout=5,
             read_timeout=60,
         )
@@ -218,7 +248,8 @@ class S3Storage:
     def _key(self, rel: str) -> str:
         return "/".join(p for p in (self.prefix, rel.strip("/")) if p)
 
-    def _fail(self, err: Exception, rel: str = "") -> StorageError:
+    def _fail(self, err: BaseException, rel: str = "", attempts: int | None = None) -> StorageError:
+        """One line for ``err``: URL, S3 code, transient or not; never credentials."""
         from botocore.exceptions import (
             ClientError,
             EndpointConnectionError,
@@ -227,33 +258,48 @@ class S3Storage:
         )
 
         where = join_url(self.url, rel)
+        code = error_code(err)
+        transient = is_transient(err)
+        tries = attempts or attempts_made(err, self.policy)
+        kind = f"transient, gave up after {tries} attempts" if transient else "permanent"
         if isinstance(err, NoCredentialsError | PartialCredentialsError):
-            return StorageError(f"no S3 credentials found for {where}")
+            return StorageError(f"no S3 credentials found for {where}", code)
         if isinstance(err, EndpointConnectionError):
+            endpoint = redact_url(self.endpoint_url) or "AWS"
             return StorageError(
-                f"cannot reach S3 endpoint {redact_url(self.endpoint_url) or 'AWS'} for {where}"
+                f"cannot reach S3 endpoint {endpoint} for {where} ({kind})", code, transient
             )
         if isinstance(err, ClientError):
-            code = err.response.get("Error", {}).get("Code", "?")
-            if code in ("NoSuchBucket",) or (code == "404" and not rel):
-                return StorageError(f"bucket does not exist: s3://{self.bucket}")
-            if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                return StorageError(f"access denied ({code}) for {where}")
-            return StorageError(f"S3 error {code} for {where}")
-        return StorageError(f"S3 failure for {where}: {type(err).__name__}")
+            if code in ("NoSuchBucket",) or (code == "HTTP 404" and not rel):
+                return StorageError(f"bucket does not exist: s3://{self.bucket}", code)
+            if code in ("AccessDenied", "HTTP 403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                return StorageError(f"access denied ({code}) for {where}", code)
+            return StorageError(f"S3 error {code} ({kind}) for {where}", code, transient)
+        if transient:
+            return StorageError(f"S3 connection failed: {code} ({kind}) for {where}", code, True)
+        return StorageError(f"S3 failure for {where}: {code}", code)
 
     def _call(self, fn, rel: str, **kw):
+        from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return fn(**kw)
         except (BotoCoreError, ClientError) as e:
             raise self._fail(e, rel) from None
+        except S3UploadFailedError as e:  # s3transfer wraps the ClientError
+            raise self._fail(e.__cause__ or e, rel) from None
 
     def check_writable(self) -> None:
         self._call(self.client.head_bucket, "", Bucket=self.bucket)
 
     def put_file(self, local: str | os.PathLike, rel: str) -> None:
+        if os.path.getsize(local) < MULTIPART_THRESHOLD:
+            with open(local, "rb") as body:  # seekable: botocore rewinds it on a retry
+                self._call(
+                    self.client.put_object, rel, Bucket=self.bucket, Key=self._key(rel), Body=body
+                )
+            return
         from boto3.s3.transfer import TransferConfig
 
         cfg = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, use_threads=False)
@@ -279,41 +325,63 @@ class S3Storage:
         """
         from botocore.exceptions import BotoCoreError, ClientError
 
-        try:
-            self.client.put_object(
-                Bucket=self.bucket, Key=self._key(name), Body=data, IfNoneMatch="*"
-            )
-        except ClientError as e:
-            code = e.response.get("Error", {}).get("Code")
-            if code not in ("PreconditionFailed", "412"):
-                raise self._fail(e, name) from None
-            retried = e.response.get("ResponseMetadata", {}).get("RetryAttempts", 0)
-            if not retried:
-                return False
+        attempt = 0
+        while True:
+            attempt += 1
             try:
-                return self.get_bytes(name) == data
-            except FileNotFoundError:
-                return False
-        except BotoCoreError as e:
-            raise self._fail(e, name) from None
-        return True
+                self.client.put_object(
+                    Bucket=self.bucket, Key=self._key(name), Body=data, IfNoneMatch="*"
+                )
+            except ClientError as e:
+                code = error_code(e)
+                if code == "ConditionalRequestConflict" and attempt < self.policy.max_attempts:
+                    time.sleep(self.policy.delay(attempt))  # a concurrent conditional write
+                    continue
+                if code not in ("PreconditionFailed", "HTTP 412"):
+                    raise self._fail(e, name, attempt) from None
+                if not e.response.get("ResponseMetadata", {}).get("RetryAttempts", 0):
+                    return False
+                try:
+                    return self.get_bytes(name) == data
+                except FileNotFoundError:
+                    return False
+            except BotoCoreError as e:
+                raise self._fail(e, name) from None
+            return True
 
     def get_bytes(self, rel: str) -> bytes:
         return self.open_read(rel).read()
 
-    def open_read(self, rel: str) -> IO[bytes]:
+    def _get(self, rel: str, offset: int = 0, etag: str | None = None) -> dict:
         from botocore.exceptions import ClientError
 
+        kw = {"Bucket": self.bucket, "Key": self._key(rel)}
+        if offset:
+            kw["Range"] = f"bytes={offset}-"
+        if etag:
+            kw["IfMatch"] = etag
         try:
-            obj = self.client.get_object(Bucket=self.bucket, Key=self._key(rel))
+            return self.client.get_object(**kw)
         except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            code = error_code(e)
+            if code in ("NoSuchKey", "HTTP 404"):
                 msg = f"not found: {join_url(self.url, rel)}"
                 raise FileNotFoundError(msg) from None
+            if code in ("PreconditionFailed", "HTTP 412"):
+                msg = f"{join_url(self.url, rel)} changed while it was being read"
+                raise StorageError(msg, code) from None
             raise self._fail(e, rel) from None
         except Exception as e:  # connection, credentials
             raise self._fail(e, rel) from None
-        return obj["Body"]
+
+    def open_read(self, rel: str) -> IO[bytes]:
+        """A streamed read that resumes at the byte reached when the connection is cut."""
+        return ResumableBody(
+            reopen=lambda offset, etag: self._get(rel, offset, etag),
+            first=self._get(rel),
+            fail=lambda err, tries: self._fail(err, rel, tries),
+            policy=self.policy,
+        )
 
     def size(self, rel: str) -> int | None:
         from botocore.exceptions import ClientError
@@ -321,7 +389,7 @@ class S3Storage:
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=self._key(rel))
         except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if error_code(e) in ("HTTP 404", "NoSuchKey", "NotFound"):
                 return None
             raise self._fail(e, rel) from None
         except Exception as e:

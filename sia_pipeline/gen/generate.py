@@ -368,6 +368,7 @@ def _generate(
             dataset of another spec (without ``overwrite``), a Ray cluster that does not
             answer within ``ray_timeout`` or cannot place the actors. Nothing was written.
         GenFailed: shards still failing after their retries.
+        StorageError: a transient storage outage outlasted its retries (``.transient``).
     """
     from sia_pipeline.diffusion.guidance import GuidanceError, check_scale, load_guidance
     from sia_pipeline.diffusion.model import ModelError, load_model
@@ -441,7 +442,11 @@ def _generate(
         state = scan_root(storage, spec.spec_hash, spec.to_dict(), earlier)
         if not dry_run:
             slot.refuse_if_held(storage, spec.spec_hash)  # names the holder, before all else
-    except (PlanError, ModelError, GuidanceError, StorageError, FormatError) as e:
+    except StorageError as e:
+        if e.transient:  # an outage, not bad input: already retried, so exit 1
+            raise
+        raise GenError(str(e).splitlines()[0]) from None
+    except (PlanError, ModelError, GuidanceError, FormatError) as e:
         raise GenError(str(e).splitlines()[0]) from None
 
     plan = describe_plan(spec, tasks, done=len(state.done))

@@ -264,10 +264,10 @@ class S3Storage:
         kind = f"transient, gave up after {tries} attempts" if transient else "permanent"
         if isinstance(err, NoCredentialsError | PartialCredentialsError):
             return StorageError(f"no S3 credentials found for {where}", code)
-        if isinstance(err, EndpointConnectionError):
-            endpoint = redact_url(self.endpoint_url) or "AWS"
+        if isinstance(err, EndpointConnectionError):  # refused or unresolvable: likely a wrong
+            endpoint = redact_url(self.endpoint_url) or "AWS"  # URL, so not called transient
             return StorageError(
-                f"cannot reach S3 endpoint {endpoint} for {where} ({kind})", code, transient
+                f"cannot reach S3 endpoint {endpoint} for {where} (after {tries} attempts)", code
             )
         if isinstance(err, ClientError):
             if code in ("NoSuchBucket",) or (code == "HTTP 404" and not rel):

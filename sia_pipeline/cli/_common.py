@@ -1,11 +1,63 @@
-"""Helpers shared by the ``sia-*`` commands: logging set-up and one-line errors."""
+"""Helpers shared by the ``sia-*`` commands: logging set-up, one-line errors, a clean exit."""
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import sys
+import threading
+from typing import NoReturn
 
 import click
+
+
+def exit_process(code: int | str | None = 0) -> NoReturn:
+    """End a command's process with ``code`` without tearing the interpreter down.
+
+    Native thread pools outlive the work they did: Arrow's CPU and IO pools, jemalloc's and
+    OpenBLAS's threads, torch's. During ``Py_FinalizeEx`` a pool thread that drops the last
+    reference to a Python object (Arrow's ``PyBuffer`` around bytes read from a Python file)
+    must take the GIL; a finalizing Python ends such a thread with ``pthread_exit``, whose
+    forced unwind through a ``noexcept`` C++ destructor calls ``std::terminate``: "terminate
+    called without an active exception", SIGABRT, exit 134, after all output was printed.
+    The longer the pool lags (a loaded machine), the likelier. So once the command is done:
+    join Python's own threads and run the ``atexit`` handlers (Ray shutdown, executor joins,
+    logging flush, temp folders) while everything is alive, flush stdio, then ``os._exit``,
+    which never runs the interpreter's or C++'s teardown.
+    """
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # sys.exit("message")
+        print(code, file=sys.stderr)
+        code = 1
+    try:
+        shutdown_threads = getattr(threading, "_shutdown", None)  # what Py_FinalizeEx calls
+        if shutdown_threads is not None:
+            shutdown_threads()
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # closed or broken pipe: nothing more to say
+                pass
+        os._exit(code)
+
+
+class SiaCommand(click.Command):
+    """A click command that, run as a program, ends through :func:`exit_process`.
+
+    Only the program entry (``main()``: console scripts, ``python -m``) exits that way;
+    ``CliRunner`` calls ``main.main(...)`` and keeps its normal ``SystemExit``.
+    """
+
+    def __call__(self, *args, **kwargs) -> NoReturn:
+        try:
+            self.main(*args, **kwargs)
+        except SystemExit as e:
+            exit_process(e.code)
+        exit_process(0)
 
 
 def setup_logging(verbose: bool) -> None:
@@ -18,9 +70,13 @@ def setup_logging(verbose: bool) -> None:
     logging.getLogger("sia_pipeline").setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("botocore", "boto3", "urllib3", "filelock", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from diffusers.utils import logging as diffusers_logging
+    # diffusers' notices (e.g. "accelerate not found") only at ERROR, without importing it
+    # (and torch) into commands that never use it; Ray workers inherit the variable.
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    if "diffusers" in sys.modules:
+        from diffusers.utils import logging as diffusers_logging
 
-    diffusers_logging.set_verbosity_error()  # e.g. the "accelerate not found" notice
+        diffusers_logging.set_verbosity_error()
 
 
 def die(message: str, status: int = 2) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from sia_pipeline.cli._common import die, parse_list, setup_logging
+from sia_pipeline.cli._common import SiaCommand, die, parse_list, setup_logging
 
 
 def _ints(value: str, name: str) -> tuple[int, ...]:
@@ -21,6 +21,7 @@ def _ints(value: str, name: str) -> tuple[int, ...]:
 
 @click.command(
     "sia-convert-adm",
+    cls=SiaCommand,
     context_settings={"show_default": True, "help_option_names": ["-h", "--help"]},
 )
 @click.argument("checkpoint", type=click.Path())

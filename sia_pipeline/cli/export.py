@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from sia_pipeline.cli._common import die, s3_endpoint_option, setup_logging
+from sia_pipeline.cli._common import SiaCommand, die, s3_endpoint_option, setup_logging
 from sia_pipeline.compose.foreground import CHOICES
 from sia_pipeline.dataset.export_layouts import LAYOUTS
 
@@ -28,6 +28,7 @@ def _strengths(text: str | None) -> tuple[float, float] | None:
 
 @click.command(
     "sia-export",
+    cls=SiaCommand,
     context_settings={"show_default": True, "help_option_names": ["-h", "--help"]},
     epilog=(
         "\b\nExamples:\n"

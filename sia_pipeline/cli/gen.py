@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import click
 
-from sia_pipeline.cli._common import die, s3_endpoint_option, setup_logging, storage_failure
+from sia_pipeline.cli._common import (
+    SiaCommand,
+    die,
+    s3_endpoint_option,
+    setup_logging,
+    storage_failure,
+)
 from sia_pipeline.gen.generate import DEFAULT_OUT, DEFAULT_PER_CATEGORY
 from sia_pipeline.gen.lease import DEFAULT_TTL
 from sia_pipeline.gen.raycluster import DEFAULT_RAY_TIMEOUT_S
@@ -16,6 +22,7 @@ from sia_pipeline.gen.raycluster import DEFAULT_RAY_TIMEOUT_S
 
 @click.command(
     "sia-gen",
+    cls=SiaCommand,
     context_settings={"show_default": True, "help_option_names": ["-h", "--help"]},
     epilog=(
         "\b\nExamples:\n"

@@ -13,11 +13,18 @@ from pathlib import Path
 
 import click
 
-from sia_pipeline.cli._common import die, s3_endpoint_option, setup_logging, storage_failure
+from sia_pipeline.cli._common import (
+    SiaCommand,
+    die,
+    s3_endpoint_option,
+    setup_logging,
+    storage_failure,
+)
 
 
 @click.command(
     "sia-inspect",
+    cls=SiaCommand,
     context_settings={"show_default": True, "help_option_names": ["-h", "--help"]},
     epilog=(
         "Examples:\n\n"

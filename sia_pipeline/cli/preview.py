@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from sia_pipeline.cli._common import die, parse_list, setup_logging
+from sia_pipeline.cli._common import SiaCommand, die, parse_list, setup_logging
 from sia_pipeline.diffusion.sampler import SAMPLERS
 
 PREVIEW_FILE = "preview.png"
@@ -25,7 +25,9 @@ def default_out(model: str | None) -> str:
 
 
 @click.command(
-    "sia-preview", context_settings={"show_default": True, "help_option_names": ["-h", "--help"]}
+    "sia-preview",
+    cls=SiaCommand,
+    context_settings={"show_default": True, "help_option_names": ["-h", "--help"]},
 )
 @click.option("--model", help="Model folder or s3:// URL [default: the bundled demo model].")
 @click.option(

@@ -10,11 +10,18 @@ import sys
 
 import click
 
-from sia_pipeline.cli._common import die, s3_endpoint_option, setup_logging, storage_failure
+from sia_pipeline.cli._common import (
+    SiaCommand,
+    die,
+    s3_endpoint_option,
+    setup_logging,
+    storage_failure,
+)
 
 
 @click.command(
     "sia-publish",
+    cls=SiaCommand,
     context_settings={"show_default": True, "help_option_names": ["-h", "--help"]},
     epilog="Examples:\n\n  sia-publish ./sia-data\n\n  sia-publish s3://bucket/sia-v1",
 )

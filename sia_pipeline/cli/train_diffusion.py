@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import click
 
-from sia_pipeline.cli._common import die, parse_list, s3_endpoint_option, setup_logging
+from sia_pipeline.cli._common import SiaCommand, die, parse_list, s3_endpoint_option, setup_logging
 from sia_pipeline.dataset.storage import StorageError
 from sia_pipeline.diffusion.model import PRESETS
 
 
 @click.command(
     "sia-train-diffusion",
+    cls=SiaCommand,
     context_settings={"show_default": True, "help_option_names": ["-h", "--help"]},
 )
 @click.option(

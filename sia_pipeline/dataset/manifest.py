@@ -90,7 +90,10 @@ def parquet_bytes(table: pa.Table) -> bytes:
 
 def read_manifest(storage: Storage) -> pa.Table:
     """The manifest of a dataset root, checked against :data:`SAMPLE_SCHEMA`."""
-    table = pq.read_table(io.BytesIO(storage.get_bytes(MANIFEST_NAME)))
+    # Decoded on this thread (no Arrow pool thread is left holding the Python bytes: one
+    # that drops them during interpreter shutdown aborts the process; see cli._common).
+    data = pa.py_buffer(storage.get_bytes(MANIFEST_NAME))
+    table = pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)
     missing = [n for n in SAMPLE_SCHEMA.names if n not in table.column_names]
     if missing:
         msg = f"{MANIFEST_NAME} under {storage.url} lacks columns {missing}"

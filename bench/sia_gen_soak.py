@@ -1,0 +1,413 @@
+"""A long sia-gen run to loopback S3 through injected faults: memory, throughput, resampling.
+
+Starts a moto S3 server and the test suite's seeded fault proxy (``tests/fault_proxy.py``)
+in front of it, makes a tiny untrained model (32 px), then runs ``sia-gen`` as a program:
+
+1. a fault-free run of ``--clean-images`` images (the throughput reference);
+2. the soak: ``--images`` images with ``--rate`` faults of ``--mode`` injected, while the
+   driver's and the sampling actors' RSS is sampled every ``--sample-every`` seconds;
+3. with ``--table``: one short run (``--table-images``) per fault mode at ``--rate``, and one
+   at 100 % (expected to stop with one line, exit 1) followed by a rerun after the fault clears.
+
+Every finished dataset is checked: each shard tar's sha256 (read straight from the server,
+not through the proxy) equals the sha256 recorded in ``index.json``, and shards that the
+clean run also wrote are bit-identical to it. Re-uploads and re-samplings come from sia-gen's
+summary line. Writes ``bench/results/sia_gen_soak.json`` and ``.md``.
+
+    nice python bench/sia_gen_soak.py --images 2000 --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import boto3
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from fault_proxy import MODES, FaultProxy  # noqa: E402
+
+CATEGORIES = {"bottle": 0, "magnetic_tile": 1}
+SUMMARY_RE = re.compile(
+    r"(?P<shards>\d+) shards \((?P<images>\d+) images\) written .* at (?P<ips>[\d.]+) images/s"
+    r" \((?P<secs>[\d.]+) s in all\).*retries (?P<retries>\d+), actors lost (?P<lost>\d+),"
+    r" re-uploads (?P<reuploads>\d+), re-samplings (?P<resamplings>\d+)"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_moto() -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
+    proc = subprocess.Popen(
+        [exe, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    msg = "moto_server did not start within 60 s"
+    raise RuntimeError(msg)
+
+
+class RssSampler:
+    """Samples the RSS (MiB) of a driver process and of its Ray sampling actors."""
+
+    def __init__(self, pid: int, every: float) -> None:
+        self.proc = psutil.Process(pid)
+        self.every = every
+        self.samples: list[dict] = []
+        self._stop = threading.Event()
+        self._t0 = time.perf_counter()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                driver = self.proc.memory_info().rss
+                actors = {}
+                for child in self.proc.children(recursive=True):
+                    try:
+                        name = " ".join(child.cmdline()[:1])
+                        if name.startswith("ray::") and "IDLE" not in name:
+                            actors[child.pid] = child.memory_info().rss
+                    except (psutil.NoSuchProcess, psutil.AccessDenied):
+                        continue
+            except psutil.NoSuchProcess:
+                return
+            self.samples.append(
+                {
+                    "t": round(time.perf_counter() - self._t0, 1),
+                    "driver_mib": round(driver / 2**20, 1),
+                    "actors_mib": {str(k): round(v / 2**20, 1) for k, v in actors.items()},
+                }
+            )
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Harness:
+    def __init__(self, args, work: Path) -> None:
+        self.args = args
+        self.work = work
+        self.moto, self.upstream = start_moto()
+        self.proxy = FaultProxy(self.upstream, rate=0.0, seed=args.seed, latency_s=0.2).start()
+        self.s3 = boto3.client("s3", endpoint_url=self.upstream)
+        from sia_pipeline.diffusion.model import init_model
+
+        self.model = work / "tiny-model"
+        init_model(self.model, CATEGORIES, preset="test", seed=0)
+        self.runs = 0
+
+    def close(self) -> None:
+        self.proxy.stop()
+        self.moto.terminate()
+        self.moto.wait(timeout=10)
+
+    def new_root(self) -> str:
+        self.runs += 1
+        bucket = f"soak-{self.runs:02d}-{os.getpid()}"
+        self.s3.create_bucket(Bucket=bucket)
+        return f"s3://{bucket}/sia"
+
+    def gen(self, root: str, images: int, sample_rss: bool = False, timeout: float = 900) -> dict:
+        a = self.args
+        per_category = images // len(CATEGORIES)
+        cmd = [
+            sys.executable,
+            "-m",
+            "sia_pipeline.cli.gen",
+            "--model",
+            str(self.model),
+            "--out",
+            root,
+            "--categories",
+            ",".join(CATEGORIES),
+            "--per-category",
+            str(per_category),
+            "--shard-size",
+            str(a.shard_size),
+            "--batch-size",
+            str(a.batch_size),
+            "--steps",
+            str(a.steps),
+            "--workers",
+            str(a.workers),
+            "--no-progress",
+        ]
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "AWS_ENDPOINT_URL": self.proxy.url,
+            "AWS_ACCESS_KEY_ID": "soak",
+            "AWS_SECRET_ACCESS_KEY": "soak-secret",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "HF_HUB_OFFLINE": "1",
+        }
+        faults_before = sum(self.proxy.counts.values())
+        requests_before = self.proxy.requests
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        sampler = RssSampler(proc.pid, a.sample_every) if sample_rss else None
+        if sampler:
+            sampler.__enter__()
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        finally:
+            if sampler:
+                sampler.__exit__(None, None, None)
+        wall = time.perf_counter() - t0
+        run = {
+            "images_asked": per_category * len(CATEGORIES),
+            "exit": proc.returncode,
+            "wall_s": round(wall, 1),
+            "requests": self.proxy.requests - requests_before,
+            "faults": sum(self.proxy.counts.values()) - faults_before,
+            "stderr_tail": err.strip().splitlines()[-3:],
+            "traceback": "Traceback" in err,
+        }
+        m = SUMMARY_RE.search(out)
+        if m:
+            run.update(
+                images=int(m["images"]),
+                shards=int(m["shards"]),
+                images_per_s=float(m["ips"]),
+                gen_s=float(m["secs"]),
+                retries=int(m["retries"]),
+                actors_lost=int(m["lost"]),
+                reuploads=int(m["reuploads"]),
+                resamplings=int(m["resamplings"]),
+            )
+        if sampler:
+            run["rss"] = sampler.samples
+        return run
+
+    def verify(self, root: str) -> dict[str, str]:
+        """{tar: sha256} read straight from the server, checked against index.json."""
+        bucket, _, prefix = root.removeprefix("s3://").partition("/")
+
+        def get(rel: str) -> bytes:
+            return self.s3.get_object(Bucket=bucket, Key=f"{prefix}/{rel}")["Body"].read()
+
+        index = json.loads(get("index.json"))
+        got = {s["tar"]: sha(get(s["tar"])) for s in index["shards"]}
+        bad = [s["tar"] for s in index["shards"] if got[s["tar"]] != s["sha256"]]
+        if bad:
+            msg = f"{root}: shards differ from index.json: {bad[:5]}"
+            raise RuntimeError(msg)
+        return got
+
+
+def rss_summary(samples: list[dict]) -> dict:
+    if len(samples) < 4:
+        return {"samples": len(samples)}
+    q = max(1, len(samples) // 4)
+    driver = [s["driver_mib"] for s in samples]
+    actors = [sum(s["actors_mib"].values()) for s in samples]
+    return {
+        "samples": len(samples),
+        "driver_mib_first_quarter_median": statistics.median(driver[:q]),
+        "driver_mib_last_quarter_median": statistics.median(driver[-q:]),
+        "driver_mib_max": max(driver),
+        "actors_mib_first_quarter_median": statistics.median(actors[:q]),
+        "actors_mib_last_quarter_median": statistics.median(actors[-q:]),
+        "actors_mib_max": max(actors),
+        "actors_seen": len({pid for s in samples for pid in s["actors_mib"]}),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=2000, help="images in the soak run")
+    ap.add_argument("--clean-images", type=int, default=400, help="images in the clean run")
+    ap.add_argument("--table", action="store_true", help="also run the per-mode fault table")
+    ap.add_argument("--table-images", type=int, default=200)
+    ap.add_argument("--mode", default="mix", choices=(*MODES, "mix"))
+    ap.add_argument("--rate", type=float, default=0.2)
+    ap.add_argument("--shard-size", type=int, default=50)
+    ap.add_argument("--batch-size", type=int, default=25)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sample-every", type=float, default=2.0)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = ap.parse_args()
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "soak")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "soak-secret")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+    work = Path(tempfile.mkdtemp(prefix="sia-soak-"))
+    h = Harness(args, work)
+    result: dict = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+    try:
+        clean_root = h.new_root()
+        clean = h.gen(clean_root, args.clean_images)
+        clean_shas = h.verify(clean_root) if clean["exit"] == 0 else {}
+        result["clean"] = clean
+        print(f"clean: {clean}", flush=True)
+
+        h.proxy.set(mode=args.mode, rate=args.rate)
+        soak_root = h.new_root()
+        soak = h.gen(soak_root, args.images, sample_rss=True, timeout=1800)
+        h.proxy.set(rate=0.0)
+        soak_shas = h.verify(soak_root) if soak["exit"] == 0 else {}
+        common = sorted(set(clean_shas) & set(soak_shas))
+        soak["verified_shards"] = len(soak_shas)
+        soak["common_with_clean"] = len(common)
+        soak["common_identical"] = sum(clean_shas[k] == soak_shas[k] for k in common)
+        soak["rss_summary"] = rss_summary(soak.get("rss", []))
+        soak["fault_counts"] = dict(h.proxy.counts)
+        result["soak"] = soak
+        print(f"soak: { {k: v for k, v in soak.items() if k != 'rss'} }", flush=True)
+
+        if args.table:
+            table = []
+            ref_root = h.new_root()
+            ref = h.gen(ref_root, args.table_images)
+            ref_shas = h.verify(ref_root) if ref["exit"] == 0 else {}
+            table.append({"mode": "none", "rate": 0.0, **ref, "identical": True})
+            for mode in (*MODES, "mix"):
+                h.proxy.set(mode=mode, rate=args.rate)
+                root = h.new_root()
+                run = h.gen(root, args.table_images)
+                h.proxy.set(rate=0.0)
+                run["identical"] = run["exit"] == 0 and h.verify(root) == ref_shas
+                table.append({"mode": mode, "rate": args.rate, **run})
+                print(f"table {mode}: exit {run['exit']} in {run['wall_s']} s", flush=True)
+            h.proxy.set(mode="internal", rate=1.0)
+            root = h.new_root()
+            down = h.gen(root, args.table_images, timeout=600)
+            h.proxy.set(rate=0.0)
+            table.append({"mode": "internal", "rate": 1.0, **down, "identical": None})
+            rerun = h.gen(root, args.table_images)
+            rerun["identical"] = rerun["exit"] == 0 and h.verify(root) == ref_shas
+            table.append({"mode": "rerun after 100 %", "rate": 0.0, **rerun})
+            for row in table:
+                row["time_vs_clean"] = round(row["wall_s"] / ref["wall_s"], 2)
+            result["table"] = table
+    finally:
+        h.close()
+        shutil.rmtree(work, ignore_errors=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "sia_gen_soak.json").write_text(json.dumps(result, indent=1))
+    (args.out / "sia_gen_soak.md").write_text(markdown(result))
+    print((args.out / "sia_gen_soak.md").read_text())
+
+
+def markdown(r: dict) -> str:
+    a, clean, soak = r["args"], r["clean"], r["soak"]
+    rs = soak.get("rss_summary", {})
+    lines = [
+        "# sia-gen soak: loopback S3 (moto) through the fault proxy",
+        "",
+        f"Tiny untrained 32 px model, {a['steps']} steps, {a['workers']} CPU workers, shard size"
+        f" {a['shard_size']}, batch {a['batch_size']}; {r['machine']['cpus']} CPUs (shared).",
+        f"Command: `nice python bench/sia_gen_soak.py --images {a['images']}"
+        f"{' --table' if a['table'] else ''}`",
+        "",
+        "| run | images | exit | wall s | images/s | faults / requests | re-uploads |"
+        " re-samplings | retries |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, run in (("clean", clean), (f"soak ({a['mode']} {a['rate']:.0%})", soak)):
+        lines.append(
+            f"| {name} | {run.get('images', '-')} | {run['exit']} | {run['wall_s']} |"
+            f" {run.get('images_per_s', '-')} | {run['faults']} / {run['requests']} |"
+            f" {run.get('reuploads', '-')} | {run.get('resamplings', '-')} |"
+            f" {run.get('retries', '-')} |"
+        )
+    if clean.get("images_per_s") and soak.get("images_per_s"):
+        ratio = soak["images_per_s"] / clean["images_per_s"]
+        lines += ["", f"Soak throughput vs clean: {ratio:.2f}x."]
+    lines += [
+        "",
+        f"Soak data: {soak.get('verified_shards', 0)} shards match index.json sha256;"
+        f" {soak.get('common_identical', 0)}/{soak.get('common_with_clean', 0)} shards also"
+        " written by the clean run are bit-identical to it.",
+        "",
+        "RSS (MiB), medians of the first and last quarter of the soak's samples:",
+        "",
+        "| process | first quarter | last quarter | max |",
+        "|---|---|---|---|",
+        f"| driver | {rs.get('driver_mib_first_quarter_median', '-')} |"
+        f" {rs.get('driver_mib_last_quarter_median', '-')} | {rs.get('driver_mib_max', '-')} |",
+        f"| actors (sum of {rs.get('actors_seen', '-')}) |"
+        f" {rs.get('actors_mib_first_quarter_median', '-')} |"
+        f" {rs.get('actors_mib_last_quarter_median', '-')} | {rs.get('actors_mib_max', '-')} |",
+        "",
+        f"Faults injected in the soak: {soak.get('fault_counts', {})}.",
+    ]
+    if r.get("table"):
+        lines += [
+            "",
+            f"## Fault table ({a['table_images']} images per run)",
+            "",
+            "| mode | rate | outcome | exit | wall s | time vs clean | faults / requests |"
+            " re-uploads | re-samplings | data |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in r["table"]:
+            if row["exit"] == 0:
+                outcome = "completed"
+            else:
+                last = row["stderr_tail"][-1] if row["stderr_tail"] else ""
+                outcome = f"stopped: `{last[:140]}`"
+                if row["traceback"]:
+                    outcome += " (traceback!)"
+            data = {True: "bit-identical", False: "DIFFERS", None: "-"}[row["identical"]]
+            lines.append(
+                f"| {row['mode']} | {row['rate']:.0%} | {outcome} | {row['exit']} |"
+                f" {row['wall_s']} | {row['time_vs_clean']} | {row['faults']} /"
+                f" {row['requests']} | {row.get('reuploads', '-')} |"
+                f" {row.get('resamplings', '-')} | {data} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

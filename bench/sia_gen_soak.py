@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 
 import boto3
-import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -76,11 +75,46 @@ def start_moto() -> tuple[subprocess.Popen, str]:
     raise RuntimeError(msg)
 
 
+def _rss_mib(pid: int) -> float | None:
+    """Resident memory of ``pid`` from /proc (Linux), None if it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+def _descendants(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of every process below ``pid``."""
+    parent: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+                parent[int(d.name)] = int(stat.rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for child, ppid in parent.items():
+            if ppid == p:
+                todo.append(child)
+                try:
+                    cmd = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[0].decode()
+                except OSError:
+                    continue
+                out.append((child, cmd))
+    return out
+
+
 class RssSampler:
     """Samples the RSS (MiB) of a driver process and of its Ray sampling actors."""
 
     def __init__(self, pid: int, every: float) -> None:
-        self.proc = psutil.Process(pid)
+        self.pid = pid
         self.every = every
         self.samples: list[dict] = []
         self._stop = threading.Event()
@@ -97,23 +131,20 @@ class RssSampler:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every):
-            try:
-                driver = self.proc.memory_info().rss
-                actors = {}
-                for child in self.proc.children(recursive=True):
-                    try:
-                        name = " ".join(child.cmdline()[:1])
-                        if name.startswith("ray::") and "IDLE" not in name:
-                            actors[child.pid] = child.memory_info().rss
-                    except (psutil.NoSuchProcess, psutil.AccessDenied):
-                        continue
-            except psutil.NoSuchProcess:
+            driver = _rss_mib(self.pid)
+            if driver is None:
                 return
+            actors = {}
+            for child, cmd in _descendants(self.pid):
+                if cmd.startswith("ray::") and "IDLE" not in cmd:
+                    rss = _rss_mib(child)
+                    if rss is not None:
+                        actors[str(child)] = rss
             self.samples.append(
                 {
                     "t": round(time.perf_counter() - self._t0, 1),
-                    "driver_mib": round(driver / 2**20, 1),
-                    "actors_mib": {str(k): round(v / 2**20, 1) for k, v in actors.items()},
+                    "driver_mib": driver,
+                    "actors_mib": actors,
                 }
             )
 

@@ -1,7 +1,8 @@
 """A long sia-gen run to loopback S3 through injected faults: memory, throughput, resampling.
 
 Starts a moto S3 server and the test suite's seeded fault proxy (``tests/fault_proxy.py``)
-in front of it, makes a tiny untrained model (32 px), then runs ``sia-gen`` as a program:
+in front of it, makes a tiny untrained model (32 px), starts one local Ray, then runs
+``sia-gen --ray-address`` (joining that Ray) as a program:
 
 1. a fault-free run of ``--clean-images`` images (the throughput reference);
 2. the soak: ``--images`` images with ``--rate`` faults of ``--mode`` injected, while the
@@ -111,10 +112,12 @@ def _descendants(pid: int) -> list[tuple[int, str]]:
 
 
 class RssSampler:
-    """Samples the RSS (MiB) of a driver process and of its Ray sampling actors."""
+    """Samples the RSS (MiB) of a driver process and of the sampling actors (``ray::RayWorker``
+    processes below ``cluster_pid``: the process that started Ray)."""
 
-    def __init__(self, pid: int, every: float) -> None:
+    def __init__(self, pid: int, every: float, cluster_pid: int) -> None:
         self.pid = pid
+        self.cluster_pid = cluster_pid
         self.every = every
         self.samples: list[dict] = []
         self._stop = threading.Event()
@@ -135,8 +138,8 @@ class RssSampler:
             if driver is None:
                 return
             actors = {}
-            for child, cmd in _descendants(self.pid):
-                if cmd.startswith("ray::") and "IDLE" not in cmd:
+            for child, cmd in _descendants(self.cluster_pid):
+                if cmd.startswith("ray::RayWorker"):  # the sampling actors
                     rss = _rss_mib(child)
                     if rss is not None:
                         actors[str(child)] = rss
@@ -165,8 +168,19 @@ class Harness:
         self.model = work / "tiny-model"
         init_model(self.model, CATEGORIES, preset="test", seed=0)
         self.runs = 0
+        # One Ray for every run (started here, so its processes are ours and end with us):
+        # each sia-gen joins it instead of paying a local Ray start.
+        import ray
+
+        ray.init(
+            address="local", num_cpus=args.workers, include_dashboard=False, log_to_driver=False
+        )
+        self.ray_address = ray.get_runtime_context().gcs_address
 
     def close(self) -> None:
+        import ray
+
+        ray.shutdown()
         self.proxy.stop()
         self.moto.terminate()
         self.moto.wait(timeout=10)
@@ -200,6 +214,8 @@ class Harness:
             str(a.steps),
             "--workers",
             str(a.workers),
+            "--ray-address",
+            self.ray_address,
             "--no-progress",
         ]
         env = {
@@ -218,7 +234,7 @@ class Harness:
         proc = subprocess.Popen(
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-        sampler = RssSampler(proc.pid, a.sample_every) if sample_rss else None
+        sampler = RssSampler(proc.pid, a.sample_every, os.getpid()) if sample_rss else None
         if sampler:
             sampler.__enter__()
         try:
@@ -272,20 +288,27 @@ class Harness:
 
 
 def rss_summary(samples: list[dict]) -> dict:
-    if len(samples) < 4:
-        return {"samples": len(samples)}
-    q = max(1, len(samples) // 4)
-    driver = [s["driver_mib"] for s in samples]
-    actors = [sum(s["actors_mib"].values()) for s in samples]
+    """Medians of the first and last quarter of the steady part (all actors up) of a run."""
+    if not samples:
+        return {"samples": 0}
+    n_actors = max(len(s["actors_mib"]) for s in samples)
+    start = next(i for i, s in enumerate(samples) if len(s["actors_mib"]) == n_actors)
+    steady = samples[start:]
+    q = max(1, len(steady) // 4)
+    driver = [s["driver_mib"] for s in steady]
+    actors = [sum(s["actors_mib"].values()) for s in steady]
     return {
         "samples": len(samples),
+        "steady_samples": len(steady),
+        "steady_from_s": steady[0]["t"],
+        "steady_to_s": steady[-1]["t"],
+        "actors": n_actors,
         "driver_mib_first_quarter_median": statistics.median(driver[:q]),
         "driver_mib_last_quarter_median": statistics.median(driver[-q:]),
         "driver_mib_max": max(driver),
-        "actors_mib_first_quarter_median": statistics.median(actors[:q]),
-        "actors_mib_last_quarter_median": statistics.median(actors[-q:]),
-        "actors_mib_max": max(actors),
-        "actors_seen": len({pid for s in samples for pid in s["actors_mib"]}),
+        "actors_mib_first_quarter_median": round(statistics.median(actors[:q]), 1),
+        "actors_mib_last_quarter_median": round(statistics.median(actors[-q:]), 1),
+        "actors_mib_max": round(max(actors), 1),
     }
 
 
@@ -401,13 +424,15 @@ def markdown(r: dict) -> str:
         f" {soak.get('common_identical', 0)}/{soak.get('common_with_clean', 0)} shards also"
         " written by the clean run are bit-identical to it.",
         "",
-        "RSS (MiB), medians of the first and last quarter of the soak's samples:",
+        f"RSS (MiB) every {a['sample_every']} s, once all {rs.get('actors', '-')} actors were up"
+        f" ({rs.get('steady_from_s', '-')} s to {rs.get('steady_to_s', '-')} s of the soak,"
+        f" {rs.get('steady_samples', '-')} samples): medians of the first and last quarter.",
         "",
         "| process | first quarter | last quarter | max |",
         "|---|---|---|---|",
         f"| driver | {rs.get('driver_mib_first_quarter_median', '-')} |"
         f" {rs.get('driver_mib_last_quarter_median', '-')} | {rs.get('driver_mib_max', '-')} |",
-        f"| actors (sum of {rs.get('actors_seen', '-')}) |"
+        f"| actors (sum of {rs.get('actors', '-')}) |"
         f" {rs.get('actors_mib_first_quarter_median', '-')} |"
         f" {rs.get('actors_mib_last_quarter_median', '-')} | {rs.get('actors_mib_max', '-')} |",
         "",

@@ -223,7 +223,12 @@ def list_shards(
 
 
 def open_url_stream(url: str, endpoint_url: str | None = None):
-    """A readable byte stream for one shard URL (S3 streams; nothing is downloaded first)."""
+    """A readable byte stream for one shard URL (S3 streams; nothing is downloaded first).
+
+    On S3 the stream survives throttling, 5xx and connections cut mid-body: it resumes with a
+    ranged GET at the byte reached (see :class:`sia_pipeline.dataset.s3_retry.ResumableBody`);
+    what still fails after the retries is a one-line ``StorageError``.
+    """
     base, _, name = url.rpartition("/")
     return open_storage(base, endpoint_url).open_read(name)
 

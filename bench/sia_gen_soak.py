@@ -27,6 +27,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -328,6 +329,7 @@ def main() -> None:
     ap.add_argument("--sample-every", type=float, default=2.0)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up moto, Ray, temp files
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "soak")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "soak-secret")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")

@@ -122,6 +122,47 @@ def test_resumable_body_gives_up_after_attempts_without_progress():
     assert [o for o, _ in calls] == [100, 100, 100]  # 4 tries: the cut one and 3 reopens
 
 
+def test_call_with_retry_covers_only_what_botocore_does_not():
+    import urllib3.exceptions
+    from botocore.exceptions import ClientError
+
+    from sia_pipeline.dataset.s3_retry import call_with_retry
+
+    calls = []
+
+    def cut_twice():
+        calls.append(1)
+        if len(calls) < 3:
+            msg = "Connection broken: IncompleteRead"
+            raise urllib3.exceptions.ProtocolError(msg)
+        return "ok"
+
+    assert call_with_retry(cut_twice, FAST) == ("ok", 3)
+    throttled = ClientError({"Error": {"Code": "SlowDown"}}, "GetObject")
+
+    def slow():
+        calls.append(1)
+        raise throttled
+
+    calls.clear()
+    with pytest.raises(ClientError):  # botocore retried it already: not again
+        call_with_retry(slow, FAST)
+    assert len(calls) == 1
+
+
+def test_cut_error_responses_are_retried(fault_proxy, s3_root, monkeypatch):
+    """A 404's body cut mid-way (urllib3 ProtocolError, not retried by botocore) is retried."""
+    monkeypatch.setenv("SIA_S3_BACKOFF_S", "0.01")
+    st = open_storage(s3_root, fault_proxy.url)
+    fault_proxy.set(mode="cut", rate=0.5)
+    for _ in range(8):
+        with pytest.raises(FileNotFoundError):
+            st.get_bytes("no/such/key")
+        assert not st.exists("no/such/key")
+        assert st.list("no") == []
+    assert fault_proxy.counts["cut"] >= 5, fault_proxy.counts
+
+
 def test_retry_knobs_are_validated(monkeypatch):
     monkeypatch.setenv("SIA_S3_MAX_ATTEMPTS", "0")
     with pytest.raises(StorageError, match="SIA_S3_MAX_ATTEMPTS must be a number >= 1"):

@@ -142,8 +142,44 @@ def is_cut_body(err: BaseException) -> bool:
     return isinstance(err, cut)
 
 
+def botocore_retries(err: BaseException) -> bool:
+    """True if botocore's own retry mode already retried ``err`` (so we must not again):
+    error responses, resets before a response, timeouts, failed connections."""
+    from botocore.exceptions import ClientError, ConnectionClosedError, ReadTimeoutError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    return isinstance(
+        err, ClientError | ConnectionClosedError | ReadTimeoutError | BotoConnectionError
+    )
+
+
+def call_with_retry(fn: Callable[[], Any], policy: RetryPolicy) -> tuple[Any, int]:
+    """``fn()`` retried while it fails with a response body cut in a way botocore does not
+    retry (e.g. urllib3's ``ProtocolError`` while reading an error response); returns
+    ``(result, attempts)``. The error that ends it is re-raised with ``sia_cut_retries`` (our
+    retries before it) and, if it is a cut body itself, ``sia_attempts``."""
+    attempt = 1
+    while True:
+        try:
+            return fn(), attempt
+        except Exception as e:
+            ours = is_cut_body(e) and not botocore_retries(e)
+            if not ours or attempt >= policy.max_attempts:
+                e.sia_cut_retries = attempt - 1  # type: ignore[attr-defined]
+                if ours:
+                    e.sia_attempts = attempt  # type: ignore[attr-defined]
+                raise
+            delay = policy.delay(attempt)
+            log.info("S3 response cut (%s); retrying in %.2fs", type(e).__name__, delay)
+            time.sleep(delay)
+            attempt += 1
+
+
 def attempts_made(err: BaseException, policy: RetryPolicy) -> int:
-    """Tries botocore made before raising ``err`` (from the response when it says so)."""
+    """Tries made before raising ``err`` (ours, or botocore's from the response)."""
+    ours = getattr(err, "sia_attempts", None)
+    if ours is not None:
+        return int(ours)
     response = getattr(err, "response", None)
     if isinstance(response, dict):
         retries = response.get("ResponseMetadata", {}).get("RetryAttempts")

@@ -22,6 +22,7 @@ from sia_pipeline.dataset.s3_retry import (
     ResumableBody,
     RetryPolicy,
     attempts_made,
+    call_with_retry,
     error_code,
     is_transient,
 )
@@ -279,12 +280,16 @@ class S3Storage:
             return StorageError(f"S3 connection failed: {code} ({kind}) for {where}", code, True)
         return StorageError(f"S3 failure for {where}: {code}", code)
 
+    def _retry(self, fn, **kw):
+        """``fn(**kw)`` with botocore's retries plus ours for cut response bodies."""
+        return call_with_retry(lambda: fn(**kw), self.policy)[0]
+
     def _call(self, fn, rel: str, **kw):
         from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            return fn(**kw)
+            return self._retry(fn, **kw)
         except (BotoCoreError, ClientError) as e:
             raise self._fail(e, rel) from None
         except S3UploadFailedError as e:  # s3transfer wraps the ClientError
@@ -329,18 +334,24 @@ class S3Storage:
         while True:
             attempt += 1
             try:
-                self.client.put_object(
-                    Bucket=self.bucket, Key=self._key(name), Body=data, IfNoneMatch="*"
+                call_with_retry(
+                    lambda: self.client.put_object(
+                        Bucket=self.bucket, Key=self._key(name), Body=data, IfNoneMatch="*"
+                    ),
+                    self.policy,
                 )
             except ClientError as e:
                 code = error_code(e)
-                if code == "ConditionalRequestConflict" and attempt < self.policy.max_attempts:
-                    time.sleep(self.policy.delay(attempt))  # a concurrent conditional write
-                    continue
-                if code not in ("PreconditionFailed", "HTTP 412"):
+                if code == "ConditionalRequestConflict":  # a concurrent conditional write
+                    if attempt < self.policy.max_attempts:
+                        time.sleep(self.policy.delay(attempt))
+                        continue
                     raise self._fail(e, name, attempt) from None
-                if not e.response.get("ResponseMetadata", {}).get("RetryAttempts", 0):
-                    return False
+                if code not in ("PreconditionFailed", "HTTP 412"):
+                    raise self._fail(e, name) from None
+                retried = e.response.get("ResponseMetadata", {}).get("RetryAttempts", 0)
+                if not retried and not getattr(e, "sia_cut_retries", 0):
+                    return False  # a first try that met the object: someone else's
                 try:
                     return self.get_bytes(name) == data
                 except FileNotFoundError:
@@ -361,7 +372,7 @@ class S3Storage:
         if etag:
             kw["IfMatch"] = etag
         try:
-            return self.client.get_object(**kw)
+            return self._retry(self.client.get_object, **kw)
         except ClientError as e:
             code = error_code(e)
             if code in ("NoSuchKey", "HTTP 404"):
@@ -387,7 +398,7 @@ class S3Storage:
         from botocore.exceptions import ClientError
 
         try:
-            head = self.client.head_object(Bucket=self.bucket, Key=self._key(rel))
+            head = self._retry(self.client.head_object, Bucket=self.bucket, Key=self._key(rel))
         except ClientError as e:
             if error_code(e) in ("HTTP 404", "NoSuchKey", "NotFound"):
                 return None
@@ -408,11 +419,14 @@ class S3Storage:
         ``prefix/`` (so ``shards`` never matches ``shards_old/...``)."""
         base = self._key(prefix)
         root = f"{self.prefix}/" if self.prefix else ""
-        out: list[str] = []
         paginator = self.client.get_paginator("list_objects_v2")
+
+        def listing() -> list[str]:
+            pages = paginator.paginate(Bucket=self.bucket, Prefix=base)
+            return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
         try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=base):
-                out.extend(o["Key"] for o in page.get("Contents", []))
+            out = self._retry(listing)
         except Exception as e:
             raise self._fail(e, prefix) from None
         under = f"{base}/" if base else ""

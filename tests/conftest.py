@@ -84,7 +84,15 @@ def ray_local():
     """One real local Ray instance for the session (small num_cpus)."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # address="local": a new Ray even while a `ray start` or `cluster_utils.Cluster` of
+        # another test run on this machine advertises itself in /tmp/ray/ray_current_cluster
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
     yield ray
     ray.shutdown()
 

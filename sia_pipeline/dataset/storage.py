@@ -231,6 +231,7 @@ class S3Storage:
         cfg = Config(
             retries={"mode": "standard", "total_max_attempts": self.policy.max_attempts},
             connect_timeout=5,
+            max_pool_connections=32,  # the manifest reads stats with 16 threads
             read_timeout=60,
         )
         self.client = boto3.client("s3", endpoint_url=self.endpoint_url, config=cfg)

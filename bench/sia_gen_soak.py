@@ -298,6 +298,8 @@ def rss_summary(samples: list[dict]) -> dict:
     q = max(1, len(steady) // 4)
     driver = [s["driver_mib"] for s in steady]
     actors = [sum(s["actors_mib"].values()) for s in steady]
+    # the actors' first quarter includes their warm-up (model load, first batches): the
+    # second quarter against the last one is what says "flat"
     return {
         "samples": len(samples),
         "steady_samples": len(steady),
@@ -308,6 +310,7 @@ def rss_summary(samples: list[dict]) -> dict:
         "driver_mib_last_quarter_median": statistics.median(driver[-q:]),
         "driver_mib_max": max(driver),
         "actors_mib_first_quarter_median": round(statistics.median(actors[:q]), 1),
+        "actors_mib_second_quarter_median": round(statistics.median(actors[q : 2 * q]), 1),
         "actors_mib_last_quarter_median": round(statistics.median(actors[-q:]), 1),
         "actors_mib_max": round(max(actors), 1),
     }
@@ -328,7 +331,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sample-every", type=float, default=2.0)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--from-json", type=Path, help="only re-render the markdown of a result")
     args = ap.parse_args()
+    if args.from_json:
+        result = json.loads(args.from_json.read_text())
+        result["soak"]["rss_summary"] = rss_summary(result["soak"].get("rss", []))
+        args.from_json.write_text(json.dumps(result, indent=1))
+        (args.out / "sia_gen_soak.md").write_text(markdown(result))
+        return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up moto, Ray, temp files
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "soak")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "soak-secret")
@@ -428,15 +438,26 @@ def markdown(r: dict) -> str:
         "",
         f"RSS (MiB) every {a['sample_every']} s, once all {rs.get('actors', '-')} actors were up"
         f" ({rs.get('steady_from_s', '-')} s to {rs.get('steady_to_s', '-')} s of the soak,"
-        f" {rs.get('steady_samples', '-')} samples): medians of the first and last quarter.",
+        f" {rs.get('steady_samples', '-')} samples): medians per quarter (the actors' first quarter"
+        " is their warm-up).",
         "",
-        "| process | first quarter | last quarter | max |",
-        "|---|---|---|---|",
-        f"| driver | {rs.get('driver_mib_first_quarter_median', '-')} |"
+        "| process | first quarter | second quarter | last quarter | max |",
+        "|---|---|---|---|---|",
+        f"| driver | {rs.get('driver_mib_first_quarter_median', '-')} | - |"
         f" {rs.get('driver_mib_last_quarter_median', '-')} | {rs.get('driver_mib_max', '-')} |",
         f"| actors (sum of {rs.get('actors', '-')}) |"
         f" {rs.get('actors_mib_first_quarter_median', '-')} |"
+        f" {rs.get('actors_mib_second_quarter_median', '-')} |"
         f" {rs.get('actors_mib_last_quarter_median', '-')} | {rs.get('actors_mib_max', '-')} |",
+        "",
+        "RSS over time (MiB; every 5th sample):",
+        "",
+        "| t s | driver | actors |",
+        "|---|---|---|",
+        *(
+            f"| {x['t']} | {x['driver_mib']} | {', '.join(map(str, sorted(x['actors_mib'].values())))} |"  # noqa: E501
+            for x in soak.get("rss", [])[::5]
+        ),
         "",
         f"Faults injected in the soak: {soak.get('fault_counts', {})}.",
     ]

@@ -379,6 +379,8 @@ def _generate(
     s3_endpoint_url = s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
     # Inside a Ray job (or with RAY_ADDRESS set) join that cluster, as ray.init() would.
     ray_address = ray_address or os.environ.get("RAY_ADDRESS") or None
+    if ray_address == "local":  # Ray's own spelling of "start one here"
+        ray_address = None
     try:
         parse_strengths(strengths)
         _check_numbers(

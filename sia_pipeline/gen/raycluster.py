@@ -137,7 +137,8 @@ def init_ray(
     try:
         if not address:
             # In this thread: Ray ties the processes it starts to the starting thread.
-            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, **kwargs)
+            # address="local": always a fresh instance, never a stray cluster on this host.
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, **kwargs)
             return True
         _probe(address, timeout_s)
         _join(address, timeout_s, kwargs)

@@ -48,7 +48,7 @@ def main(model: str, work: Path) -> None:
             "per_category": 8,
             "shard_size": 2,
             "batch_size": 2,
-            "steps": 2,
+            "steps": 40,  # tasks long enough to be caught running when node B goes
             "ray_address": cluster.address,
             "device": "cpu",
             "progress": False,
@@ -72,8 +72,11 @@ def main(model: str, work: Path) -> None:
             if loading:
                 ray.wait(loading, num_returns=len(loading), timeout=300)
                 return
-            on_b = [act for act in runner._pool.values() if act.node == node_b.node_id]
-            if any(act.load > 0 for act in on_b):
+            # Only while one of B's tasks is still unfinished: a task that already returned
+            # (its result not yet handled) would make the removal cost nothing.
+            on_b = {a for a, act in runner._pool.items() if act.node == node_b.node_id}
+            refs_b = [ref for ref, (a, _, _) in runner._inflight.items() if a in on_b]
+            if refs_b and not ray.wait(refs_b, num_returns=len(refs_b), timeout=0)[0]:
                 cluster.remove_node(node_b, allow_graceful=False)
                 removed.append(time.perf_counter())
 

@@ -159,6 +159,7 @@ def test_trainer_uses_and_records_the_rule(shared_data, tmp_path):
 
     import torch
     from click.testing import CliRunner
+    from realnet_helpers import TINY_MODEL
 
     from realnet_train.cli import train_main
     from realnet_train.data.mvtec import MVTecCategory
@@ -177,7 +178,7 @@ def test_trainer_uses_and_records_the_rule(shared_data, tmp_path):
     try:
         args = ["--category", "bottle", "--data", data, "--out", str(tmp_path / "run")]
         args += ["--textures", str(shared_data / "dtd/images"), "--workers", "0"]
-        args += ["--image-size", "32", "--batch-size", "2", "--steps", "1", "--levels", "1,2"]
+        args += ["--image-size", "32", "--batch-size", "2", "--steps", "1", *TINY_MODEL]
         result = CliRunner().invoke(train_main, [*args, "--foreground", "auto"])
     finally:
         torch.set_num_threads(threads)

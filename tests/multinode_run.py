@@ -89,6 +89,17 @@ def main(model: str, work: Path) -> None:
             **common,
         )
         t1 = time.perf_counter()
+        # The run's closing sweep may meet node B's killed worker still exiting; its parts
+        # go at the next sweep once that process is gone (what a new worker there does).
+        from sia_pipeline.gen.spill import Spill, _pid_alive
+
+        parts = [p for p in (work / "spill").rglob("*.part-*") if p.is_file()]
+        pids = {int(p.name.rsplit(".part-", 1)[-1].split("-")[0]) for p in parts}
+        deadline = time.monotonic() + 60
+        while any(_pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        out["parts_left_at_end"] = len(parts)
+        out["swept_after"] = Spill(work / "spill").sweep()
         out.update(
             ok=True,
             seconds=round(t1 - t0, 1),

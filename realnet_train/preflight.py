@@ -18,7 +18,13 @@ from realnet_train.cli_common import InputError
 from realnet_train.data.mvtec import MVTecCategory
 from realnet_train.data.train_stream import TextureSource, parse_mix
 from sia_pipeline.dataset.format import FormatError, list_shards
-from sia_pipeline.dataset.storage import StorageError, is_s3, open_storage
+from sia_pipeline.dataset.storage import (
+    StorageError,
+    can_create_in,
+    is_s3,
+    nearest_existing,
+    open_storage,
+)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 READ_ERRORS = (FileNotFoundError, PermissionError, OSError, StorageError, FormatError, ValueError)
@@ -67,10 +73,8 @@ def check_out(out: str, option: str = "--out") -> Path:
     if path.exists() and not path.is_dir():
         msg = f"{option} {out} is a file, not a folder"
         raise InputError(msg)
-    parent = path
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    parent = nearest_existing(path)
+    if not can_create_in(parent):
         msg = f"{option} {out}: {parent} is not a writable folder"
         raise InputError(msg)
     return path

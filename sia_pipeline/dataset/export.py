@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,9 +35,11 @@ from sia_pipeline.dataset.format import (
 )
 from sia_pipeline.dataset.storage import (
     StorageError,
+    can_create_in,
     is_s3,
     iter_files,
     join_url,
+    nearest_existing,
     open_storage,
 )
 
@@ -98,10 +99,8 @@ def _check_out(out: str, endpoint_url: str | None) -> None:
     if path.exists() and not path.is_dir():
         msg = f"--out {out} exists and is not a folder"
         raise ExportError(msg)
-    parent = path
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    parent = nearest_existing(path)
+    if not can_create_in(parent):
         msg = f"--out {out} is not writable ({parent} does not accept new files)"
         raise ExportError(msg)
 

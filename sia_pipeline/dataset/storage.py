@@ -60,6 +60,18 @@ class StorageError(RuntimeError):
         return (type(self), (str(self), self.code, self.transient))
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` itself or its closest existing ancestor: where creating it would start."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def can_create_in(folder: Path) -> bool:
+    """Whether new entries can be made in ``folder`` (an existing, writable directory)."""
+    return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
+
+
 def is_s3(url: str) -> bool:
     return str(url).startswith("s3://")
 

@@ -33,7 +33,14 @@ from sia_pipeline.dataset.format import (
 from sia_pipeline.dataset.interchange import CROISSANT_NAME, WIDS_NAME
 from sia_pipeline.dataset.manifest import IO_THREADS, rebuild_from_stats
 from sia_pipeline.dataset.spec import SPEC_NAME, read_spec, write_spec
-from sia_pipeline.dataset.storage import LocalStorage, Storage, StorageError, open_storage
+from sia_pipeline.dataset.storage import (
+    LocalStorage,
+    Storage,
+    StorageError,
+    can_create_in,
+    nearest_existing,
+    open_storage,
+)
 from sia_pipeline.gen.extend import earlier_hashes, layered_spec, restamp
 from sia_pipeline.gen.lease import DEFAULT_TTL, LeaseHeld, LeaseLost, LeaseSlot
 from sia_pipeline.gen.plan import (
@@ -549,13 +556,11 @@ def _generate(
 
 def _check_creatable(root: Path) -> None:
     """Whether ``root`` exists as a writable folder or could be made, creating nothing."""
-    probe = root
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
+    probe = nearest_existing(root)
     if probe.exists() and not probe.is_dir():
         msg = f"cannot create output folder {root}: {probe} is not a folder"
         raise StorageError(msg)
-    if not os.access(probe, os.W_OK | os.X_OK):
+    if not can_create_in(probe):
         msg = f"cannot create output folder {root}: {probe} is not writable"
         raise StorageError(msg)
 

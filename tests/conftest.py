@@ -104,6 +104,28 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def mvtec_subset(
+    shared_data: Path, root: Path, per_category: int, non_square_tiles: bool = False
+) -> Path:
+    """An MVTec-layout ``root`` with the first ``per_category`` real bottle and magnetic-tile
+    training images (``non_square_tiles``: only tiles whose sides differ)."""
+    sources = {
+        "bottle": shared_data / "mvtec_ad/bottle/train/good",
+        "magnetic_tile": shared_data / "magnetic_tile/magnetic_tile/train/good",
+    }
+    for cat, src in sources.items():
+        files = sorted(src.iterdir())
+        if non_square_tiles and cat == "magnetic_tile":
+            from PIL import Image
+
+            files = [f for f in files if len(set(Image.open(f).size)) == 2]
+        dst = root / cat / "train" / "good"
+        dst.mkdir(parents=True)
+        for f in files[:per_category]:
+            shutil.copy(f, dst / f.name)
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """An untrained, tiny (32 px, <1M params) class-conditional SDAS model folder."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 import torch
 from adm_reference import reference_models
 from click.testing import CliRunner
+from conftest import mvtec_subset
 
 from sia_pipeline.cli.train_diffusion import main as train_cli
 from sia_pipeline.diffusion.adm import MVTEC_UNET, convert_state_dict, unet_config, unet_pairs
@@ -39,17 +39,7 @@ LR = 1e-2
 @pytest.fixture(scope="module")
 def small_root(shared_data, tmp_path_factory):
     """An MVTec-layout root with 6 real bottle and 6 real magnetic-tile training images."""
-    root = tmp_path_factory.mktemp("mvtec")
-    sources = {
-        "bottle": shared_data / "mvtec_ad/bottle/train/good",
-        "magnetic_tile": shared_data / "magnetic_tile/magnetic_tile/train/good",
-    }
-    for cat, src in sources.items():
-        dst = root / cat / "train" / "good"
-        dst.mkdir(parents=True)
-        for f in sorted(src.iterdir())[:6]:
-            shutil.copy(f, dst / f.name)
-    return root
+    return mvtec_subset(shared_data, tmp_path_factory.mktemp("mvtec"), 6)
 
 
 COMMON = {

@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import mvtec_subset
 
 from sia_pipeline.cli.train_diffusion import main as train_cli
 from sia_pipeline.diffusion.model import load_model
@@ -19,17 +20,7 @@ from sia_pipeline.diffusion.train import TrainConfig, train
 @pytest.fixture(scope="module")
 def small_root(shared_data, tmp_path_factory):
     """An MVTec-layout root with 12 real bottle and 12 real magnetic-tile training images."""
-    root = tmp_path_factory.mktemp("mvtec")
-    sources = {
-        "bottle": shared_data / "mvtec_ad/bottle/train/good",
-        "magnetic_tile": shared_data / "magnetic_tile/magnetic_tile/train/good",
-    }
-    for cat, src in sources.items():
-        dst = root / cat / "train" / "good"
-        dst.mkdir(parents=True)
-        for f in sorted(src.iterdir())[:12]:
-            shutil.copy(f, dst / f.name)
-    return root
+    return mvtec_subset(shared_data, tmp_path_factory.mktemp("mvtec"), 12)
 
 
 def _cfg(root, out, **kw):

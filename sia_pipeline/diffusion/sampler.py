@@ -254,9 +254,10 @@ class Sampler:
     def sample(
         self, categories: Sequence[str], strengths: Sequence[float], seeds: Sequence[int]
     ) -> np.ndarray:
-        """(B, H, W, 3) uint8 RGB images, one per (category, strength, seed)."""
+        """(B, H, W, 3) uint8 RGB images, one per (category, strength, seed); images of the
+        model's greyscale categories are grey (R = G = B)."""
         labels = [self.model.class_id(c) for c in categories]
-        return self.pipe(
+        images = self.pipe(
             labels,
             strengths,
             seeds,
@@ -265,3 +266,20 @@ class Sampler:
             guidance=self.guidance,
             precision=self.precision,
         ).images
+        grey = [c in self.model.grey_categories for c in categories]
+        return to_grey(images, grey) if any(grey) else images
+
+
+def to_grey(images: np.ndarray, which: Sequence[bool]) -> np.ndarray:
+    """``images`` (B, H, W, 3) uint8 with the rows flagged in ``which`` turned to luma
+    (ITU-R 601, as PIL's ``convert("L")``) in all three channels.
+
+    A model trained on greyscale parts still mixes in faint colour casts of the RGB categories
+    it shares weights with; an inspection camera that sees grey never produces them.
+    """
+    out = images.copy()
+    idx = np.flatnonzero(np.asarray(which, dtype=bool))
+    rgb = images[idx].astype(np.float32)
+    luma = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+    out[idx] = np.clip(np.rint(luma), 0, 255).astype(np.uint8)[..., None]
+    return out

@@ -44,6 +44,7 @@ from sia_pipeline.diffusion.model import (
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
+MAX_NONFINITE_IN_A_ROW = 20  # skipped updates (inf/NaN gradients) before training stops
 
 
 @dataclass
@@ -53,7 +54,7 @@ class TrainConfig:
     data: list[str]
     categories: list[str]
     out: str
-    preset: str = "tiny-cpu"
+    preset: str = "small-cpu"
     resolution: int | None = None
     steps: int | None = None
     batch_size: int | None = None  # per process (per GPU)
@@ -196,14 +197,15 @@ def init_unet_from(
 
 
 def _draw(rng: np.random.Generator, gen: torch.Generator, by_class: list, n: int, cfg, steps: int):
-    """One global micro-batch (alike on all ranks): class-balanced image indices, flips, noise
-    (n, 3, R, R) and t (n,)."""
+    """One global micro-batch (alike on all ranks): class-balanced image indices, flips, crop
+    offsets in [0, 1), noise (n, 3, R, R) and t (n,)."""
     cats = rng.integers(0, len(by_class), n)  # a category uniformly, then one of its images
     idx = np.array([rng.choice(by_class[c]) for c in cats])
     flip = rng.random(n) < 0.5 if cfg.hflip else np.zeros(n, bool)
+    offset = rng.random(n)
     noise = torch.randn((n, 3, cfg.resolution, cfg.resolution), generator=gen)
     t = torch.randint(0, steps, (n,), generator=gen)
-    return idx, flip, noise, t
+    return idx, flip, offset, noise, t
 
 
 def train(cfg: TrainConfig) -> str:
@@ -249,7 +251,7 @@ def train(cfg: TrainConfig) -> str:
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=0.0)  # = Adam
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    step, elapsed = 0, 0.0
+    step, elapsed, nonfinite, bad_run = 0, 0.0, 0, 0
 
     ckpt = _latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and ckpt is None:
@@ -266,9 +268,9 @@ def train(cfg: TrainConfig) -> str:
         rng.bit_generator.state = state["numpy_rng"]
         gen.set_state(state["torch_gen"].cpu())
         step, elapsed = state["step"], state["elapsed_s"]
+        nonfinite = state.get("skipped_nonfinite", 0)
         log.info("resumed from %s at step %d", ckpt, step)
 
-    images = torch.from_numpy(data.images).permute(0, 3, 1, 2)  # (N, 3, R, R) uint8
     labels = torch.from_numpy(data.labels)
     by_class = [np.flatnonzero(data.labels == c) for c in range(len(data.categories))]
     alphas = scheduler.alphas_cumprod.to(device)
@@ -279,8 +281,10 @@ def train(cfg: TrainConfig) -> str:
     t0 = time.perf_counter() - elapsed
     while step < cfg.steps:
         for micro in range(cfg.grad_accumulation):
-            idx, flip, noise, t = (v[mine] for v in _draw(rng, gen, by_class, n_global, cfg, num_t))
-            x0 = images[torch.from_numpy(idx)].to(device).float() / 127.5 - 1  # (B, 3, R, R)
+            drawn = _draw(rng, gen, by_class, n_global, cfg, num_t)
+            idx, flip, offset, noise, t = (v[mine] for v in drawn)
+            crops = np.stack([data.crop(i, o) for i, o in zip(idx, offset, strict=True)])
+            x0 = torch.from_numpy(crops).permute(0, 3, 1, 2).to(device).float() / 127.5 - 1
             x0 = torch.where(
                 torch.from_numpy(flip).to(device)[:, None, None, None], x0.flip(-1), x0
             )
@@ -297,11 +301,24 @@ def train(cfg: TrainConfig) -> str:
                 else:
                     loss = F.mse_loss(pred, noise)
                 (loss / cfg.grad_accumulation).backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.step(unet.parameters())
+        norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+        if not torch.isfinite(norm):  # one overflowing batch must not turn every weight NaN
+            opt.zero_grad(set_to_none=True)
+            nonfinite += 1
+            bad_run += 1
+            log.warning("step %d: non-finite gradient norm, update skipped", step + 1)
+            if bad_run >= MAX_NONFINITE_IN_A_ROW:
+                msg = (
+                    f"{bad_run} non-finite updates in a row at step {step + 1}: training "
+                    f"diverged; lower --lr and --resume from the last checkpoint"
+                )
+                raise FloatingPointError(msg)
+        else:
+            bad_run = 0
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step(unet.parameters())
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -312,6 +329,7 @@ def train(cfg: TrainConfig) -> str:
                 {
                     "step": step,
                     "elapsed_s": time.perf_counter() - t0,
+                    "skipped_nonfinite": nonfinite,
                     "unet": unet.state_dict(),
                     "ema": ema.state_dict(),
                     "optimizer": opt.state_dict(),
@@ -342,9 +360,12 @@ def train(cfg: TrainConfig) -> str:
         "ema_decay": cfg.ema_decay,
         "num_images": int(len(data.images)),
         "skipped_images": data.skipped,
+        "grey_categories": data.grey,
+        "aspect": "short side to resolution, random square crops",
         "data": cfg.data,
         "data_fingerprint": data.fingerprint,
         "train_wall_s": round(wall, 1),
+        "skipped_nonfinite_updates": nonfinite,
         "device": str(device),
         "parameters": sum(p.numel() for p in unet.parameters()),
         "prediction_type": "epsilon",

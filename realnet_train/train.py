@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -41,6 +42,7 @@ from realnet_train.presets import CPU
 from sia_pipeline.compose import choose_rule
 
 log = logging.getLogger(__name__)
+LOG_EVERY_S = 60.0  # progress lines when stderr is not a terminal
 
 LOG_NAME = "train_log.json"
 BAD_EXAMPLES = 50  # bad-sample records kept in the log (the count is always complete)
@@ -315,14 +317,18 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict[str, Any]:
     step = start
     stopped = None
     total = cfg.steps if cfg.time_budget_s is None else None  # a time budget has no step count
+    # A bar on a terminal; in a log file (a background run) one line a minute instead of
+    # megabytes of carriage returns.
+    tty = sys.stderr.isatty()
     bar = tqdm(
         total=total,
         initial=start,
         desc=f"train {cfg.category}",
         unit="step",
         mininterval=5,
-        disable=not dist.is_main,
+        disable=not (dist.is_main and tty),
     )
+    last_log = t0
     while True:
         over_time = cfg.time_budget_s is not None and time.perf_counter() - t0 >= cfg.time_budget_s
         # One collective per step: every rank stops at the same step.
@@ -350,6 +356,13 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict[str, Any]:
         history["seg"].append(losses["seg"].item())
         bar.update(1)
         bar.set_postfix(recon=f"{history['recon'][-1]:.3f}", seg=f"{history['seg'][-1]:.3f}")
+        if dist.is_main and not tty and time.perf_counter() - last_log >= LOG_EVERY_S:
+            last_log = time.perf_counter()
+            log.info(
+                "step %d%s, recon %.3f, seg %.3f, %.2f s/step",
+                step, f"/{total}" if total else "", history["recon"][-1], history["seg"][-1],
+                (last_log - t0) / (step - start),
+            )  # fmt: skip
         if step % cfg.checkpoint_every == 0:
             checkpoint(step)
     bar.close()

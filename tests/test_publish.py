@@ -259,3 +259,27 @@ def test_sample_without_metadata_is_named(local_root):
     assert res.exit_code == 1
     (line,) = bad_lines(res.output)
     assert shard in line and "1 sample(s) lack an image or json member" in line
+
+
+# --- one writer per root --------------------------------------------------------------
+
+
+def test_publish_refused_while_sia_gen_holds_the_lease(local_root):
+    from sia_pipeline.dataset.storage import open_storage
+    from sia_pipeline.gen.lease import LEASE_NAME, Lease, LeaseHeld
+
+    storage = open_storage(str(local_root))
+    with Lease(storage, "spec-of-a-running-sia-gen", ttl=60):
+        before = sorted(p.name for p in local_root.iterdir())
+        res = run(str(local_root))
+        assert res.exit_code == 2, res.output
+        assert "is being written by sia-gen" in res.output and "rerun when it ends" in res.output
+        assert len(res.output.strip().splitlines()) == 1
+        assert sorted(p.name for p in local_root.iterdir()) == before  # nothing written
+    # while sia-publish runs, a sia-gen on the root is refused, naming sia-publish
+    with Lease(storage, "sia-publish", ttl=60):
+        with pytest.raises(LeaseHeld, match="being published by sia-publish"):
+            Lease(storage, "spec-of-a-new-sia-gen").acquire()
+    res = run(str(local_root))
+    assert res.exit_code == 0, res.output
+    assert not (local_root / LEASE_NAME).exists()  # released

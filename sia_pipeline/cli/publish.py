@@ -48,11 +48,16 @@ def main(
     README.md (Hugging Face dataset card: WebDataset configs, counts per category and
     strength, provenance), strength_histogram.png, preview grids and SHA256SUMS.
 
-    Exit status: 0 published; 1 bad shards (each named); 2 not a dataset or unreachable.
+    Holds the root's lease while it runs: refused while a sia-gen writes ROOT, and no
+    sia-gen starts on ROOT until it ends.
+
+    Exit status: 0 published; 1 bad shards (each named); 2 not a dataset, unreachable, or
+    being written by sia-gen.
     """
     setup_logging(verbose)
     from sia_pipeline.dataset.publish import PublishError, publish
     from sia_pipeline.dataset.storage import StorageError
+    from sia_pipeline.gen.lease import LeaseLost
 
     try:
         report = publish(root, s3_endpoint_url, threads, previews_per_bin)
@@ -60,6 +65,8 @@ def main(
         storage_failure(e)
     except PublishError as e:
         die(str(e))
+    except LeaseLost as e:
+        die(f"{e}; nothing was written: rerun sia-publish", status=1)
     for check in report.bad:
         click.echo(f"BAD {check.describe()}", err=True)
     click.echo(report.summary(), err=bool(report.bad))

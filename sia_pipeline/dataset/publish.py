@@ -62,6 +62,7 @@ from sia_pipeline.dataset.verify import (
     load_stats,
     verify_shards,
 )
+from sia_pipeline.gen.lease import PUBLISHER, Lease, LeaseHeld, active_lease, held_elsewhere
 
 log = logging.getLogger(__name__)
 
@@ -202,11 +203,29 @@ def publish(
 ) -> PublishReport:
     """Verify a dataset root and, if every shard is sound, write its published card.
 
+    Holds the root's lease (``_lease.json``) while it runs, as ``sia-gen`` does.
+
     Raises:
-        PublishError: no shard stats under ``root``.
+        PublishError: no shard stats under ``root``, or a live ``sia-gen`` holds its lease.
         StorageError: the root is unreachable (missing bucket, no credentials).
     """
     storage = open_storage(root, endpoint_url)
+    # One writer per root: not while sia-gen writes shards (the card would describe half a
+    # dataset, the index race its commit), and no sia-gen starts while the card is written.
+    holder = active_lease(storage)
+    if holder is not None:
+        raise PublishError(held_elsewhere(storage.url, holder))
+    try:
+        lease = Lease(storage, PUBLISHER).acquire()
+    except LeaseHeld as e:
+        raise PublishError(held_elsewhere(storage.url, e.holder)) from None
+    try:
+        return _publish(storage, threads, previews_per_bin, lease)
+    finally:
+        lease.release()
+
+
+def _publish(storage: Storage, threads: int, previews_per_bin: int, lease: Lease) -> PublishReport:
     report = PublishReport(storage.url)
     checks, stats, stat_sums, index = verify_root(storage, threads, previews_per_bin)
     report.checks = checks
@@ -214,6 +233,7 @@ def publish(
         log.warning("%d bad shard(s) under %s; publishing nothing", len(report.bad), storage.url)
         return report
 
+    lease.check()  # still ours after the (long) verification: only then write
     recorded = _recorded(storage, index, stats)
     report.rebuilt = _stale_reason(storage, index, stats, recorded)
     if report.rebuilt:

@@ -53,7 +53,8 @@ class ModelError(ValueError):
 
 @dataclass(frozen=True)
 class Preset:
-    """UNet shape and training defaults: ``tiny-cpu`` for a laptop, ``paper-gpu`` at 256 px."""
+    """UNet shape and training defaults: ``small-cpu`` (the bundled model), ``tiny-cpu`` for
+    minutes on a laptop, ``paper-gpu`` the authors' 256 px ADM."""
 
     resolution: int
     block_out_channels: tuple[int, ...]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -44,6 +45,7 @@ from sia_pipeline.diffusion.model import (
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
+LOG_EVERY_S = 60.0  # progress lines when stderr is not a terminal
 MAX_NONFINITE_IN_A_ROW = 20  # skipped updates (inf/NaN gradients) before training stops
 
 
@@ -277,8 +279,13 @@ def train(cfg: TrainConfig) -> str:
     n_global = cfg.batch_size * ranks.world
     mine = slice(ranks.rank * cfg.batch_size, (ranks.rank + 1) * cfg.batch_size)
     model.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not ranks.main)
+    # A bar on a terminal; in a log file (a background run) one line a minute instead of
+    # megabytes of carriage returns.
+    tty = sys.stderr.isatty()
+    show_bar = ranks.main and tty
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not show_bar)
     t0 = time.perf_counter() - elapsed
+    last_log, first_step = time.perf_counter(), step
     while step < cfg.steps:
         for micro in range(cfg.grad_accumulation):
             drawn = _draw(rng, gen, by_class, n_global, cfg, num_t)
@@ -322,6 +329,13 @@ def train(cfg: TrainConfig) -> str:
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
+        if ranks.main and not tty and time.perf_counter() - last_log >= LOG_EVERY_S:
+            last_log = time.perf_counter()
+            per_step = (last_log - t0 - elapsed) / (step - first_step)
+            log.info(
+                "step %d/%d, loss %.4f, %.2f s/step, %.0f min to go",
+                step, cfg.steps, loss.item(), per_step, (cfg.steps - step) * per_step / 60,
+            )  # fmt: skip
         if ranks.main and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
             _save_checkpoint(
                 out,

@@ -30,6 +30,7 @@ from sia_pipeline.dataset.storage import Storage, StorageError
 log = logging.getLogger(__name__)
 
 LEASE_NAME = "_lease.json"
+PUBLISHER = "sia-publish"  # the spec_hash sia-publish's lease carries (it writes no shards)
 DEFAULT_TTL = 120.0
 MIN_TTL = 1.0
 _ACQUIRE_TRIES = 8
@@ -90,6 +91,11 @@ class LeaseInfo:
 
 def _held_message(url: str, holder: LeaseInfo, spec_hash: str, now: float) -> str:
     left = max(0, round(holder.expires - now))
+    if holder.spec_hash == PUBLISHER:
+        return (
+            f"{url} is being published by sia-publish ({holder.holder()}): rerun when it ends"
+            f" (if it died, its lease expires in {left} s)"
+        )
     if holder.spec_hash != spec_hash:
         return (
             f"{url} is being written by another sia-gen with a different spec"
@@ -258,6 +264,16 @@ class Lease:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+def held_elsewhere(url: str, holder: LeaseInfo) -> str:
+    """One line for a tool that is not sia-gen: who holds ``url`` and until when."""
+    what = "published by sia-publish" if holder.spec_hash == PUBLISHER else "written by sia-gen"
+    left = max(0, round(holder.expires - time.time()))
+    return (
+        f"{url} is being {what} ({holder.holder()}); rerun when it ends"
+        f" (if it died, its lease expires in {left} s)"
+    )
 
 
 def active_lease(storage: Storage) -> LeaseInfo | None:

@@ -67,9 +67,10 @@ def vlb_term(
     ).view(shape)
     beta_t = 1 - a_t / a_prev
     post_var = beta_t * (1 - a_prev) / (1 - a_t)
-    # guided-diffusion clips the t = 0 posterior variance to the t = 1 value
+    # guided-diffusion clips the t = 0 posterior variance to the t = 1 value,
+    # beta_1 (1 - abar_0) / (1 - abar_1) with beta_1 = 1 - abar_1 / abar_0
     post_var_1 = (
-        (1 - alphas_cumprod[0] / alphas_cumprod[1])
+        (1 - alphas_cumprod[1] / alphas_cumprod[0])
         * (1 - alphas_cumprod[0])
         / (1 - alphas_cumprod[1])
     )

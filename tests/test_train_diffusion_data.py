@@ -29,6 +29,11 @@ def mixed_root(shared_data, tmp_path_factory):
     return mvtec_subset(shared_data, tmp_path_factory.mktemp("mixed"), 6, non_square_tiles=True)
 
 
+def _cfg(root, out, **kw) -> TrainConfig:
+    base = dict(data=[str(root)], categories=["bottle", "magnetic_tile"], out=str(out))
+    return TrainConfig(**{**base, "preset": "test", "threads": 2, **kw})
+
+
 def test_resize_short_side_keeps_aspect_and_caps_it():
     assert resize_short_side(Image.new("L", (113, 256)), 32).size == (32, 72)  # 256/113*32
     assert resize_short_side(Image.new("RGB", (256, 256)), 32).size == (32, 32)
@@ -69,10 +74,7 @@ def test_to_grey_only_touches_flagged_rows():
 
 def test_trained_model_samples_grey_categories_grey(mixed_root, tmp_path):
     out = tmp_path / "model"
-    cfg = TrainConfig(
-        data=[str(mixed_root)], categories=["bottle", "magnetic_tile"], out=str(out),
-        preset="test", steps=2, batch_size=4, checkpoint_every=2, threads=2,
-    )  # fmt: skip
+    cfg = _cfg(mixed_root, out, steps=2, batch_size=4, checkpoint_every=2)
     train(cfg)
     card = json.loads((out / "model_card.json").read_text())
     assert card["grey_categories"] == ["magnetic_tile"]
@@ -85,10 +87,7 @@ def test_trained_model_samples_grey_categories_grey(mixed_root, tmp_path):
 
 def test_grey_categories_are_part_of_the_model_id(mixed_root, tmp_path):
     out = tmp_path / "model"
-    cfg = TrainConfig(
-        data=[str(mixed_root)], categories=["bottle", "magnetic_tile"], out=str(out),
-        preset="test", steps=1, batch_size=2, checkpoint_every=1, threads=2,
-    )  # fmt: skip
+    cfg = _cfg(mixed_root, out, steps=1, batch_size=2, checkpoint_every=1)
     train(cfg)
     card_file = out / "model_card.json"
     card = json.loads(card_file.read_text())
@@ -109,10 +108,7 @@ def test_non_finite_update_is_skipped_not_applied(mixed_root, tmp_path, monkeypa
 
     monkeypatch.setattr(train_mod.torch.nn.utils, "clip_grad_norm_", first_overflows)
     out = tmp_path / "model"
-    cfg = TrainConfig(
-        data=[str(mixed_root)], categories=["bottle", "magnetic_tile"], out=str(out),
-        preset="test", steps=3, batch_size=2, checkpoint_every=3, threads=2,
-    )  # fmt: skip
+    cfg = _cfg(mixed_root, out, steps=3, batch_size=2, checkpoint_every=3)
     train(cfg)
     card = json.loads((out / "model_card.json").read_text())
     assert card["skipped_nonfinite_updates"] == 1
@@ -125,10 +121,7 @@ def test_diverged_training_stops_with_a_hint(mixed_root, tmp_path, monkeypatch):
         train_mod.torch.nn.utils, "clip_grad_norm_", lambda p, m: torch.tensor(float("nan"))
     )
     monkeypatch.setattr(train_mod, "MAX_NONFINITE_IN_A_ROW", 2)
-    cfg = TrainConfig(
-        data=[str(mixed_root)], categories=["bottle"], out=str(tmp_path / "m"),
-        preset="test", steps=5, batch_size=2, checkpoint_every=5, threads=2,
-    )  # fmt: skip
+    cfg = _cfg(mixed_root, tmp_path / "m", steps=5, batch_size=2, checkpoint_every=5)
     with pytest.raises(FloatingPointError, match="lower --lr and --resume"):
         train(cfg)
 

@@ -28,7 +28,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ import boto3
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from fault_proxy import MODES, FaultProxy  # noqa: E402
+from local_servers import start_moto  # noqa: E402
 
 CATEGORIES = {"bottle": 0, "magnetic_tile": 1}
 SUMMARY_RE = re.compile(
@@ -49,32 +49,6 @@ SUMMARY_RE = re.compile(
     r" \((?P<secs>[\d.]+) s in all\).*retries (?P<retries>\d+), actors lost (?P<lost>\d+),"
     r" re-uploads (?P<reuploads>\d+), re-samplings (?P<resamplings>\d+)"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_moto() -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
-    proc = subprocess.Popen(
-        [exe, "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return proc, f"http://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.3)
-    proc.kill()
-    msg = "moto_server did not start within 60 s"
-    raise RuntimeError(msg)
 
 
 def _rss_mib(pid: int) -> float | None:
@@ -161,7 +135,7 @@ class Harness:
     def __init__(self, args, work: Path) -> None:
         self.args = args
         self.work = work
-        self.moto, self.upstream = start_moto()
+        self.moto, self.upstream = start_moto(timeout_s=60)
         self.proxy = FaultProxy(self.upstream, rate=0.0, seed=args.seed, latency_s=0.2).start()
         self.s3 = boto3.client("s3", endpoint_url=self.upstream)
         from sia_pipeline.diffusion.model import init_model

@@ -18,8 +18,6 @@ import logging
 import os
 import platform
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +27,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from local_servers import start_moto  # noqa: E402
 
 from sia_pipeline.diffusion.model import BUNDLED_MODEL, init_model, load_model  # noqa: E402
 from sia_pipeline.diffusion.sampler import Sampler  # noqa: E402
@@ -37,29 +38,6 @@ from sia_pipeline.gen.plan import make_spec, make_tasks  # noqa: E402
 from sia_pipeline.gen.runner import init_ray  # noqa: E402
 
 log = logging.getLogger("bench")
-
-
-def start_moto() -> tuple[subprocess.Popen, str]:
-    """A moto S3 server on a free loopback port (the same server the tests use)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
-    proc = subprocess.Popen(
-        [exe, "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return proc, f"http://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    msg = "moto_server did not start"
-    raise RuntimeError(msg)
 
 
 def bench_model(path: str | None, tmp: Path) -> str:

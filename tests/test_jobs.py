@@ -10,7 +10,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from local_servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "jobs"
@@ -35,12 +35,6 @@ def _load_submit_module():
 
 
 sub = _load_submit_module()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _submit_cli(
@@ -84,7 +78,7 @@ def ray_head():
     so other Ray instances on this machine never see it; teardown stops only this head's
     processes (``ray stop`` would stop every Ray instance on the machine).
     """
-    dash = _free_port()
+    dash = free_port()
     tmp = tempfile.mkdtemp(prefix="rj-", dir="/tmp")  # short: Ray's socket paths
     token = secrets.token_hex(32)
     env = dict(
@@ -98,10 +92,10 @@ def ray_head():
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_AUTH_TOKEN_PATH", None)
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1"]
-    cmd += ["--port", str(_free_port()), "--num-cpus", "1", "--num-gpus", "0"]
+    cmd += ["--port", str(free_port()), "--num-cpus", "1", "--num-gpus", "0"]
     cmd += ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1"]
-    cmd += ["--dashboard-port", str(dash), "--dashboard-agent-listen-port", str(_free_port())]
-    cmd += ["--ray-client-server-port", str(_free_port()), "--temp-dir", tmp]
+    cmd += ["--dashboard-port", str(dash), "--dashboard-agent-listen-port", str(free_port())]
+    cmd += ["--ray-client-server-port", str(free_port()), "--temp-dir", tmp]
     cmd += ["--disable-usage-stats"]
     log = open(Path(tmp) / "head.log", "w")  # noqa: SIM115 - closed in teardown
     proc = subprocess.Popen(
@@ -286,7 +280,7 @@ def test_missing_token_is_a_one_line_error(ray_head, tmp_path):
 
 
 def test_unreachable_job_server_is_named():
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     res = _submit_cli("--address", url, "--out", "s3://b/p", "--no-working-dir", timeout=120)
     assert res.returncode == 1
     assert url in res.stderr

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from local_servers import free_port
 from realnet_helpers import TINY_MODEL, TINY_RUN, small_mvtec
 from torch.utils.data import DataLoader
 
@@ -50,12 +50,6 @@ def test_ranks_and_dataloader_workers_split_a_pass(tiny_sia, monkeypatch):
         loader = DataLoader(pipe, batch_size=None, num_workers=2, collate_fn=lambda s: s)
         keys += [s["key"] for s in loader]
     assert len(keys) == 18 and len(set(keys)) == 18
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(args: list[str]) -> subprocess.CompletedProcess:

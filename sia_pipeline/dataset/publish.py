@@ -62,7 +62,7 @@ from sia_pipeline.dataset.verify import (
     load_stats,
     verify_shards,
 )
-from sia_pipeline.gen.lease import PUBLISHER, Lease, LeaseHeld, active_lease, held_elsewhere
+from sia_pipeline.gen.lease import PUBLISHER, Lease, LeaseHeld, held_elsewhere
 
 log = logging.getLogger(__name__)
 
@@ -212,10 +212,7 @@ def publish(
     storage = open_storage(root, endpoint_url)
     # One writer per root: not while sia-gen writes shards (the card would describe half a
     # dataset, the index race its commit), and no sia-gen starts while the card is written.
-    holder = active_lease(storage)
-    if holder is not None:
-        raise PublishError(held_elsewhere(storage.url, holder))
-    try:
+    try:  # writes nothing when a live driver holds it
         lease = Lease(storage, PUBLISHER).acquire()
     except LeaseHeld as e:
         raise PublishError(held_elsewhere(storage.url, e.holder)) from None

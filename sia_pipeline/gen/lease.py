@@ -90,12 +90,9 @@ class LeaseInfo:
 
 
 def _held_message(url: str, holder: LeaseInfo, spec_hash: str, now: float) -> str:
-    left = max(0, round(holder.expires - now))
     if holder.spec_hash == PUBLISHER:
-        return (
-            f"{url} is being published by sia-publish ({holder.holder()}): rerun when it ends"
-            f" (if it died, its lease expires in {left} s)"
-        )
+        return held_elsewhere(url, holder, now)
+    left = max(0, round(holder.expires - now))
     if holder.spec_hash != spec_hash:
         return (
             f"{url} is being written by another sia-gen with a different spec"
@@ -266,10 +263,11 @@ class Lease:
         self.release()
 
 
-def held_elsewhere(url: str, holder: LeaseInfo) -> str:
-    """One line for a tool that is not sia-gen: who holds ``url`` and until when."""
+def held_elsewhere(url: str, holder: LeaseInfo, now: float | None = None) -> str:
+    """One line naming who holds ``url`` (sia-publish, or a sia-gen of any spec) and until
+    when; sia-gen's own refusals say more about specs (:func:`_held_message`)."""
     what = "published by sia-publish" if holder.spec_hash == PUBLISHER else "written by sia-gen"
-    left = max(0, round(holder.expires - time.time()))
+    left = max(0, round(holder.expires - (time.time() if now is None else now)))
     return (
         f"{url} is being {what} ({holder.holder()}); rerun when it ends"
         f" (if it died, its lease expires in {left} s)"

@@ -99,9 +99,8 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def sample(model_path: str, category: str, n: int, strength: float, batch: int) -> torch.Tensor:
+def sample(sampler: Sampler, category: str, n: int, strength: float, batch: int) -> torch.Tensor:
     """``n`` SDAS samples (seeds 0..n-1) as a feature-size uint8 batch."""
-    sampler = Sampler(load_model(model_path))  # sia-gen's defaults: ddpm, 20 steps
     out = []
     for i in range(0, n, batch):
         seeds = list(range(i, min(n, i + batch)))
@@ -149,6 +148,8 @@ def run(args: argparse.Namespace) -> dict:
     textures = list_images(args.textures)
     chosen = rng.choice(len(textures), min(args.n, len(textures)), replace=False)
     dtd = to_batch([Image.open(textures[i]) for i in chosen])
+    # each model loaded once; sia-gen's sampler defaults (ddpm, 20 steps)
+    samplers = {label: Sampler(load_model(path)) for label, path in args.models.items()}
     results: dict = {"categories": {}}
     for cat, root in args.roots.items():
         files = list_images(root / cat / "train" / "good")
@@ -161,8 +162,8 @@ def run(args: argparse.Namespace) -> dict:
             rows["real_vs_other_real"] = {**kid(features, real, to_batch(other)), "n": len(other)}
         rows["dtd"] = kid(features, real, dtd)
         rows["models"] = {}
-        for label, path in args.models.items():
-            model = load_model(path)
+        for label, sampler in samplers.items():
+            model = sampler.model
             if cat not in model.categories:
                 rows["models"][label] = {"unavailable": f"{model.model_id} lacks {cat}"}
                 continue
@@ -171,7 +172,7 @@ def run(args: argparse.Namespace) -> dict:
                 centre_square(im.convert("RGB")).resize((res, res), Image.BICUBIC) for im in pil
             ]
             t0 = time.perf_counter()
-            fake = sample(path, cat, args.n, 0.0, args.batch)
+            fake = sample(sampler, cat, args.n, 0.0, args.batch)
             wall = time.perf_counter() - t0
             rows["models"][label] = {
                 "model_id": model.model_id,
@@ -181,10 +182,11 @@ def run(args: argparse.Namespace) -> dict:
                 "floor_real_at_resolution": kid(features, real, to_batch(small[args.n :] or small)),
             }
             log.info("%s %s: %s", cat, label, rows["models"][label])
-        if args.strengths and cat in load_model(args.models[args.sweep_model]).categories:
+        swept = samplers[args.sweep_model]
+        if args.strengths and cat in swept.model.categories:
             sweep = {}
             for s in args.strengths:
-                fake = sample(args.models[args.sweep_model], cat, args.sweep_n, s, args.batch)
+                fake = sample(swept, cat, args.sweep_n, s, args.batch)
                 sweep[str(s)] = kid(features, real, fake)
                 log.info("%s sweep s=%s: %s", cat, s, sweep[str(s)])
             rows["sweep"] = {"model": args.sweep_model, "n": args.sweep_n, "kid": sweep}

@@ -284,8 +284,9 @@ def train(cfg: TrainConfig) -> str:
     tty = sys.stderr.isatty()
     show_bar = ranks.main and tty
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not show_bar)
-    t0 = time.perf_counter() - elapsed
-    last_log, first_step = time.perf_counter(), step
+    run_t0 = time.perf_counter()  # this process's start; t0 also counts earlier runs
+    t0 = run_t0 - elapsed
+    last_log, first_step = run_t0, step
     while step < cfg.steps:
         for micro in range(cfg.grad_accumulation):
             drawn = _draw(rng, gen, by_class, n_global, cfg, num_t)
@@ -331,7 +332,7 @@ def train(cfg: TrainConfig) -> str:
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if ranks.main and not tty and time.perf_counter() - last_log >= LOG_EVERY_S:
             last_log = time.perf_counter()
-            per_step = (last_log - t0 - elapsed) / (step - first_step)
+            per_step = (last_log - run_t0) / (step - first_step)
             log.info(
                 "step %d/%d, loss %.4f, %.2f s/step, %.0f min to go",
                 step, cfg.steps, loss.item(), per_step, (cfg.steps - step) * per_step / 60,

@@ -333,7 +333,7 @@ def main() -> None:
                     continue
                 row = run_realnet(category, roots[category], source, seed, args, srcs)
                 if source == "sia":
-                    row["sia_model_id"] = meta["sia_model_id"]
+                    row["sia_model_id"] = sia_id
                 rows.append(row)
                 log.info("%s", json.dumps(rows[-1]))
                 save()

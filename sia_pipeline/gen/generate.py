@@ -7,44 +7,29 @@ already holds) before Ray starts; then sample only the shards not yet done; then
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shlex
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sia_pipeline.dataset.card import PREVIEW_NAME, write_card
+from sia_pipeline.dataset.card import write_card
 from sia_pipeline.dataset.format import (
-    CARD_NAME,
-    INDEX_NAME,
-    MANIFEST_NAME,
-    SHARDS_DIR,
     FormatError,
-    ShardStats,
-    list_stats_names,
-    read_index,
-    read_stats,
 )
-from sia_pipeline.dataset.interchange import CROISSANT_NAME, WIDS_NAME
-from sia_pipeline.dataset.manifest import IO_THREADS, rebuild_from_stats
-from sia_pipeline.dataset.spec import SPEC_NAME, read_spec, write_spec
+from sia_pipeline.dataset.manifest import rebuild_from_stats
+from sia_pipeline.dataset.spec import write_spec
 from sia_pipeline.dataset.storage import (
     LocalStorage,
     Storage,
     StorageError,
-    can_create_in,
-    nearest_existing,
     open_storage,
 )
 from sia_pipeline.gen.extend import earlier_hashes, layered_spec, restamp
 from sia_pipeline.gen.lease import DEFAULT_TTL, LeaseHeld, LeaseLost, LeaseSlot
 from sia_pipeline.gen.plan import (
-    GenSpec,
     PlanError,
     ShardTasks,
     describe_plan,
@@ -52,12 +37,14 @@ from sia_pipeline.gen.plan import (
     make_tasks,
     parse_strengths,
 )
+from sia_pipeline.gen.provenance import command_line, model_record
 from sia_pipeline.gen.raycluster import (
     DEFAULT_RAY_TIMEOUT_S,
     ActorPlan,
     ClusterError,
     connect_pool,
 )
+from sia_pipeline.gen.root import RootState, check_creatable, clear_root, scan_root
 
 log = logging.getLogger(__name__)
 
@@ -119,92 +106,6 @@ class GenReport:
         )
 
 
-@dataclass
-class RootState:
-    """What a dataset root already holds, relative to the spec of this run."""
-
-    done: dict[str, ShardStats]
-    other_spec: str | None  # why the root holds another dataset, if it does
-    index_current: bool  # index.json exists and is of this spec
-
-
-def scan_root(
-    storage: Storage,
-    spec_hash: str,
-    spec: dict[str, Any] | None = None,
-    earlier: frozenset[str] = frozenset(),
-) -> RootState:
-    """Done shards (stats of this spec whose tar size matches) and foreign-spec evidence.
-
-    ``earlier``: spec hashes of the datasets this spec extends (``--extend``); their
-    shards count as done and their index is not foreign.
-
-    The index counts as current only if it records ``spec`` (when given) and the
-    interchange indexes and ``spec.json`` exist: a later run repairs a root whose index
-    was rebuilt without its spec.
-    """
-    other = None
-    try:
-        index = read_index(storage)
-    except FormatError as e:  # a corrupt index is rebuilt; another format version is foreign
-        index, other = None, (None if _corrupt_json(storage, INDEX_NAME) else str(e))
-    ours = {spec_hash, *earlier}
-    if index is not None and index.get("spec_hash") not in ours:
-        other = f"its index.json has spec {index.get('spec_hash')!r}"
-    try:
-        recorded = read_spec(storage)
-    except FormatError:
-        recorded = None  # rewritten by this run
-    if recorded is not None and recorded["spec_hash"] not in ours:
-        other = other or f"its {SPEC_NAME} has spec {recorded['spec_hash']!r}"
-
-    def check(name: str) -> tuple[str, ShardStats | None, bool]:
-        """(name, stats or None if unreadable, whether its tar has the recorded size)."""
-        try:
-            stats = read_stats(storage, name)
-        except FormatError:
-            return name, None, False  # corrupt stats: the shard is simply redone
-        if stats is None or stats.spec_hash not in ours:
-            return name, stats, False
-        return name, stats, storage.size(stats.tar) == stats.size
-
-    with ThreadPoolExecutor(IO_THREADS) as pool:
-        found = list(pool.map(check, list_stats_names(storage)))
-    done = {}
-    for name, stats, complete in found:
-        if stats is None:
-            continue
-        if stats.spec_hash not in ours:
-            other = other or f"{name} has spec {stats.spec_hash!r}"
-        elif complete:
-            done[stats.shard] = stats
-    current = (
-        index is not None
-        and other is None
-        and index.get("spec_hash") == spec_hash
-        and (spec is None or index.get("spec") == spec)
-        and recorded is not None
-        and all(storage.exists(n) for n in (MANIFEST_NAME, CARD_NAME, WIDS_NAME, CROISSANT_NAME))
-    )
-    return RootState(done, other, current)
-
-
-def _corrupt_json(storage: Storage, name: str) -> bool:
-    try:
-        json.loads(storage.get_bytes(name))
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return True
-    return False
-
-
-def clear_root(storage: Storage) -> None:
-    """Remove a dataset (index first, so no reader follows it to deleted shards)."""
-    storage.delete(INDEX_NAME)
-    storage.delete(f"{SHARDS_DIR}/")
-    for name in (MANIFEST_NAME, CARD_NAME, PREVIEW_NAME, WIDS_NAME, CROISSANT_NAME, SPEC_NAME):
-        storage.delete(name)
-
-
 def _refuse_other_spec(storage: Storage, state: RootState, spec_hash: str, overwrite: bool) -> None:
     if state.other_spec and not overwrite:
         msg = (
@@ -212,56 +113,6 @@ def _refuse_other_spec(storage: Storage, state: RootState, spec_hash: str, overw
             f" is {spec_hash}): use another --out, or --overwrite to replace it"
         )
         raise GenError(msg)
-
-
-def command_line(
-    spec: GenSpec,
-    out: str,
-    model: str | None,
-    batch_size: int,
-    classifier: str | None = None,
-    compile: bool = False,
-) -> str:
-    """A ``sia-gen`` command that reproduces ``spec`` (no endpoint or credentials)."""
-    args = [
-        "sia-gen",
-        f"--categories={','.join(spec.categories)}",
-        f"--strengths={spec.strengths.text}",
-        f"--per-category={spec.per_category}",
-        f"--shard-size={spec.shard_size}",
-        f"--seed={spec.seed}",
-        f"--sampler={spec.sampler}",
-        f"--steps={spec.steps}",
-        f"--batch-size={batch_size}",
-        f"--image-format={spec.image_format}",
-        f"--out={out}",
-    ]
-    if spec.sampler == "ddim":
-        args.insert(8, f"--eta={spec.eta}")
-    if model:
-        args.append(f"--model={model}")
-    if classifier:
-        args += [f"--classifier={classifier}", f"--classifier-scale={spec.classifier_scale!r}"]
-    if spec.precision != "fp32":
-        args.append(f"--precision={spec.precision}")
-    if compile:
-        args.append("--compile")
-    if spec.extends:
-        args.append("--extend")
-    return shlex.join(args)
-
-
-def _model_record(loaded: Any, model: str | None) -> dict[str, Any]:
-    card = loaded.card
-    rec = {
-        "id": loaded.model_id,
-        "source": str(model) if model else "bundled demo model",
-        "bundled": model is None,
-        "resolution": loaded.resolution,
-        "categories": loaded.categories,
-    }
-    rec.update({k: card[k] for k in ("preset", "train_steps", "data", "license") if k in card})
-    return rec
 
 
 def _absolute(url: str | None) -> str | None:
@@ -441,7 +292,7 @@ def _generate(
             if ray_address:
                 log.warning("a local --out with --ray-address needs a folder every node shares")
             if not dry_run:
-                _check_creatable(storage.root)  # created only once Ray has placed the actors
+                check_creatable(storage.root)  # created only once Ray has placed the actors
         elif not dry_run:
             storage.check_writable()
         spec = layered_spec(storage, spec, extend)
@@ -505,7 +356,7 @@ def _generate(
             clear_root(storage)
             state = RootState({}, None, False)
         extra = {
-            "model": _model_record(loaded, model),
+            "model": model_record(loaded, model),
             "created_by": f"sia-gen {VERSION}",
             "command": command_line(spec, out, model, batch_size, classifier, compile),
         }
@@ -552,17 +403,6 @@ def _generate(
         report.indexed = True
     report.seconds = time.perf_counter() - t0
     return report
-
-
-def _check_creatable(root: Path) -> None:
-    """Whether ``root`` exists as a writable folder or could be made, creating nothing."""
-    probe = nearest_existing(root)
-    if probe.exists() and not probe.is_dir():
-        msg = f"cannot create output folder {root}: {probe} is not a folder"
-        raise StorageError(msg)
-    if not can_create_in(probe):
-        msg = f"cannot create output folder {root}: {probe} is not writable"
-        raise StorageError(msg)
 
 
 def _run(

@@ -452,3 +452,38 @@ def test_storage_outage_mid_run_fails_cleanly_and_rerun_only_uploads(
     assert report.shards_written == 4 and not report.failed
     assert report.reuploads == spilled and report.resamplings == 0
     assert files_under(spill) == []
+
+
+def test_a_short_queue_waits_for_actors_still_starting():
+    """2 shards, 2 actors, one ready first: it takes one shard, not both (the demo's case)."""
+    from types import SimpleNamespace
+
+    submitted: list[tuple[int, str]] = []
+
+    def handle(a: int) -> SimpleNamespace:
+        def remote(task, tag):
+            submitted.append((a, task.shard_id))
+            return f"ref-{tag}"
+
+        return SimpleNamespace(__call__=SimpleNamespace(remote=remote))
+
+    runner = ShardRunner({}, ActorPlan(2, 1, 0, 1), max_in_flight=2)
+    runner._pool = {0: runner_mod._Actor(handle(0)), 1: runner_mod._Actor(handle(1), ready="r1")}
+    runner.actors = {0: runner._pool[0].handle}
+    runner._source = list(tasks_for("sdas-0", per_category=2, shard_size=2))  # 2 shards
+    runner._feed()
+    assert [a for a, _ in submitted] == [0]  # the second shard is kept for actor 1
+    runner._pool[1].ready = None  # actor 1 is ready now
+    runner.actors[1] = runner._pool[1].handle
+    runner._feed()
+    assert sorted(a for a, _ in submitted) == [0, 1]
+    assert len({shard for _, shard in submitted}) == 2
+
+    # With more shards than starting actors, the ready one still keeps two in flight.
+    submitted.clear()
+    runner = ShardRunner({}, ActorPlan(2, 1, 0, 1), max_in_flight=2)
+    runner._pool = {0: runner_mod._Actor(handle(0)), 1: runner_mod._Actor(handle(1), ready="r1")}
+    runner.actors = {0: runner._pool[0].handle}
+    runner._source = list(tasks_for("sdas-0", per_category=4, shard_size=2))  # 4 shards
+    runner._feed()
+    assert [a for a, _ in submitted] == [0, 0]

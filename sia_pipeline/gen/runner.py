@@ -317,14 +317,24 @@ class ShardRunner:
             return i
         return len(self._queue) - 1 if self._pull() else None
 
+    def _unsubmitted(self) -> int:
+        """Tasks not yet given to any actor: queued ones plus those the source still holds."""
+        return len(self._queue) + len(self._source) - self._next_i
+
     def _feed(self) -> None:
         """Top every ready actor up to ``max_in_flight`` tasks, level by level, so that
-        a short queue is spread over all actors instead of piling onto the first."""
+        a short queue is spread over all actors instead of piling onto the first.
+
+        An actor's second and later tasks never take one that an actor still starting
+        would get: with 2 shards and 2 actors, the first actor ready must not hold both
+        while the other (ready seconds later) stays idle for the whole run."""
         for level in range(1, self.max_in_flight + 1):
             for a, handle in list(self.actors.items()):
                 actor = self._pool[a]
                 if actor.load >= level:
                     continue
+                if level > 1 and self._unsubmitted() <= len(self._starting()):
+                    return
                 i = self._eligible(actor.node)
                 if i is None:
                     continue

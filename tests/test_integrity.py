@@ -16,7 +16,7 @@ from sia_pipeline.diffusion.model import (
     load_model,
 )
 
-BUNDLED_ID = "sdas-c0ef5731a912e5f3"
+BUNDLED_ID = "sdas-333038416170542b"
 
 
 def _edit_card(folder, **changes):

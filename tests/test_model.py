@@ -36,6 +36,15 @@ def test_bundled_model_is_small_and_loads():
     assert size <= 15 * 1024 * 1024
     m = load_model(None)
     assert set(m.categories) == {"bottle", "magnetic_tile"}
+    # Trained with sia-train-diffusion's defaults: the recipe the README gives.
+    from sia_pipeline.cli.train_diffusion import main as train_cli
+    from sia_pipeline.diffusion.model import PRESETS
+
+    default = next(o.default for o in train_cli.params if o.name == "preset")
+    assert m.card["preset"] == default == "small-cpu"
+    assert m.resolution == PRESETS[default].resolution
+    assert m.card["train_steps"] == PRESETS[default].train_steps
+    assert m.card["grey_categories"] == ["magnetic_tile"]
 
 
 def test_unknown_category(tiny_model):

@@ -53,7 +53,8 @@ def default_out(model: str | None) -> str:
     "--out",
     type=click.Path(dir_okay=False),
     default=None,
-    help="PNG to write [default: preview.png beside a local --model, else in the current folder].",
+    help="Image to write, PNG (JPEG if named .jpg) [default: preview.png beside a local "
+    "--model, else in the current folder].",
 )
 @click.option("-v", "--verbose", is_flag=True)
 def main(

@@ -56,7 +56,7 @@ class TrainConfig:
     data: list[str]
     categories: list[str]
     out: str
-    preset: str = "tiny-cpu"
+    preset: str = "small-cpu"
     resolution: int | None = None
     steps: int | None = None
     batch_size: int | None = None  # per process (per GPU)

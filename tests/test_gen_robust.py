@@ -467,10 +467,18 @@ def test_a_short_queue_waits_for_actors_still_starting():
 
         return SimpleNamespace(__call__=SimpleNamespace(remote=remote))
 
-    runner = ShardRunner({}, ActorPlan(2, 1, 0, 1), max_in_flight=2)
-    runner._pool = {0: runner_mod._Actor(handle(0)), 1: runner_mod._Actor(handle(1), ready="r1")}
-    runner.actors = {0: runner._pool[0].handle}
-    runner._source = list(tasks_for("sdas-0", per_category=2, shard_size=2))  # 2 shards
+    def runner_with(per_category: int) -> ShardRunner:
+        """Actor 0 ready, actor 1 still starting; shards of 2 images over both categories."""
+        runner = ShardRunner({}, ActorPlan(2, 1, 0, 1), max_in_flight=2)
+        runner._pool = {
+            0: runner_mod._Actor(handle(0)),
+            1: runner_mod._Actor(handle(1), ready="r1"),
+        }
+        runner.actors = {0: runner._pool[0].handle}
+        runner._source = list(tasks_for("sdas-0", per_category=per_category, shard_size=2))
+        return runner
+
+    runner = runner_with(2)  # 2 shards
     runner._feed()
     assert [a for a, _ in submitted] == [0]  # the second shard is kept for actor 1
     runner._pool[1].ready = None  # actor 1 is ready now
@@ -481,9 +489,6 @@ def test_a_short_queue_waits_for_actors_still_starting():
 
     # With more shards than starting actors, the ready one still keeps two in flight.
     submitted.clear()
-    runner = ShardRunner({}, ActorPlan(2, 1, 0, 1), max_in_flight=2)
-    runner._pool = {0: runner_mod._Actor(handle(0)), 1: runner_mod._Actor(handle(1), ready="r1")}
-    runner.actors = {0: runner._pool[0].handle}
-    runner._source = list(tasks_for("sdas-0", per_category=4, shard_size=2))  # 4 shards
+    runner = runner_with(4)  # 4 shards
     runner._feed()
     assert [a for a, _ in submitted] == [0, 0]

@@ -172,6 +172,16 @@ def fit_afs(
     )
 
 
+def make_optimizer(params: list[nn.Parameter], lr: float, device: torch.device) -> torch.optim.Adam:
+    """Adam over ``params`` (on ``device``), fused where torch has a fused kernel.
+
+    Same update as the per-parameter loop; on 2 CPU cores the fused kernel takes about a
+    third of its time (``bench/realnet_profile.py``), a few percent of a step.
+    """
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.Adam(params, lr=lr, fused=fused)
+
+
 class TrainStep(nn.Module):
     """One step's forward as a module, so DDP can wrap it: (images, clean, masks) -> losses.
 
@@ -294,7 +304,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict[str, Any]:
     distributed.broadcast_state(model, dist)  # every rank starts from rank 0's AFS and weights
     loader = build_loader(cfg, mvtec, seed=cfg.seed + start, normals=normals)
     batches = iter(loader)
-    opt = torch.optim.Adam(model.trainable_parameters(), lr=cfg.lr)
+    opt = make_optimizer(model.trainable_parameters(), cfg.lr, dist.device)
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
     step_fn: nn.Module = TrainStep(model)

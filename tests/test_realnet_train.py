@@ -13,7 +13,7 @@ from PIL import Image
 
 from realnet_train.evaluate import evaluate
 from realnet_train.model.realnet import RealNetConfig
-from realnet_train.train import TrainConfig, load_model, train
+from realnet_train.train import TrainConfig, load_model, make_optimizer, train
 
 # The cpu preset's structure, shrunk: 3 Lite0 levels, 8 channels each, 2-resolution UNets.
 TINY_MODEL = RealNetConfig(
@@ -145,3 +145,23 @@ def test_cli_train_then_eval(small_bottle, shared_data, tmp_path, one_thread):
     metrics = json.loads(result.stdout.strip().splitlines()[-1])
     assert metrics["category"] == "bottle" and metrics["n_test"] == 6
     assert (out / "eval" / "metrics.json").is_file()
+
+
+def test_the_optimizer_is_fused_adam_with_the_loop_adams_update():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(16, 8), torch.nn.Linear(16, 8)
+    b.load_state_dict(a.state_dict())
+    fused = make_optimizer(list(a.parameters()), 1e-3, torch.device("cpu"))
+    loop = torch.optim.Adam(b.parameters(), lr=1e-3, foreach=False)
+    assert fused.defaults["fused"]
+    x = torch.randn(4, 16)
+    for _ in range(3):
+        for net, opt in ((a, fused), (b, loop)):
+            opt.zero_grad()
+            net(x).square().sum().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    # a checkpoint of the loop optimiser's state loads into the fused one (older runs resume)
+    fused.load_state_dict(loop.state_dict())
+    fused.step()

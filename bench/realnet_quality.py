@@ -113,11 +113,15 @@ def patchcore_venv(venv: Path) -> tuple[Path | None, str]:
 
 
 def run_patchcore(category_dir: Path, out: Path, args) -> dict:
-    """PatchCore metrics on ``category_dir`` (or ``{"unavailable": reason}``)."""
+    """PatchCore metrics on ``category_dir`` (or ``{"unavailable": reason}``).
+
+    An earlier fit's ``out`` JSON is reused, also under ``--patchcore off`` (the coreset fit
+    takes most of an hour; it does not depend on RealNet's settings).
+    """
+    if out.is_file():
+        return patchcore_metrics(json.loads(out.read_text()))
     if args.patchcore == "off":
         return {"unavailable": "--patchcore off"}
-    if out.is_file():  # an earlier fit on the same split (the coreset fit takes most of an hour)
-        return patchcore_metrics(json.loads(out.read_text()))
     if not PATCHCORE_TOOL.is_file():
         return {"unavailable": f"{PATCHCORE_TOOL} is absent"}
     python, why = patchcore_venv(Path(args.patchcore_venv))
@@ -317,6 +321,10 @@ def main() -> None:
     rows = [r for r in rows if r["source"] != "sia" or r.get("sia_model_id") == sia_id]
     patchcore = old.get("patchcore", {})
     done = {(r["category"], r["source"], r["seed"]) for r in rows}
+    for category in categories:  # earlier fits show in the table from the first save on
+        pc_json = RESULTS / args.tag / f"patchcore-{category}.json"
+        if pc_json.is_file():
+            patchcore[category] = patchcore_metrics(json.loads(pc_json.read_text()))
 
     def save() -> None:
         summary = summarise(rows)

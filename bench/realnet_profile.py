@@ -30,7 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from realnet_train.model.realnet import RealNet  # noqa: E402
+from realnet_train.model.realnet import RealNet, RealNetConfig  # noqa: E402
 from realnet_train.presets import PRESETS, resolve  # noqa: E402
 from realnet_train.train import TrainStep, make_optimizer  # noqa: E402
 
@@ -66,15 +66,34 @@ class PartTimer:
         return hook
 
 
-def build(preset: str, backbone_weights: str | None) -> RealNet:
-    """The preset's model with AFS 'fitted' on random errors (channel choice costs nothing)."""
-    _, config = resolve(preset, {}, {"backbone_weights": backbone_weights})
+def build(config: RealNetConfig) -> RealNet:
+    """The model with AFS 'fitted' on random errors (channel choice costs nothing)."""
     model = RealNet(config)
     g = torch.Generator().manual_seed(0)
     model.afs.fit(
         {lv: torch.rand(model.backbone.channels[lv], generator=g) for lv in model.afs.levels}
     )
     return model.train()
+
+
+def random_batch(batch: int, size: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """Anomalous images, clean images, masks: what ``TrainStep`` takes."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(batch, 3, size, size, generator=g)
+    clean = torch.rand(batch, 3, size, size, generator=g)
+    return images, clean, (torch.rand(batch, size, size, generator=g) > 0.9).long()
+
+
+def train_step(step_fn: TrainStep, opt: torch.optim.Optimizer, batch: tuple) -> dict[str, float]:
+    """One training step as the trainer runs it; seconds of forward, backward, optimiser."""
+    t0 = time.perf_counter()
+    losses = step_fn(*batch)
+    t1 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    losses["total"].backward()
+    t2 = time.perf_counter()
+    opt.step()
+    return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": time.perf_counter() - t2}
 
 
 def profile_size(model: RealNet, size: int, batch: int, steps: int, warmup: int) -> dict:
@@ -84,26 +103,14 @@ def profile_size(model: RealNet, size: int, batch: int, steps: int, warmup: int)
     timer = PartTimer(parts)
     step_fn = TrainStep(model)
     opt = make_optimizer(model.trainable_parameters(), 1e-4, torch.device("cpu"))
-    g = torch.Generator().manual_seed(size)
-    images = torch.rand(batch, 3, size, size, generator=g)
-    clean = torch.rand(batch, 3, size, size, generator=g)
-    masks = (torch.rand(batch, size, size, generator=g) > 0.9).long()
+    batch_ = random_batch(batch, size, seed=size)
     totals: dict[str, float] = defaultdict(float)
     for i in range(warmup + steps):
         if i == warmup:
             timer.seconds.clear()
             totals.clear()
-        t0 = time.perf_counter()
-        losses = step_fn(images, clean, masks)
-        t1 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        t2 = time.perf_counter()
-        opt.step()
-        t3 = time.perf_counter()
-        totals["forward"] += t1 - t0
-        totals["backward"] += t2 - t1
-        totals["optimizer"] += t3 - t2
+        for k, v in train_step(step_fn, opt, batch_).items():
+            totals[k] += v
     timer.remove()
     forward_parts = dict(timer.seconds)
     losses_and_glue = totals["forward"] - sum(forward_parts.values())
@@ -149,13 +156,9 @@ def top_ops(model: RealNet, size: int, batch: int, n: int = 12) -> list[dict]:
     """The ``n`` torch operators with the most self CPU time over one training step."""
     step_fn = TrainStep(model)
     opt = make_optimizer(model.trainable_parameters(), 1e-4, torch.device("cpu"))
-    x = torch.rand(batch, 3, size, size)
-    masks = (torch.rand(batch, size, size) > 0.9).long()
+    batch_ = random_batch(batch, size, seed=0)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        losses = step_fn(x, x.flip(-1), masks)
-        opt.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        opt.step()
+        train_step(step_fn, opt, batch_)
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
     return [
@@ -239,9 +242,12 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    train_kw, _ = resolve(args.preset, {}, {"backbone_weights": args.backbone_weights})
+    try:
+        train_kw, config = resolve(args.preset, {}, {"backbone_weights": args.backbone_weights})
+    except ValueError as e:
+        p.error(str(e))
     batch = args.batch_size or train_kw["batch_size"]
-    model = build(args.preset, args.backbone_weights)
+    model = build(config)
     rows = []
     for size in sizes:
         rows.append(profile_size(model, size, batch, args.steps, args.warmup))

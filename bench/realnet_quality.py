@@ -113,13 +113,11 @@ def patchcore_venv(venv: Path) -> tuple[Path | None, str]:
 
 
 def run_patchcore(category_dir: Path, out: Path, args) -> dict:
-    """PatchCore metrics on ``category_dir`` (or ``{"unavailable": reason}``).
+    """PatchCore metrics on ``category_dir`` (or ``{"unavailable": reason}``): a new fit.
 
-    An earlier fit's ``out`` JSON is reused, also under ``--patchcore off`` (the coreset fit
-    takes most of an hour; it does not depend on RealNet's settings).
+    ``main`` reuses an earlier fit's ``out`` JSON instead, also under ``--patchcore off``
+    (the coreset fit takes most of an hour; it does not depend on RealNet's settings).
     """
-    if out.is_file():
-        return patchcore_metrics(json.loads(out.read_text()))
     if args.patchcore == "off":
         return {"unavailable": "--patchcore off"}
     if not PATCHCORE_TOOL.is_file():
@@ -321,8 +319,8 @@ def main() -> None:
     rows = [r for r in rows if r["source"] != "sia" or r.get("sia_model_id") == sia_id]
     patchcore = old.get("patchcore", {})
     done = {(r["category"], r["source"], r["seed"]) for r in rows}
-    for category in categories:  # earlier fits show in the table from the first save on
-        pc_json = RESULTS / args.tag / f"patchcore-{category}.json"
+    pc_jsons = {c: RESULTS / args.tag / f"patchcore-{c}.json" for c in categories}
+    for category, pc_json in pc_jsons.items():  # earlier fits: in the table from the first save
         if pc_json.is_file():
             patchcore[category] = patchcore_metrics(json.loads(pc_json.read_text()))
 
@@ -347,9 +345,10 @@ def main() -> None:
                 save()
     for category in categories:
         if category not in patchcore or "unavailable" in patchcore[category]:
-            pc_json = RESULTS / args.tag / f"patchcore-{category}.json"
-            pc_json.parent.mkdir(parents=True, exist_ok=True)
-            patchcore[category] = run_patchcore(roots[category] / category, pc_json, args)
+            pc_jsons[category].parent.mkdir(parents=True, exist_ok=True)
+            patchcore[category] = run_patchcore(
+                roots[category] / category, pc_jsons[category], args
+            )
             save()
     save()
     print((RESULTS / f"{args.tag}.md").read_text())

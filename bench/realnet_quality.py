@@ -316,7 +316,14 @@ def main() -> None:
     rows = old.get("runs", []) if same else []
     # SIA rows made from another SDAS model are run again; PatchCore does not depend on them.
     sia_id = meta["sia_model_id"]
-    rows = [r for r in rows if r["source"] != "sia" or r.get("sia_model_id") == sia_id]
+    # A bench run without the SIA source (say ``--sources perlin``) keeps the SIA rows it holds.
+    if "sia" in srcs:
+        rows = [r for r in rows if r["source"] != "sia" or r.get("sia_model_id") == sia_id]
+    else:
+        meta["sia_model_id"] = old.get("meta", {}).get("sia_model_id")
+    # The notes of sources this run does not name stay, as their rows stay.
+    kept_notes = old.get("meta", {}).get("sources_note", "").split("; ") if same else []
+    meta["sources_note"] = "; ".join(dict.fromkeys([n for n in notes + kept_notes if n]))
     patchcore = old.get("patchcore", {})
     done = {(r["category"], r["source"], r["seed"]) for r in rows}
     pc_jsons = {c: RESULTS / args.tag / f"patchcore-{c}.json" for c in categories}
@@ -326,6 +333,7 @@ def main() -> None:
 
     def save() -> None:
         summary = summarise(rows)
+        meta["seeds"] = sorted({r["seed"] for r in rows})  # the seeds the table holds
         out = {"meta": meta, "summary": summary, "patchcore": patchcore, "runs": rows}
         result_json.write_text(json.dumps(out, indent=1))
         (RESULTS / f"{args.tag}.md").write_text(markdown(summary, patchcore, meta))

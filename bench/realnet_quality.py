@@ -302,7 +302,6 @@ def main() -> None:
     meta = {
         "preset": args.preset,
         "steps": steps,
-        "seeds": seeds,
         "threads": args.threads,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs)",
         "sources_note": "; ".join(notes),
@@ -322,8 +321,10 @@ def main() -> None:
     else:
         meta["sia_model_id"] = old.get("meta", {}).get("sia_model_id")
     # The notes of sources this run does not name stay, as their rows stay.
-    kept_notes = old.get("meta", {}).get("sources_note", "").split("; ") if same else []
-    meta["sources_note"] = "; ".join(dict.fromkeys([n for n in notes + kept_notes if n]))
+    # A note is "<source> = ...": this run's note for a source replaces the old one.
+    old_notes = old.get("meta", {}).get("sources_note", "").split("; ") if same else []
+    kept_notes = [n for n in old_notes if n and n.split(" = ")[0] not in srcs]
+    meta["sources_note"] = "; ".join(notes + kept_notes)
     patchcore = old.get("patchcore", {})
     done = {(r["category"], r["source"], r["seed"]) for r in rows}
     pc_jsons = {c: RESULTS / args.tag / f"patchcore-{c}.json" for c in categories}

@@ -16,7 +16,7 @@ Lite0, 256 px) in a SEPARATE virtual environment (``--patchcore-venv``, made on 
 a venv that sees this interpreter's packages plus ``pip install anomalib==2.7.0``), so
 anomalib never enters the project's dependencies. When it cannot be installed or run, the
 table says why; nothing is made up. Its coreset selection grows with the square of the train
-images (bottle's 209: 33 min here; magnetic_tile's 762 at anomalib's 1 %: about 7 h), so a
+images (magnetic_tile's 762 at anomalib's 1 %: more than 90 min here), so a
 fit that earlier fits predict to pass ``--patchcore-timeout-s`` is refused up front, and
 ``--patchcore-coreset-ratio`` trades coreset size for time (the rows say the ratio).
 
@@ -120,14 +120,15 @@ def coreset_estimate_s(n_train: int, ratio: float, earlier: list[dict]) -> float
 
     anomalib's k-center greedy selection costs (patches) x (coreset size), both linear in
     the number of training images, so the time scales as ``n_train ** 2 * ratio``. Scaled
-    from the slowest earlier fit on this machine (``None`` without one).
+    from the fastest earlier fit on this machine (slower ones shared it with other jobs;
+    ``None`` without one).
     """
     fits = [
         pc["coreset_s"] / (pc["n_train_good"] ** 2 * pc["settings"]["coreset_sampling_ratio"])
         for pc in earlier
         if pc.get("coreset_s") and pc.get("n_train_good")
     ]
-    return max(fits) * n_train**2 * ratio if fits else None
+    return min(fits) * n_train**2 * ratio if fits else None
 
 
 def run_patchcore(category_dir: Path, out: Path, args, earlier: list[dict]) -> dict:

@@ -4,7 +4,8 @@ For each category (default: the shared bottle and magnetic_tile; ``--data ROOT
 --categories a,b`` for any MVTec-layout set), side by side in one run:
 
 - every ``--model LABEL=PATH`` (default: the bundled model): ``--n`` samples at s = 0
-  (ordinary sampling, ``sia-gen``'s sampler and steps), upscaled to the feature size;
+  (ordinary sampling, ``sia-gen``'s sampler and steps, or each ``--sampling`` setting, e.g.
+  ``ddpm:20,ddpm:50``, as its own column), upscaled to the feature size;
 - DTD textures (``--textures``, default the shared ``dtd/images``): what the texture-only
   anomaly source looks like to the same features;
 - two floors: real vs other real images (about 0), and real images scaled down to each
@@ -119,6 +120,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--sweep", default="0,0.1,0.2,0.3,0.5", help="strengths ('' skips)")
     ap.add_argument("--sweep-model", help="label of the swept model [default: the last]")
     ap.add_argument("--sweep-n", type=int, default=64, help="samples per swept strength")
+    ap.add_argument(
+        "--sampling",
+        default="ddpm:20",
+        help="SAMPLER:STEPS[,...]; each is a column per model [default: sia-gen's ddpm:20]",
+    )
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -130,6 +136,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.sweep_model = args.sweep_model or list(args.models)[-1]
     if args.sweep_model not in args.models:
         ap.error(f"--sweep-model {args.sweep_model!r} is not one of {list(args.models)}")
+    try:
+        args.samplings = [(n, int(k)) for n, k in (x.split(":") for x in args.sampling.split(","))]
+    except ValueError:
+        ap.error(f"--sampling {args.sampling!r}: want SAMPLER:STEPS[,...], e.g. ddpm:20,ddim:50")
+    if bad := [f"{n}:{k}" for n, k in args.samplings if n not in ("ddpm", "ddim") or k < 1]:
+        ap.error(f"--sampling: {bad} (samplers ddpm, ddim; steps >= 1)")
     cats = [c for c in args.categories.split(",") if c]
     roots = {c: args.data or SHARED_CATEGORIES.get(c) for c in cats}
     missing = [c for c, r in roots.items() if r is None or not (r / c / "train" / "good").is_dir()]
@@ -148,8 +160,15 @@ def run(args: argparse.Namespace) -> dict:
     textures = list_images(args.textures)
     chosen = rng.choice(len(textures), min(args.n, len(textures)), replace=False)
     dtd = to_batch([Image.open(textures[i]) for i in chosen])
-    # each model loaded once; sia-gen's sampler defaults (ddpm, 20 steps)
-    samplers = {label: Sampler(load_model(path)) for label, path in args.models.items()}
+    # each model loaded once; one column per (model, --sampling setting)
+    samplers, swept = {}, None
+    for label, path in args.models.items():
+        model = load_model(path)
+        for name, steps in args.samplings:
+            key = label if len(args.samplings) == 1 else f"{label} {name}:{steps}"
+            samplers[key] = Sampler(model, name, steps)
+            if label == args.sweep_model and swept is None:
+                swept = samplers[key]  # the sweep: the first setting
     results: dict = {"categories": {}}
     for cat, root in args.roots.items():
         files = list_images(root / cat / "train" / "good")
@@ -182,20 +201,25 @@ def run(args: argparse.Namespace) -> dict:
                 "floor_real_at_resolution": kid(features, real, to_batch(small[args.n :] or small)),
             }
             log.info("%s %s: %s", cat, label, rows["models"][label])
-        swept = samplers[args.sweep_model]
         if args.strengths and cat in swept.model.categories:
             sweep = {}
             for s in args.strengths:
                 fake = sample(swept, cat, args.sweep_n, s, args.batch)
                 sweep[str(s)] = kid(features, real, fake)
                 log.info("%s sweep s=%s: %s", cat, s, sweep[str(s)])
-            rows["sweep"] = {"model": args.sweep_model, "n": args.sweep_n, "kid": sweep}
+            rows["sweep"] = {
+                "model": args.sweep_model,
+                "sampling": f"{swept.sampler}:{swept.steps}",
+                "n": args.sweep_n,
+                "kid": sweep,
+            }
         results["categories"][cat] = rows
     results["settings"] = {
         "models": args.models,
+        "columns": list(samplers),
         "n": args.n,
         "feature": f"tf_efficientnet_lite0 pooled pre-logits, {FEATURE_SIZE} px, packaged weights",
-        "sampler": "ddpm, 20 steps (sia-gen defaults)",
+        "sampling": [f"{n}:{k}" for n, k in args.samplings],
         "kid": "unbiased MMD^2, cubic polynomial kernel, 50 subsets, x1000",
         "textures": str(args.textures),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {args.threads} threads",
@@ -204,7 +228,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def markdown(results: dict) -> str:
-    labels = list(results["settings"]["models"])
+    labels = results["settings"].get("columns") or list(results["settings"]["models"])
     lines = [
         "# SIA realism: KID x1000 of s = 0 samples vs the real training images",
         "",
@@ -238,7 +262,8 @@ def markdown(results: dict) -> str:
         strengths = list(first["kid"])
         lines += [
             "",
-            f"Strength sweep ({first['model']}, {first['n']} samples per strength):",
+            f"Strength sweep ({first['model']}, {first.get('sampling', 'ddpm:20')}, "
+            f"{first['n']} samples per strength):",
             "",
             "| category | " + " | ".join(f"s = {s}" for s in strengths) + " |",
             "|---|" + "---|" * len(strengths),

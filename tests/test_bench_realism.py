@@ -50,3 +50,24 @@ def test_bad_arguments_exit_2(realism, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         realism.parse_args(["--model", "a=x", "--sweep-model", "b"])
     assert e.value.code == 2
+    for bad in ("ddpm", "ddpm:x", "euler:20", "ddim:0"):
+        with pytest.raises(SystemExit) as e:
+            realism.parse_args(["--sampling", bad])
+        assert e.value.code == 2 and "--sampling" in capsys.readouterr().err
+
+
+def test_each_sampling_setting_is_a_column(realism):
+    """Two --sampling settings of the bundled model: two columns, the sweep on the first."""
+    args = realism.parse_args(
+        ["--categories", "bottle", "--n", "4", "--sweep", "0,0.2", "--sweep-n", "4"]
+        + ["--sampling", "ddpm:2,ddim:2", "--batch", "4"]
+    )
+    results = realism.run(args)
+    columns = ["bundled ddpm:2", "bundled ddim:2"]
+    assert results["settings"]["columns"] == columns
+    rows = results["categories"]["bottle"]
+    assert list(rows["models"]) == columns
+    assert all(rows["models"][c]["s0"]["kid_x1000"] is not None for c in columns)
+    assert rows["sweep"]["sampling"] == "ddpm:2" and list(rows["sweep"]["kid"]) == ["0.0", "0.2"]
+    table = realism.markdown(results)
+    assert "bundled ddpm:2 (floor)" in table and "bundled ddim:2 (floor)" in table

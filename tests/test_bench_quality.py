@@ -1,0 +1,86 @@
+"""bench/realnet_quality.py's bookkeeping: the PatchCore fit estimate, its bound, its table rows."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location(
+        "realnet_quality", ROOT / "bench" / "realnet_quality.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["realnet_quality"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def fit(n_train: int, ratio: float, coreset_s: float) -> dict:
+    """The fields of a patchcore_baseline.py JSON that the estimate reads."""
+    return {
+        "n_train_good": n_train,
+        "coreset_s": coreset_s,
+        "settings": {"coreset_sampling_ratio": ratio},
+    }
+
+
+def test_estimate_scales_with_square_of_images_and_ratio(quality):
+    earlier = [fit(200, 0.01, 400.0), fit(400, 0.001, 80.0), fit(100, 0.01, None)]
+    # per n^2 * ratio: 400 / 400 = 1.0 and 80 / 160 = 0.5; the fastest (0.5) is used
+    assert quality.coreset_estimate_s(800, 0.01, earlier) == pytest.approx(0.5 * 800**2 * 0.01)
+    assert quality.coreset_estimate_s(800, 0.01, [fit(100, 0.01, None)]) is None
+    assert quality.coreset_estimate_s(800, 0.01, []) is None
+
+
+def test_fit_over_the_timeout_is_refused_before_it_starts(quality, tmp_path, monkeypatch):
+    tool = tmp_path / "patchcore_baseline.py"
+    tool.write_text("raise SystemExit('must not run')\n")
+    monkeypatch.setattr(quality, "PATCHCORE_TOOL", tool)
+    good = tmp_path / "cat" / "train" / "good"
+    good.mkdir(parents=True)
+    for i in range(30):
+        (good / f"{i:03d}.png").write_bytes(b"")
+    args = argparse.Namespace(
+        patchcore="auto",
+        patchcore_coreset_ratio=0.01,
+        patchcore_timeout_s=60.0,
+        patchcore_venv=str(tmp_path / "venv"),
+        runs=str(tmp_path / "runs"),
+    )
+    out = tmp_path / "pc.json"
+    res = quality.run_patchcore(tmp_path / "cat", out, args, [fit(10, 0.01, 10.0)])
+    # 30 images: 9 x the 10 s of 10 images = 90 s > 60 s
+    assert res["unavailable"].startswith("not run: its coreset selection (30 train images")
+    assert "--patchcore-timeout-s 60" in res["unavailable"]
+    assert not out.exists() and not (tmp_path / "venv").exists()
+    args.patchcore = "off"
+    assert quality.run_patchcore(tmp_path / "cat", out, args, []) == {
+        "unavailable": "not run (--patchcore off)"
+    }
+
+
+def test_table_rows_name_size_and_coreset(quality):
+    pc = {
+        "bottle": {
+            "image_auroc": 1.0,
+            "pixel_auroc": 0.987,
+            "pro": 0.94,
+            "fit_s": 2266.0,
+            "model_ms_per_image_batch1": 46.3,
+            "image_size": 256,
+            "coreset_ratio": 0.001,
+        },
+        "screw": {"unavailable": "not run (--patchcore off)"},
+    }
+    meta = {"preset": "cpu", "steps": 1500, "seeds": [0], "threads": 2, "machine": "m"}
+    table = quality.markdown([], pc, {**meta, "sources_note": "dtd = x"})
+    assert "| bottle | PatchCore (256 px, coreset 0.1%) | 1.000 | 0.987 | 0.940 |" in table
+    assert "| screw | PatchCore | not run (--patchcore off) |" in table

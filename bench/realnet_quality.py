@@ -16,9 +16,11 @@ Lite0, 256 px) in a SEPARATE virtual environment (``--patchcore-venv``, made on 
 a venv that sees this interpreter's packages plus ``pip install anomalib==2.7.0``), so
 anomalib never enters the project's dependencies. When it cannot be installed or run, the
 table says why; nothing is made up. Its coreset selection grows with the square of the train
-images (magnetic_tile's 762 at anomalib's 1 %: more than 90 min here), so a
-fit that earlier fits predict to pass ``--patchcore-timeout-s`` is refused up front, and
-``--patchcore-coreset-ratio`` trades coreset size for time (the rows say the ratio).
+images, so a fit that earlier fits predict to pass ``--patchcore-timeout-s`` is refused up
+front, and ``--patchcore-coreset-ratio`` trades coreset size for time and memory (the rows say
+the ratio). On magnetic_tile (762 train images) anomalib 2.7.0's selection at its 1 % default
+also grows in memory by a float per patch per selected patch (19 GiB at 70 % of it), so a fit
+whose memory would pass 80 % of the machine's is refused up front too; 0.1 % takes 7 minutes.
 
 Writes ``bench/results/<tag>.json`` and ``<tag>.md`` (mean and standard deviation over
 seeds) and per-run panels under ``bench/results/<tag>/``; runs already in the JSON are kept
@@ -131,13 +133,26 @@ def coreset_estimate_s(n_train: int, ratio: float, earlier: list[dict]) -> float
     return min(fits) * n_train**2 * ratio if fits else None
 
 
+def coreset_memory_bytes(n_train: int, ratio: float, image_size: int = 256) -> float:
+    """Memory anomalib 2.7.0's coreset selection grows to on CPU: a float32 distance per patch
+    per selected patch (``patchcore_baseline.py`` keeps stride-8 patches: 32 x 32 an image at
+    256 px). Measured on magnetic_tile at 1 %: 19 GiB at 5,450 of 7,801 selections."""
+    patches = n_train * (image_size // 8) ** 2
+    return 4.0 * patches * max(1, int(patches * ratio))
+
+
+def physical_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def run_patchcore(category_dir: Path, out: Path, args, earlier: list[dict]) -> dict:
     """PatchCore metrics on ``category_dir`` (or ``{"unavailable": reason}``): a new fit.
 
     ``main`` reuses an earlier fit's ``out`` JSON instead, also under ``--patchcore off``
     (the coreset fit takes most of an hour for 200 images and grows with their square; it
     does not depend on RealNet's settings). The fit is refused when the estimate from
-    ``earlier`` fits exceeds ``--patchcore-timeout-s``, and stopped when it runs past it;
+    ``earlier`` fits exceeds ``--patchcore-timeout-s`` or its memory would pass 80 % of the
+    machine's (:func:`coreset_memory_bytes`), and stopped when it runs past the timeout;
     its output goes to ``--runs``/patchcore-<category>.log.
     """
     if args.patchcore == "off":
@@ -159,6 +174,13 @@ def run_patchcore(category_dir: Path, out: Path, args, earlier: list[dict]) -> d
                 f"{ratio:.1%}) is estimated at {estimate / 3600:.1f} h from earlier fits here, "
                 f"over --patchcore-timeout-s {timeout:.0f}; lower --patchcore-coreset-ratio"
             }
+    need, have = coreset_memory_bytes(n_train, ratio), physical_memory_bytes()
+    if need > 0.8 * have:
+        return {
+            "unavailable": f"not run: its coreset selection ({n_train} train images, coreset "
+            f"{ratio:.1%}) would grow to about {need / 2**30:.1f} GiB, this machine has "
+            f"{have / 2**30:.1f}; lower --patchcore-coreset-ratio"
+        }
     python, why = patchcore_venv(Path(args.patchcore_venv))
     if python is None:
         return {"unavailable": why}

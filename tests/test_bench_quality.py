@@ -40,25 +40,43 @@ def test_estimate_scales_with_square_of_images_and_ratio(quality):
     assert quality.coreset_estimate_s(800, 0.01, []) is None
 
 
-def test_fit_over_the_timeout_is_refused_before_it_starts(quality, tmp_path, monkeypatch):
+@pytest.fixture
+def category(quality, tmp_path, monkeypatch):
+    """A 300-image category, a PatchCore tool that must not run, and the bench's arguments."""
     tool = tmp_path / "patchcore_baseline.py"
     tool.write_text("raise SystemExit('must not run')\n")
     monkeypatch.setattr(quality, "PATCHCORE_TOOL", tool)
     good = tmp_path / "cat" / "train" / "good"
     good.mkdir(parents=True)
-    for i in range(30):
+    for i in range(300):
         (good / f"{i:03d}.png").write_bytes(b"")
-    args = argparse.Namespace(
+    return argparse.Namespace(
         patchcore="auto",
         patchcore_coreset_ratio=0.01,
         patchcore_timeout_s=60.0,
         patchcore_venv=str(tmp_path / "venv"),
         runs=str(tmp_path / "runs"),
     )
+
+
+def test_memory_of_the_coreset_selection(quality, category, tmp_path, monkeypatch):
+    # magnetic_tile's 762 images at 1 %: 780,288 patches x 7,802 selections x 4 bytes
+    assert quality.coreset_memory_bytes(762, 0.01) == 4.0 * 780288 * 7802
+    assert quality.coreset_memory_bytes(762, 0.001) < quality.coreset_memory_bytes(762, 0.01) / 9
+    monkeypatch.setattr(quality, "physical_memory_bytes", lambda: 2**32)
+    res = quality.run_patchcore(tmp_path / "cat", tmp_path / "pc.json", category, [])
+    # 300 x 1,024 patches x 3,072 selections x 4 bytes = 3.5 GiB > 80 % of 4 GiB
+    assert res["unavailable"].startswith("not run: its coreset selection (300 train images")
+    assert "would grow to about 3.5 GiB, this machine has 4.0;" in res["unavailable"]
+    assert not (tmp_path / "venv").exists() and not (tmp_path / "runs").exists()
+
+
+def test_fit_over_the_timeout_is_refused_before_it_starts(quality, category, tmp_path):
+    args = category
     out = tmp_path / "pc.json"
-    res = quality.run_patchcore(tmp_path / "cat", out, args, [fit(10, 0.01, 10.0)])
-    # 30 images: 9 x the 10 s of 10 images = 90 s > 60 s
-    assert res["unavailable"].startswith("not run: its coreset selection (30 train images")
+    res = quality.run_patchcore(tmp_path / "cat", out, args, [fit(100, 0.01, 10.0)])
+    # 300 images: 9 x the 10 s of 100 images = 90 s > 60 s
+    assert res["unavailable"].startswith("not run: its coreset selection (300 train images")
     assert "--patchcore-timeout-s 60" in res["unavailable"]
     assert not out.exists() and not (tmp_path / "venv").exists()
     args.patchcore = "off"

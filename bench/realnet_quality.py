@@ -447,8 +447,8 @@ def main() -> None:
         ):
             pc_jsons[category].parent.mkdir(parents=True, exist_ok=True)
             earlier = [
-                json.loads(p.read_text())
-                for p in pc_jsons[category].parent.glob("patchcore-*.json")
+                json.loads(f.read_text())
+                for f in pc_jsons[category].parent.glob("patchcore-*.json")
             ]
             patchcore[category] = run_patchcore(
                 roots[category] / category, pc_jsons[category], args, earlier

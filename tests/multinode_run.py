@@ -5,8 +5,8 @@ with no CPUs (the driver's node), node A with 2 CPUs + 2 logical GPUs and node B
 1 CPU + 1 logical GPU. It then
 
 1. asks for 4 GPUs per actor and expects a refusal (``GenError``) before any sampling;
-2. runs ``generate()`` (8 shards) with one actor per GPU (the model on CPU), removes
-   node B as soon as its actor holds a task, and lets the run finish on node A;
+2. runs ``generate()`` (16 shards) with one actor per GPU (the model on CPU), removes
+   node B the moment its actor is handed a new task, and lets the run finish on node A;
 3. writes the same shards with a plain in-process worker (the clean run).
 
 Prints one JSON line with the report, the actors' placements and the time.
@@ -45,10 +45,10 @@ def main(model: str, work: Path) -> None:
     try:
         common = {
             "model": model,
-            "per_category": 8,
+            "per_category": 16,
             "shard_size": 2,
             "batch_size": 2,
-            "steps": 40,  # tasks long enough to be caught running when node B goes
+            "steps": 60,  # tasks long enough to be caught running when node B goes
             "ray_address": cluster.address,
             "device": "cpu",
             "progress": False,
@@ -60,25 +60,33 @@ def main(model: str, work: Path) -> None:
         out["refused_out_exists"] = (work / "refused").exists()
 
         removed: list[float] = []
+        armed: list[bool] = []
 
         def remove_b(result, runner) -> None:
             """At the first result, wait for the actors still loading (on a busy machine
-            node B's may not be ready yet); remove node B once its actor holds a task."""
+            node B's may not be ready yet); then remove node B the moment the runner hands
+            its actor a new task. That task has just been sent, so it is surely unfinished:
+            removing B when one of its tasks merely looked unfinished raced it (the task
+            could return before B's worker died, and the removal then cost nothing)."""
             import ray
 
-            if removed:
+            if removed or armed:
                 return
             loading = [act.ready for act in runner._pool.values() if act.ready is not None]
             if loading:
                 ray.wait(loading, num_returns=len(loading), timeout=300)
                 return
-            # Only while one of B's tasks is still unfinished: a task that already returned
-            # (its result not yet handled) would make the removal cost nothing.
             on_b = {a for a, act in runner._pool.items() if act.node == node_b.node_id}
-            refs_b = [ref for ref, (a, _, _) in runner._inflight.items() if a in on_b]
-            if refs_b and not ray.wait(refs_b, num_returns=len(refs_b), timeout=0)[0]:
-                cluster.remove_node(node_b, allow_graceful=False)
-                removed.append(time.perf_counter())
+
+            class RemoveBOnSend(dict):
+                def __setitem__(self, ref, entry) -> None:
+                    super().__setitem__(ref, entry)
+                    if entry[0] in on_b and not removed:
+                        cluster.remove_node(node_b, allow_graceful=False)
+                        removed.append(time.perf_counter())
+
+            runner._inflight = RemoveBOnSend(runner._inflight)
+            armed.append(True)
 
         t0 = time.perf_counter()
         report = generate(

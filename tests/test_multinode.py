@@ -62,10 +62,10 @@ def test_losing_a_node_mid_run_loses_no_shard_and_no_bit(multinode):
     out, work = multinode
     assert out["ok"] and out["removed"] and out["clean_ok"]
     assert out["actors_lost"] >= 1 and out["retries"] >= 1
-    assert not out["failed"] and out["shards_written"] == 8 and out["images"] == 16
+    assert not out["failed"] and out["shards_written"] == 16 and out["images"] == 32
     lost, clean = work / "lost" / "shards", work / "clean" / "shards"
     names = sorted(p.relative_to(clean).as_posix() for p in clean.rglob("*") if p.is_file())
-    assert len(names) == 16  # 8 tars + 8 stats
+    assert len(names) == 32  # 16 tars + 16 stats
     got = sorted(p.relative_to(lost).as_posix() for p in lost.rglob("*") if p.is_file())
     assert got == names  # every shard exactly once, nothing else
     for name in names:

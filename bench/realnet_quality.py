@@ -149,8 +149,8 @@ def run_patchcore(category_dir: Path, out: Path, args, earlier: list[dict]) -> d
     """PatchCore metrics on ``category_dir`` (or ``{"unavailable": reason}``): a new fit.
 
     ``main`` reuses an earlier fit's ``out`` JSON instead, also under ``--patchcore off``
-    (the coreset fit takes most of an hour for 200 images and grows with their square; it
-    does not depend on RealNet's settings). The fit is refused when the estimate from
+    (the coreset fit takes minutes for 200 images and grows with their square; it does not
+    depend on RealNet's settings). The fit is refused when the estimate from
     ``earlier`` fits exceeds ``--patchcore-timeout-s`` or its memory would pass 80 % of the
     machine's (:func:`coreset_memory_bytes`), and stopped when it runs past the timeout;
     its output goes to ``--runs``/patchcore-<category>.log.

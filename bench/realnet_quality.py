@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from realnet_train.data.mvtec import IMAGE_SUFFIXES
 from realnet_train.evaluate import evaluate
 from realnet_train.presets import DEFAULT_PRESET, PRESETS, resolve
 from realnet_train.train import TrainConfig, train
@@ -63,6 +64,7 @@ PATCHCORE_TOOL = ROOT.parent / "shared" / "tools" / "patchcore_baseline.py"
 ANOMALIB = "anomalib==2.7.0"
 RESULTS = ROOT / "bench" / "results"
 SOURCES = ("sia", "dtd", "perlin")
+CORESET_RATIO = 0.01  # anomalib's default, and that of every fit made before the option
 METRICS = ("image_auroc", "pixel_auroc", "pro")
 log = logging.getLogger("realnet_quality")
 
@@ -159,8 +161,10 @@ def run_patchcore(category_dir: Path, out: Path, args, earlier: list[dict]) -> d
         return {"unavailable": "not run (--patchcore off)"}
     if not PATCHCORE_TOOL.is_file():
         return {"unavailable": f"{PATCHCORE_TOOL} is absent"}
-    n_train = len(list((category_dir / "train" / "good").glob("*.*")))
+    good = (category_dir / "train" / "good").iterdir()
+    n_train = sum(f.suffix.lower() in IMAGE_SUFFIXES for f in good)
     ratio, timeout = args.patchcore_coreset_ratio, args.patchcore_timeout_s
+    what = f"not run: its coreset selection ({n_train} train images, coreset {ratio:.1%})"
     estimate = coreset_estimate_s(n_train, ratio, earlier)
     if estimate is not None:
         log.info(
@@ -170,16 +174,15 @@ def run_patchcore(category_dir: Path, out: Path, args, earlier: list[dict]) -> d
         )
         if estimate > timeout:
             return {
-                "unavailable": f"not run: its coreset selection ({n_train} train images, coreset "
-                f"{ratio:.1%}) is estimated at {estimate / 3600:.1f} h from earlier fits here, "
-                f"over --patchcore-timeout-s {timeout:.0f}; lower --patchcore-coreset-ratio"
+                "unavailable": f"{what} is estimated at {estimate / 3600:.1f} h from earlier "
+                f"fits here, over --patchcore-timeout-s {timeout:.0f}; lower "
+                "--patchcore-coreset-ratio"
             }
     need, have = coreset_memory_bytes(n_train, ratio), physical_memory_bytes()
     if need > 0.8 * have:
         return {
-            "unavailable": f"not run: its coreset selection ({n_train} train images, coreset "
-            f"{ratio:.1%}) would grow to about {need / 2**30:.1f} GiB, this machine has "
-            f"{have / 2**30:.1f}; lower --patchcore-coreset-ratio"
+            "unavailable": f"{what} would grow to about {need / 2**30:.1f} GiB, this machine "
+            f"has {have / 2**30:.1f}; lower --patchcore-coreset-ratio"
         }
     python, why = patchcore_venv(Path(args.patchcore_venv))
     if python is None:
@@ -308,7 +311,7 @@ def markdown(summary: list[dict], patchcore: dict, meta: dict) -> str:
         elif pc:
             lines.append(
                 f"| {category} | PatchCore ({pc['image_size']} px, coreset "
-                f"{pc.get('coreset_ratio', 0.01):.1%}) | {pc['image_auroc']:.3f} | "
+                f"{pc.get('coreset_ratio', CORESET_RATIO):.1%}) | {pc['image_auroc']:.3f} | "
                 f"{pc['pixel_auroc']:.3f} | {pc['pro']:.3f} | {pc['fit_s']:.0f} (fit) | "
                 f"{pc['model_ms_per_image_batch1']} |"
             )
@@ -335,7 +338,7 @@ def main() -> None:
     p.add_argument(
         "--patchcore-coreset-ratio",
         type=float,
-        default=0.01,
+        default=CORESET_RATIO,
         help="PatchCore's coreset fraction (anomalib's default 1 %%; its selection time grows "
         "with the square of the train images)",
     )
@@ -412,12 +415,8 @@ def main() -> None:
     done = {(r["category"], r["source"], r["seed"]) for r in rows}
     pc_jsons = {c: RESULTS / args.tag / f"patchcore-{c}.json" for c in categories}
     for category, pc_json in pc_jsons.items():  # earlier fits: in the table from the first save
-        if pc_json.is_file():
-            pc = json.loads(pc_json.read_text())
-            if pc["settings"]["coreset_sampling_ratio"] == args.patchcore_coreset_ratio or (
-                args.patchcore == "off"
-            ):
-                patchcore[category] = patchcore_metrics(pc)
+        if pc_json.is_file():  # one of another coreset ratio is refitted below (under auto)
+            patchcore[category] = patchcore_metrics(json.loads(pc_json.read_text()))
 
     def save() -> None:
         summary = summarise(rows)
@@ -441,7 +440,7 @@ def main() -> None:
                 save()
     for category in categories:
         pc = patchcore.get(category, {"unavailable": ""})
-        ratio = pc.get("coreset_ratio", 0.01)  # fits before the option were all 1 %
+        ratio = pc.get("coreset_ratio", CORESET_RATIO)
         if "unavailable" in pc or (
             args.patchcore == "auto" and ratio != args.patchcore_coreset_ratio
         ):

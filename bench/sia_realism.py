@@ -44,7 +44,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from realnet_train.model.backbone import build_classifier
 from sia_pipeline.diffusion.images import IMAGE_SUFFIXES
 from sia_pipeline.diffusion.model import BUNDLED_MODEL, load_model
-from sia_pipeline.diffusion.sampler import Sampler
+from sia_pipeline.diffusion.sampler import SAMPLERS, Sampler
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SIA_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -140,8 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.samplings = [(n, int(k)) for n, k in (x.split(":") for x in args.sampling.split(","))]
     except ValueError:
         ap.error(f"--sampling {args.sampling!r}: want SAMPLER:STEPS[,...], e.g. ddpm:20,ddim:50")
-    if bad := [f"{n}:{k}" for n, k in args.samplings if n not in ("ddpm", "ddim") or k < 1]:
-        ap.error(f"--sampling: {bad} (samplers ddpm, ddim; steps >= 1)")
+    if bad := [f"{n}:{k}" for n, k in args.samplings if n not in SAMPLERS or k < 1]:
+        ap.error(f"--sampling: {bad} (samplers {', '.join(SAMPLERS)}; steps >= 1)")
     cats = [c for c in args.categories.split(",") if c]
     roots = {c: args.data or SHARED_CATEGORIES.get(c) for c in cats}
     missing = [c for c, r in roots.items() if r is None or not (r / c / "train" / "good").is_dir()]

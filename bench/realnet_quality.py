@@ -224,7 +224,12 @@ def run_realnet(category: str, data: Path, source: str, seed: int, args, srcs: d
     shutil.rmtree(run_dir, ignore_errors=True)
     train_kw, model = resolve(
         args.preset,
-        {"steps": args.steps, "afs_batches": args.afs_batches},
+        {
+            "steps": args.steps,
+            "afs_batches": args.afs_batches,
+            "image_size": args.image_size,
+            "crop_size": args.crop_size,
+        },
         {"backbone_weights": args.backbone_weights},
     )
     train_kw["time_budget_s"] = None  # equal steps, not equal seconds
@@ -283,11 +288,19 @@ def _cell(s: dict, k: str) -> str:
     return "-" if s.get(k) is None else f"{s[k]:.3f} ± {s[f'{k}_sd']:.3f}"
 
 
+def _size_note(meta: dict) -> str:
+    size, crop = meta.get("image_size"), meta.get("crop_size")
+    if crop and crop < size:
+        return f"trained on random {crop} px crops of {size} px images, evaluated at {size} px"
+    return f"{size} px"
+
+
 def markdown(summary: list[dict], patchcore: dict, meta: dict) -> str:
     lines = [
         "# RealNet beside PatchCore (equal training steps)",
         "",
         f"RealNet preset `{meta['preset']}`, {meta['steps']} steps per run (no time budget), "
+        f"{_size_note(meta)}, "
         f"seeds {meta['seeds']}, {meta['threads']} torch thread(s) + 1 DataLoader worker. "
         f"Machine: {meta['machine']}. Mean ± standard deviation over seeds; metrics on the "
         "full test split at the training size; no model selection. PatchCore: anomalib 2.7.0 "
@@ -328,6 +341,8 @@ def main() -> None:
     p.add_argument("--preset", choices=list(PRESETS), default=DEFAULT_PRESET)
     p.add_argument("--steps", type=int, default=None, help="steps per run (default: preset's)")
     p.add_argument("--afs-batches", type=int, default=None, help="default: preset's")
+    p.add_argument("--image-size", type=int, default=None, help="default: preset's")
+    p.add_argument("--crop-size", type=int, default=None, help="train crops; default: preset's")
     p.add_argument("--backbone-weights", default=None, help="needed by --preset paper")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sia", default=None, help="existing SIA dataset root (else sia-gen)")
@@ -361,7 +376,10 @@ def main() -> None:
     if missing := [c for c, r in roots.items() if r is None or not (r / c).is_dir()]:
         p.error(f"no category folder for {missing} (give --data ROOT holding them)")
     seeds = [int(s) for s in args.seeds.split(",")]
-    steps = args.steps or PRESETS[args.preset].train["steps"]
+    preset_train = PRESETS[args.preset].train
+    steps = args.steps or preset_train["steps"]
+    image_size = args.image_size or preset_train["image_size"]
+    crop_size = args.crop_size or preset_train["crop_size"]
 
     srcs: dict[str, Path] = {"dtd": Path(args.textures)}
     notes = [f"dtd = {args.textures}"]
@@ -388,6 +406,8 @@ def main() -> None:
     meta = {
         "preset": args.preset,
         "steps": steps,
+        "image_size": image_size,
+        "crop_size": crop_size,
         "threads": args.threads,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs)",
         "sources_note": "; ".join(notes),
@@ -395,9 +415,13 @@ def main() -> None:
     }
     result_json = RESULTS / f"{args.tag}.json"
     old = json.loads(result_json.read_text()) if result_json.is_file() else {}
-    same = old.get("meta", {}).get("steps") == steps and old.get("meta", {}).get("preset") == (
-        args.preset
-    )
+    # Rows of other training settings are run again (files from before the size entries
+    # were written at their preset's size, on whole images).
+    old_meta = old.get("meta", {})
+    if old_meta.get("preset") in PRESETS and "image_size" not in old_meta:
+        old_meta |= {"image_size": PRESETS[old_meta["preset"]].train["image_size"]}
+        old_meta |= {"crop_size": None}
+    same = all(old_meta.get(k) == meta[k] for k in ("preset", "steps", "image_size", "crop_size"))
     rows = old.get("runs", []) if same else []
     # SIA rows made from another SDAS model are run again; PatchCore does not depend on them.
     sia_id = meta["sia_model_id"]

@@ -122,6 +122,7 @@ def preset_config(kw: dict) -> tuple[dict, RealNetConfig]:
     }
     train_kw = {
         "image_size": kw["image_size"],
+        "crop_size": kw["crop_size"],
         "batch_size": kw["batch_size"],
         "steps": kw["steps"],
         "time_budget_s": kw["time_budget"],
@@ -148,6 +149,10 @@ def preset_config(kw: dict) -> tuple[dict, RealNetConfig]:
         msg = (
             f"--image-size {size} must be a multiple of {coarsest} for levels {list(model.levels)}"
         )
+        raise InputError(msg)
+    crop = train_kw["crop_size"]
+    if crop is not None and (crop % coarsest or crop > size):
+        msg = f"--crop-size {crop} must be a multiple of {coarsest} and at most --image-size {size}"
         raise InputError(msg)
     return train_kw, model
 
@@ -224,6 +229,13 @@ def train_config(kw: dict):
     help="Named settings (see below); the options marked (preset) default to its values.",
 )
 @click.option("--image-size", type=Number(int, 32, 4096), default=None, help="(preset) 128 / 256")
+@click.option(
+    "--crop-size",
+    type=Number(int, 32, 4096),
+    default=None,
+    help="Train on random N x N crops of the --image-size images (a composite's crop holds "
+    "part of its anomaly); evaluate on whole images. (preset) none",
+)
 @click.option("--batch-size", type=POSITIVE_INT, default=None, help="(preset) 8 / 16")
 @click.option("--steps", type=POSITIVE_INT, default=None, help="(preset) 1500 / 13000")
 @click.option(

@@ -29,8 +29,8 @@ class Preset:
 
     Attributes:
         name: preset name.
-        train: :class:`~realnet_train.train.TrainConfig` fields (image_size, batch_size,
-            steps, lr, afs_batches, time_budget_s).
+        train: :class:`~realnet_train.train.TrainConfig` fields (image_size, crop_size,
+            batch_size, steps, lr, afs_batches, time_budget_s).
         model: :class:`~realnet_train.model.realnet.RealNetConfig` fields.
         needs_weights_file: the backbone's weights must come from ``--backbone-weights``.
         departures: how this preset differs from ``paper``, one line each.
@@ -47,6 +47,7 @@ PAPER = Preset(
     name="paper",
     train={
         "image_size": 256,
+        "crop_size": None,
         "batch_size": 16,
         "steps": 13000,
         "lr": 1e-4,
@@ -87,6 +88,7 @@ CPU = Preset(
     name="cpu",
     train={
         "image_size": 128,
+        "crop_size": None,
         "batch_size": 8,
         "steps": 1500,
         "lr": 1e-3,

@@ -69,6 +69,7 @@ class TrainConfig:
     mix: str = "normal=0.5,sia=0.5"
     strength_range: tuple[float, float] | None = None
     image_size: int = CPU.train["image_size"]
+    crop_size: int | None = CPU.train["crop_size"]  # None: train on whole images
     batch_size: int = CPU.train["batch_size"]
     steps: int = CPU.train["steps"]
     time_budget_s: float | None = CPU.train["time_budget_s"]
@@ -121,7 +122,7 @@ def build_loader(
     log.info("%s: foreground rule %s", cfg.category, rule.describe())
     stream = CompositeStream(
         normals,
-        StreamConfig(cfg.image_size, mix, rule, seed),
+        StreamConfig(cfg.image_size, mix, rule, seed, crop=cfg.crop_size),
         sia=sia,
         textures=textures,
     )

@@ -147,6 +147,8 @@ TRAIN_CASES = [
     ("rrs-counts-one", {"--rrs-counts": "4"}, "must be two numbers >= 1"),
     ("recon-width-odd", {"--recon-width": "48"}, "multiple of 32"),
     ("image-size-indivisible", {"--image-size": "48"}, "must be a multiple of 128"),
+    ("crop-size-indivisible", {"--crop-size": "96"}, "--crop-size 96 must be a multiple of 128"),
+    ("crop-size-over-image", {"--crop-size": "256"}, "at most --image-size 128"),
     ("preset-unknown", {"--preset": "gpu"}, "'gpu' is not one of"),
     ("paper-without-weights", {"--preset": "paper"}, "needs --backbone-weights FILE"),
     ("backbone-unknown", {"--backbone": "resnet9000"}, "not a timm model name"),

@@ -10,6 +10,12 @@ Bad data does not stop the stream: an SIA item that is a bad marker, or a textur
 to read, leaves that sample normal and rides along in its ``bad`` field (a JSON list of
 ``{shard, key, kind, reason}``; the default collate makes a list of them per batch), so the
 trainer counts bad data across DataLoader workers and ranks.
+
+With a crop size (``StreamConfig.crop``), each sample is composed at the full size, then
+image, clean image and mask are cut to one random ``crop`` x ``crop`` window: the network
+trains at the crop's cost on full-size detail, and is evaluated on whole full-size images
+(every part of it is convolutional). A composite's window always holds part of its anomaly
+(:func:`crop_window`), so cropping does not turn anomalous samples into normal ones.
 """
 
 from __future__ import annotations
@@ -93,6 +99,25 @@ class StreamConfig:
     mix: dict[str, float]
     foreground: ForegroundRule
     seed: int = 0
+    crop: int | None = None  # train on random crop x crop windows of the size x size samples
+
+
+def crop_window(mask: np.ndarray, crop: int, rng: np.random.Generator) -> tuple[int, int]:
+    """Top-left corner of a random ``crop`` x ``crop`` window of a square ``mask``.
+
+    Uniform over the image when the mask is empty; otherwise uniform over the windows that
+    hold one mask pixel, itself drawn uniformly from the mask's pixels.
+    """
+    size = mask.shape[0]
+    ys, xs = np.nonzero(mask > 0)
+    if len(ys) == 0:
+        y0, x0 = rng.integers(0, size - crop + 1, size=2)
+        return int(y0), int(x0)
+    i = int(rng.integers(len(ys)))
+    lo_y, lo_x = max(0, ys[i] - crop + 1), max(0, xs[i] - crop + 1)
+    y0 = rng.integers(lo_y, min(ys[i], size - crop) + 1)
+    x0 = rng.integers(lo_x, min(xs[i], size - crop) + 1)
+    return int(y0), int(x0)
 
 
 class CompositeStream(IterableDataset):
@@ -100,7 +125,7 @@ class CompositeStream(IterableDataset):
 
     Args:
         normals: (N, S, S, 3) uint8 normal training images.
-        config: size, mixing probabilities, foreground setting, seed.
+        config: size, mixing probabilities, foreground setting, seed, crop size.
         sia: an iterable of ``{image, ...}`` SIA samples of this category (resampled).
         textures: a :class:`TextureSource`.
     """
@@ -188,6 +213,10 @@ class CompositeStream(IterableDataset):
                 else:
                     fg = foreground_mask(clean, cfg.foreground)
                     image, mask = compose_anomaly(clean, src, fg, rng, OPACITY_RANGE[source])
+            if cfg.crop is not None and cfg.crop < size:
+                y0, x0 = crop_window(mask, cfg.crop, rng)
+                window = np.s_[y0 : y0 + cfg.crop, x0 : x0 + cfg.crop]
+                image, clean, mask = image[window], clean[window], mask[window]
             yield {
                 "image": image,
                 "clean": clean,

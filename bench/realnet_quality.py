@@ -229,6 +229,7 @@ def run_realnet(category: str, data: Path, source: str, seed: int, args, srcs: d
             "afs_batches": args.afs_batches,
             "image_size": args.image_size,
             "crop_size": args.crop_size,
+            "lr_schedule": args.lr_schedule,
         },
         {"backbone_weights": args.backbone_weights},
     )
@@ -300,7 +301,7 @@ def markdown(summary: list[dict], patchcore: dict, meta: dict) -> str:
         "# RealNet beside PatchCore (equal training steps)",
         "",
         f"RealNet preset `{meta['preset']}`, {meta['steps']} steps per run (no time budget), "
-        f"{_size_note(meta)}, "
+        f"{_size_note(meta)}, lr {meta.get('lr_schedule', 'constant')}, "
         f"seeds {meta['seeds']}, {meta['threads']} torch thread(s) + 1 DataLoader worker. "
         f"Machine: {meta['machine']}. Mean ± standard deviation over seeds; metrics on the "
         "full test split at the training size; no model selection. PatchCore: anomalib 2.7.0 "
@@ -343,6 +344,7 @@ def main() -> None:
     p.add_argument("--afs-batches", type=int, default=None, help="default: preset's")
     p.add_argument("--image-size", type=int, default=None, help="default: preset's")
     p.add_argument("--crop-size", type=int, default=None, help="train crops; default: preset's")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None)
     p.add_argument("--backbone-weights", default=None, help="needed by --preset paper")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sia", default=None, help="existing SIA dataset root (else sia-gen)")
@@ -380,6 +382,7 @@ def main() -> None:
     steps = args.steps or preset_train["steps"]
     image_size = args.image_size or preset_train["image_size"]
     crop_size = args.crop_size or preset_train["crop_size"]
+    lr_schedule = args.lr_schedule or preset_train["lr_schedule"]
 
     srcs: dict[str, Path] = {"dtd": Path(args.textures)}
     notes = [f"dtd = {args.textures}"]
@@ -408,6 +411,7 @@ def main() -> None:
         "steps": steps,
         "image_size": image_size,
         "crop_size": crop_size,
+        "lr_schedule": lr_schedule,
         "threads": args.threads,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs)",
         "sources_note": "; ".join(notes),
@@ -420,8 +424,9 @@ def main() -> None:
     old_meta = old.get("meta", {})
     if old_meta.get("preset") in PRESETS and "image_size" not in old_meta:
         old_meta |= {"image_size": PRESETS[old_meta["preset"]].train["image_size"]}
-        old_meta |= {"crop_size": None}
-    same = all(old_meta.get(k) == meta[k] for k in ("preset", "steps", "image_size", "crop_size"))
+        old_meta |= {"crop_size": None, "lr_schedule": "constant"}
+    settings = ("preset", "steps", "image_size", "crop_size", "lr_schedule")
+    same = all(old_meta.get(k) == meta[k] for k in settings)
     rows = old.get("runs", []) if same else []
     # SIA rows made from another SDAS model are run again; PatchCore does not depend on them.
     sia_id = meta["sia_model_id"]

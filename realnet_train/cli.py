@@ -127,6 +127,7 @@ def preset_config(kw: dict) -> tuple[dict, RealNetConfig]:
         "steps": kw["steps"],
         "time_budget_s": kw["time_budget"],
         "lr": kw["lr"],
+        "lr_schedule": kw["lr_schedule"],
         "afs_batches": kw["afs_batches"],
     }
     try:
@@ -242,6 +243,13 @@ def train_config(kw: dict):
     "--time-budget", type=POSITIVE_FLOAT, default=None, help="Stop after N seconds (preset) 1200"
 )
 @click.option("--lr", type=POSITIVE_FLOAT, default=None, help="Adam (preset) 1e-3 / 1e-4")
+@click.option(
+    "--lr-schedule",
+    type=click.Choice(["constant", "cosine"]),
+    default=None,
+    help="Keep the lr, or decay it to 0 along a cosine over the steps (or the time budget, "
+    "if that runs out first). (preset) constant",
+)
 @click.option(
     "--afs-batches", type=POSITIVE_INT, default=None, help="Batches AFS is fitted on (preset) 64"
 )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -74,6 +75,7 @@ class TrainConfig:
     steps: int = CPU.train["steps"]
     time_budget_s: float | None = CPU.train["time_budget_s"]
     lr: float = CPU.train["lr"]
+    lr_schedule: str = CPU.train["lr_schedule"]  # "constant" or "cosine" (see learning_rate)
     afs_batches: int = CPU.train["afs_batches"]
     checkpoint_every: int = 100
     max_bad_samples: int = 20
@@ -181,6 +183,24 @@ def make_optimizer(params: list[nn.Parameter], lr: float, device: torch.device) 
     """
     fused = device.type in ("cpu", "cuda")
     return torch.optim.Adam(params, lr=lr, fused=fused)
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(base: float, schedule: str, progress: float) -> float:
+    """The learning rate at ``progress`` (0 at the first step, 1 at the end of the run).
+
+    ``constant`` keeps ``base`` (the authors'); ``cosine`` decays it to 0 along half a cosine
+    (torch's ``CosineAnnealingLR`` with ``eta_min=0``), so a short run ends on settled
+    weights rather than on the last noisy step at full rate.
+    """
+    if schedule == "constant":
+        return base
+    if schedule == "cosine":
+        return 0.5 * base * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    msg = f"unknown lr schedule {schedule!r}; choose from {LR_SCHEDULES}"
+    raise ValueError(msg)
 
 
 class TrainStep(nn.Module):
@@ -341,9 +361,13 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict[str, Any]:
     )
     last_log = t0
     while True:
-        over_time = cfg.time_budget_s is not None and time.perf_counter() - t0 >= cfg.time_budget_s
-        # One collective per step: every rank stops at the same step.
-        timed_out, total_bad = distributed.sum_across([float(over_time), bad.count], dist)
+        elapsed = time.perf_counter() - t0
+        over_time = cfg.time_budget_s is not None and elapsed >= cfg.time_budget_s
+        # One collective per step: every rank stops at the same step, and sees the same
+        # (mean) elapsed time for the lr schedule.
+        timed_out, total_bad, elapsed_sum = distributed.sum_across(
+            [float(over_time), bad.count, elapsed], dist
+        )
         if step >= cfg.steps or total_bad > cfg.max_bad_samples:
             break
         if timed_out:
@@ -356,6 +380,12 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict[str, Any]:
         images = to_tensor(batch["image"]).to(dist.device)
         clean = to_tensor(batch["clean"]).to(dist.device)
         losses = step_fn(images, clean, batch["mask"].to(dist.device))
+        # Progress through the run: by steps, or by the time budget when that is further on.
+        progress = step / cfg.steps
+        if cfg.time_budget_s is not None:
+            progress = max(progress, elapsed_sum / dist.world_size / cfg.time_budget_s)
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(cfg.lr, cfg.lr_schedule, progress)
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         opt.step()

@@ -9,7 +9,9 @@ ms/image). Sources:
 - ``sia``: SIA images (``--sia ROOT``, else made by ``sia-gen`` from the bundled model);
 - ``dtd``: DTD textures (``--textures``, default the shared ``dtd/images``);
 - ``perlin``: Perlin noise only: colour Perlin-noise images (made here, seeded) as the
-  texture source, so the anomaly is the noise pattern inside the Perlin mask.
+  texture source, so the anomaly is the noise pattern inside the Perlin mask;
+- ``sia+dtd``: both, as the authors' third configuration (normal 0.5, SIA 0.25, DTD 0.25;
+  ``realnet-train``'s default mix when given ``--sia`` and ``--textures``).
 
 PatchCore runs on the same split through ``../shared/tools/patchcore_baseline.py`` (anomalib,
 Lite0, 256 px) in a SEPARATE virtual environment (``--patchcore-venv``, made on first use:
@@ -63,14 +65,31 @@ SHARED_CATEGORIES = {"bottle": SHARED / "mvtec_ad", "magnetic_tile": SHARED / "m
 PATCHCORE_TOOL = ROOT.parent / "shared" / "tools" / "patchcore_baseline.py"
 ANOMALIB = "anomalib==2.7.0"
 RESULTS = ROOT / "bench" / "results"
-SOURCES = ("sia", "dtd", "perlin")
+SOURCES = ("sia", "dtd", "perlin", "sia+dtd")
+# Each source's training mix and what it reads (the authors' three configurations + Perlin).
+MIXES = {
+    "sia": ("normal=0.5,sia=0.5", "sia", None),
+    "dtd": ("normal=0.5,texture=0.5", None, "dtd"),
+    "perlin": ("normal=0.5,texture=0.5", None, "perlin"),
+    "sia+dtd": ("normal=0.5,sia=0.25,texture=0.25", "sia", "dtd"),
+}
 CORESET_RATIO = 0.01  # anomalib's default, and that of every fit made before the option
 METRICS = ("image_auroc", "pixel_auroc", "pro")
 log = logging.getLogger("realnet_quality")
 
 
 def make_sia(out: Path, categories: list[str], per_category: int) -> Path:
-    """An SIA dataset made by the real ``sia-gen`` command (resumes if present)."""
+    """An SIA dataset made by the real ``sia-gen`` command (resumes if present).
+
+    A finished one made for more categories (an earlier bench over bottle and
+    magnetic_tile, say, then a run of magnetic_tile alone) is reused as it is.
+    """
+    index = out / "index.json"
+    if index.is_file():
+        spec = json.loads(index.read_text())["spec"]
+        if set(categories) <= set(spec["categories"]) and spec["per_category"] == per_category:
+            log.info("reusing the SIA dataset %s (%s)", out, ", ".join(spec["categories"]))
+            return out
     cmd = [sys.executable, "-m", "sia_pipeline.cli.gen", "--categories", ",".join(categories)]
     cmd += ["--strengths", "0.1:0.5", "--per-category", str(per_category), "--out", str(out)]
     log.info("running %s", " ".join(cmd))
@@ -234,13 +253,13 @@ def run_realnet(category: str, data: Path, source: str, seed: int, args, srcs: d
         {"backbone_weights": args.backbone_weights},
     )
     train_kw["time_budget_s"] = None  # equal steps, not equal seconds
-    mix = {"sia": "normal=0.5,sia=0.5"}.get(source, "normal=0.5,texture=0.5")
+    mix, sia, textures = MIXES[source]
     cfg = TrainConfig(
         category=category,
         data=str(data),
         out=str(run_dir),
-        sia=str(srcs["sia"]) if source == "sia" else None,
-        textures=str(srcs[source]) if source != "sia" else None,
+        sia=str(srcs[sia]) if sia else None,
+        textures=str(srcs[textures]) if textures else None,
         mix=mix,
         num_workers=1,
         threads=args.threads,
@@ -337,7 +356,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=None, help="MVTec-layout root holding the categories")
     p.add_argument("--categories", default=",".join(SHARED_CATEGORIES))
-    p.add_argument("--sources", default=",".join(SOURCES))
+    p.add_argument("--sources", default="sia,dtd,perlin")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--preset", choices=list(PRESETS), default=DEFAULT_PRESET)
     p.add_argument("--steps", type=int, default=None, help="steps per run (default: preset's)")
@@ -389,7 +408,7 @@ def main() -> None:
     if "perlin" in sources:
         srcs["perlin"] = make_perlin_textures(Path(args.runs) / "perlin_textures")
         notes.append("perlin = 64 colour Perlin-noise images (seed 0) as the texture source")
-    if "sia" in sources:
+    if any(MIXES[s][1] for s in sources):
         if args.sia:
             srcs["sia"] = Path(args.sia)
             notes.append(f"sia = existing dataset {args.sia}")
@@ -432,7 +451,7 @@ def main() -> None:
     sia_id = meta["sia_model_id"]
     # A bench run without the SIA source (say ``--sources perlin``) keeps the SIA rows it holds.
     if "sia" in srcs:
-        rows = [r for r in rows if r["source"] != "sia" or r.get("sia_model_id") == sia_id]
+        rows = [r for r in rows if not MIXES[r["source"]][1] or r.get("sia_model_id") == sia_id]
     else:
         meta["sia_model_id"] = old.get("meta", {}).get("sia_model_id")
     # The notes of sources this run does not name stay, as their rows stay.
@@ -462,7 +481,7 @@ def main() -> None:
                 if (category, source, seed) in done:
                     continue
                 row = run_realnet(category, roots[category], source, seed, args, srcs)
-                if source == "sia":
+                if MIXES[source][1]:
                     row["sia_model_id"] = sia_id
                 rows.append(row)
                 log.info("%s", json.dumps(rows[-1]))

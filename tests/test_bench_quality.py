@@ -102,3 +102,17 @@ def test_table_rows_name_size_and_coreset(quality):
     table = quality.markdown([], pc, {**meta, "sources_note": "dtd = x"})
     assert "| bottle | PatchCore (256 px, coreset 0.1%) | 1.000 | 0.987 | 0.940 |" in table
     assert "| screw | PatchCore | not run (--patchcore off) |" in table
+
+
+def test_a_finished_sia_set_of_more_categories_is_reused(quality, tmp_path, monkeypatch):
+    import json
+
+    calls = []
+    monkeypatch.setattr(quality.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    spec = {"categories": ["bottle", "magnetic_tile"], "per_category": 192}
+    (tmp_path / "index.json").write_text(json.dumps({"spec": spec}))
+    assert quality.make_sia(tmp_path, ["magnetic_tile"], 192) == tmp_path
+    assert calls == []  # nothing generated
+    quality.make_sia(tmp_path, ["magnetic_tile"], 64)  # another size: left to sia-gen
+    quality.make_sia(tmp_path, ["screw"], 192)  # a category it lacks: left to sia-gen
+    assert len(calls) == 2 and all("sia_pipeline.cli.gen" in c for c in calls)

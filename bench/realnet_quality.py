@@ -261,6 +261,7 @@ def run_realnet(category: str, data: Path, source: str, seed: int, args, srcs: d
         sia=str(srcs[sia]) if sia else None,
         textures=str(srcs[textures]) if textures else None,
         mix=mix,
+        resize=args.resize,
         num_workers=1,
         threads=args.threads,
         seed=seed,
@@ -311,8 +312,10 @@ def _cell(s: dict, k: str) -> str:
 def _size_note(meta: dict) -> str:
     size, crop = meta.get("image_size"), meta.get("crop_size")
     if crop and crop < size:
-        return f"trained on random {crop} px crops of {size} px images, evaluated at {size} px"
-    return f"{size} px"
+        note = f"trained on random {crop} px crops of {size} px images, evaluated at {size} px"
+    else:
+        note = f"{size} px"
+    return f"{note} ({meta.get('resize', 'letterbox')})"
 
 
 def markdown(summary: list[dict], patchcore: dict, meta: dict) -> str:
@@ -364,6 +367,7 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=None, help="default: preset's")
     p.add_argument("--crop-size", type=int, default=None, help="train crops; default: preset's")
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None)
+    p.add_argument("--resize", choices=["letterbox", "squash"], default="letterbox")
     p.add_argument("--backbone-weights", default=None, help="needed by --preset paper")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sia", default=None, help="existing SIA dataset root (else sia-gen)")
@@ -431,6 +435,7 @@ def main() -> None:
         "image_size": image_size,
         "crop_size": crop_size,
         "lr_schedule": lr_schedule,
+        "resize": args.resize,
         "threads": args.threads,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs)",
         "sources_note": "; ".join(notes),
@@ -444,7 +449,8 @@ def main() -> None:
     if old_meta.get("preset") in PRESETS and "image_size" not in old_meta:
         old_meta |= {"image_size": PRESETS[old_meta["preset"]].train["image_size"]}
         old_meta |= {"crop_size": None, "lr_schedule": "constant"}
-    settings = ("preset", "steps", "image_size", "crop_size", "lr_schedule")
+    old_meta = {"resize": "letterbox", **old_meta}
+    settings = ("preset", "steps", "image_size", "crop_size", "lr_schedule", "resize")
     same = all(old_meta.get(k) == meta[k] for k in settings)
     rows = old.get("runs", []) if same else []
     # SIA rows made from another SDAS model are run again; PatchCore does not depend on them.

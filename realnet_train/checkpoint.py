@@ -35,6 +35,11 @@ def save_checkpoint(path: Path, ckpt: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def checkpoint_fit(ckpt: dict[str, Any]) -> str:
+    """How the run fitted images to its square size (checkpoints before the option: letterbox)."""
+    return str((ckpt.get("train_config") or {}).get("resize", "letterbox"))
+
+
 def checkpoint_dict(model: RealNet, **fields: Any) -> dict[str, Any]:
     """Trainable weights and buffers (not the backbone's) and ``model_args``, plus ``fields``."""
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}

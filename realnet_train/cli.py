@@ -123,6 +123,7 @@ def preset_config(kw: dict) -> tuple[dict, RealNetConfig]:
     train_kw = {
         "image_size": kw["image_size"],
         "crop_size": kw["crop_size"],
+        "resize": kw["resize"],
         "batch_size": kw["batch_size"],
         "steps": kw["steps"],
         "time_budget_s": kw["time_budget"],
@@ -236,6 +237,13 @@ def train_config(kw: dict):
     default=None,
     help="Train on random N x N crops of the --image-size images (a composite's crop holds "
     "part of its anomaly); evaluate on whole images. (preset) none",
+)
+@click.option(
+    "--resize",
+    type=click.Choice(["letterbox", "squash"]),
+    default=None,
+    help="Fit images to the --image-size square keeping their aspect ratio (padded), or "
+    "squashed to it (as PatchCore). [default: letterbox]",
 )
 @click.option("--batch-size", type=POSITIVE_INT, default=None, help="(preset) 8 / 16")
 @click.option("--steps", type=POSITIVE_INT, default=None, help="(preset) 1500 / 13000")

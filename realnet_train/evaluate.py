@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from realnet_train.checkpoint import load_model
+from realnet_train.checkpoint import checkpoint_fit, load_model
 from realnet_train.data.mvtec import MVTecCategory
 from realnet_train.metrics import image_auroc, pixel_auroc, pro_auc
 from realnet_train.train import to_tensor
@@ -102,7 +102,7 @@ def evaluate(
     model, ckpt = load_model(checkpoint)
     category = category or ckpt["category"]
     size = int(ckpt["image_size"])
-    mvtec = MVTecCategory(data, category, endpoint_url, require_train=False)
+    mvtec = MVTecCategory(data, category, endpoint_url, False, checkpoint_fit(ckpt))
     items = mvtec.test_items
     labels = np.array([it.label for it in items])
     if not items or labels.all() or not labels.any():

@@ -12,7 +12,8 @@ Writes, row by row as images are scored (a crash keeps what was done):
     DIR/results.csv      the same columns
     DIR/overlays/NNNNN-<stem>.png   the image with the anomaly map over it
 
-Images are letterboxed to the model's size as in training (aspect ratio kept, edge-padded).
+Images are fitted to the model's size as in training: letterboxed (aspect ratio kept,
+edge-padded), or squashed when it was trained with ``--resize squash``.
 Overlay: the image at its own size; the anomaly map, its padding cut off, coloured relative
 to the threshold t (JET: blue at 0, green at t, red at 2 t and above) and blended in with an
 opacity rising from 0 at t/2 to 0.6 at t; a white contour where the map exceeds t; a top
@@ -46,7 +47,7 @@ from realnet_train.cli_common import (
     setup_logging,
 )
 from realnet_train.data.mvtec import IMAGE_SUFFIXES, decode_rgb
-from sia_pipeline.compose.resize import content_box, letterbox
+from sia_pipeline.compose.resize import content_box, fit_square
 from sia_pipeline.dataset.storage import Storage, is_s3, iter_files, open_storage
 
 log = logging.getLogger(__name__)
@@ -163,8 +164,12 @@ def predict_images(
     batch_size: int = 16,
     overlays: bool = True,
     device: str = "cpu",
+    fit: str = "letterbox",
 ) -> dict[str, Any]:
-    """Score ``refs``; write results and overlays under ``out``. Returns a summary."""
+    """Score ``refs``; write results and overlays under ``out``. Returns a summary.
+
+    Images are fitted to ``size`` as the model was trained (``fit``: letterbox or squash).
+    """
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     model.eval().to(device)
     n_anom = n_err = 0
@@ -184,7 +189,7 @@ def predict_images(
                     log.warning("cannot read %s: %s", ref.url, e)
                     rows.append({"input": ref.url, "error": f"{type(e).__name__}: {e}"[:300]})
                     continue
-                small = letterbox(img, size)  # as training and evaluation: aspect kept
+                small = fit_square(img, size, fit)  # as training and evaluation
                 rows.append({"input": ref.url, "_i": i, "_k": len(inputs)})
                 originals.append(img)
                 inputs.append(small)
@@ -207,7 +212,7 @@ def predict_images(
                     if overlays:
                         stem = Path(refs[i].name).stem
                         rel = f"overlays/{i:05d}-{stem}.png"
-                        top, left, h, w = content_box(*originals[k].shape[:2], size)
+                        top, left, h, w = content_box(*originals[k].shape[:2], size, fit)
                         amap = maps[k][top : top + h, left : left + w]  # padding cut off
                         png = overlay(originals[k], amap, threshold, score)
                         cv2.imwrite(str(out / rel), cv2.cvtColor(png, cv2.COLOR_RGB2BGR))
@@ -248,7 +253,7 @@ def main(inputs, checkpoint, out, threshold, target_fpr, batch_size, overlays, t
     """
     setup_logging(verbose)
     from realnet_train import preflight
-    from realnet_train.checkpoint import load_model
+    from realnet_train.checkpoint import checkpoint_fit, load_model
 
     try:
         preflight.check_inputs_exist(list(inputs), s3_endpoint_url)
@@ -267,7 +272,8 @@ def main(inputs, checkpoint, out, threshold, target_fpr, batch_size, overlays, t
     try:
         model, ckpt = load_model(checkpoint)
         size = int(ckpt["image_size"])
-        summary = predict_images(model, refs, size, thr, out_dir, batch_size, overlays, device)
+        fit = checkpoint_fit(ckpt)
+        summary = predict_images(model, refs, size, thr, out_dir, batch_size, overlays, device, fit)
     except Exception as e:  # noqa: BLE001 - the CLI boundary: one line
         if verbose:
             raise

@@ -71,6 +71,7 @@ class TrainConfig:
     strength_range: tuple[float, float] | None = None
     image_size: int = CPU.train["image_size"]
     crop_size: int | None = CPU.train["crop_size"]  # None: train on whole images
+    resize: str = "letterbox"  # or "squash": how images are fitted to image_size squares
     batch_size: int = CPU.train["batch_size"]
     steps: int = CPU.train["steps"]
     time_budget_s: float | None = CPU.train["time_budget_s"]
@@ -303,7 +304,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict[str, Any]:
         model, ckpt, start = RealNet(cfg.model), None, 0
     model.to(dist.device)
 
-    mvtec = MVTecCategory(cfg.data, cfg.category, cfg.endpoint_url)
+    mvtec = MVTecCategory(cfg.data, cfg.category, cfg.endpoint_url, fit=cfg.resize)
     keep, held = holdout_split(len(mvtec.train_items), cfg.holdout, cfg.seed)
     held_items = [mvtec.train_items[i] for i in held]
     normals = mvtec.load_train(cfg.image_size, [mvtec.train_items[i] for i in keep])

@@ -127,6 +127,7 @@ TRAIN_CASES = [
     ("lr-zero", {"--lr": "0"}, "must be > 0"),
     ("lr-inf", {"--lr": "inf"}, "must be > 0"),
     ("lr-schedule-unknown", {"--lr-schedule": "linear"}, "'linear' is not one of"),
+    ("resize-unknown", {"--resize": "stretch"}, "'stretch' is not one of"),
     ("time-budget-negative", {"--time-budget": "-1"}, "must be > 0"),
     ("workers-negative", {"--workers": "-1"}, "must be >= 0"),
     ("threads-zero", {"--threads": "0"}, "must be >= 1"),

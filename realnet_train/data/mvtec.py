@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from sia_pipeline.compose.resize import letterbox
+from sia_pipeline.compose.resize import Fit, fit_square
 from sia_pipeline.dataset.storage import Storage, iter_files, join_url, open_storage
 
 log = logging.getLogger(__name__)
@@ -39,33 +39,43 @@ def _stem(name: str) -> str:
     return name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
 
 
-def decode_rgb(data: bytes, size: int | None = None) -> np.ndarray:
+def decode_rgb(data: bytes, size: int | None = None, fit: Fit = "letterbox") -> np.ndarray:
     """Image bytes -> (size, size, 3) uint8 RGB (grayscale becomes 3 equal channels).
 
-    A non-square image keeps its aspect ratio: the long side becomes ``size`` and the short
-    one is edge-padded (:func:`sia_pipeline.compose.resize.letterbox`).
+    By default a non-square image keeps its aspect ratio: the long side becomes ``size`` and
+    the short one is edge-padded; ``fit="squash"`` resizes it to the square instead
+    (:func:`sia_pipeline.compose.resize.fit_square`).
     """
     with Image.open(io.BytesIO(data)) as im:
         rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    return rgb if size is None else letterbox(rgb, size)
+    return rgb if size is None else fit_square(rgb, size, fit)
 
 
-def decode_mask(data: bytes, size: int | None = None) -> np.ndarray:
-    """Mask PNG bytes -> (size, size) bool, nearest-neighbour letterboxed (padding is 0)."""
+def decode_mask(data: bytes, size: int | None = None, fit: Fit = "letterbox") -> np.ndarray:
+    """Mask PNG bytes -> (size, size) bool, nearest-neighbour, fitted as its image (padding 0)."""
     with Image.open(io.BytesIO(data)) as im:
         mask = np.asarray(im.convert("L"), dtype=np.uint8)
     if size is not None:
-        mask = letterbox(mask, size, Image.Resampling.NEAREST, pad="zero")
+        mask = fit_square(mask, size, fit, Image.Resampling.NEAREST, pad="zero")
     return mask > 127
 
 
 class MVTecCategory:
-    """The train and test splits of one category, read lazily through :mod:`storage`."""
+    """The train and test splits of one category, read lazily through :mod:`storage`.
+
+    Images and masks are fitted to the square sizes asked for by ``fit`` (letterbox or squash).
+    """
 
     def __init__(
-        self, root: str, category: str, endpoint_url: str | None = None, require_train: bool = True
+        self,
+        root: str,
+        category: str,
+        endpoint_url: str | None = None,
+        require_train: bool = True,
+        fit: Fit = "letterbox",
     ) -> None:
         self.url = join_url(str(root), category)
+        self.fit = fit
         self.category = category
         self.storage: Storage = open_storage(self.url, endpoint_url)
         self.train_items = self._list("train")
@@ -118,13 +128,13 @@ class MVTecCategory:
 
     def image(self, item: MVTecItem, size: int | None = None) -> np.ndarray:
         """(size, size, 3) uint8 RGB."""
-        return decode_rgb(self.storage.get_bytes(item.image), size)
+        return decode_rgb(self.storage.get_bytes(item.image), size, self.fit)
 
     def mask(self, item: MVTecItem, size: int) -> np.ndarray:
         """(size, size) bool ground truth; all False for normal images."""
         if item.mask is None:
             return np.zeros((size, size), dtype=bool)
-        return decode_mask(self.storage.get_bytes(item.mask), size)
+        return decode_mask(self.storage.get_bytes(item.mask), size, self.fit)
 
     def load_train(self, size: int, items: list[MVTecItem] | None = None) -> np.ndarray:
         """Training images at one size, (N, size, size, 3) uint8: they fit in memory.

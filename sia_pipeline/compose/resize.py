@@ -2,19 +2,28 @@
 
 A 101x256 image squashed to a square turns a crack into a 1 px line; letterboxing keeps
 shapes. The padding repeats the edge pixels (so a threshold sees no new dark or bright band)
-and is split evenly on both sides; square images are a plain resize.
+and is split evenly on both sides; square images are a plain resize. :func:`fit_square`
+also offers ``squash`` (resize to the square, as PatchCore and most anomaly tools do), which
+spends every pixel on content at the cost of distorting shapes.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 from PIL import Image
 
+Fit = Literal["letterbox", "squash"]
+FITS: tuple[str, ...] = get_args(Fit)
 
-def content_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+
+def content_box(
+    height: int, width: int, size: int, fit: Fit = "letterbox"
+) -> tuple[int, int, int, int]:
     """Where an (H, W) image lands in the ``size`` square: (top, left, new_h, new_w)."""
+    if fit == "squash":
+        return 0, 0, size, size
     scale = size / max(height, width)
     new_h = max(1, min(size, round(height * scale)))
     new_w = max(1, min(size, round(width * scale)))
@@ -51,3 +60,27 @@ def content_mask(height: int, width: int, size: int) -> np.ndarray:
     mask = np.zeros((size, size), dtype=bool)
     mask[top : top + new_h, left : left + new_w] = True
     return mask
+
+
+def fit_square(
+    image: np.ndarray,
+    size: int,
+    fit: Fit = "letterbox",
+    resample: int = Image.Resampling.BILINEAR,
+    pad: Literal["edge", "zero"] = "edge",
+) -> np.ndarray:
+    """(H, W[, C]) uint8 -> (size, size[, C]) uint8 by :func:`letterbox` or by squashing.
+
+    Args:
+        image: the image (or a 0/255 mask, with ``resample=NEAREST`` and ``pad="zero"``).
+        size: side of the square result.
+        fit: ``letterbox`` (aspect kept, padded) or ``squash`` (resized to the square).
+        resample: PIL resampling filter.
+        pad: letterbox padding: ``edge`` repeats the border pixels; ``zero`` pads with 0.
+    """
+    if fit == "letterbox":
+        return letterbox(image, size, resample, pad)
+    if fit == "squash":
+        return np.asarray(Image.fromarray(image).resize((size, size), resample))
+    msg = f"unknown fit {fit!r}; choose from {FITS}"
+    raise ValueError(msg)

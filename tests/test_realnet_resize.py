@@ -1,0 +1,85 @@
+"""--resize squash: images and masks fill the square; eval and predict fit as training did."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from realnet_helpers import TINY_MODEL, small_mvtec
+
+from realnet_train.checkpoint import checkpoint_fit, read_checkpoint
+from realnet_train.cli import eval_main, train_main
+from realnet_train.data.mvtec import MVTecCategory, decode_mask, decode_rgb
+from realnet_train.predict import main as predict_main
+from sia_pipeline.compose.resize import content_box, fit_square
+
+
+def png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_squash_fills_the_square_and_letterbox_pads_it():
+    img = np.zeros((64, 128, 3), np.uint8)
+    img[:, :64] = 200  # left half bright
+    mask = np.zeros((64, 128), np.uint8)
+    mask[:8] = 255  # a band along the top edge
+    squashed = decode_rgb(png(img), 32, "squash")
+    expected = np.asarray(Image.fromarray(img).resize((32, 32), Image.Resampling.BILINEAR))
+    assert np.array_equal(squashed, expected)
+    assert np.array_equal(decode_rgb(png(img), 32), fit_square(img, 32, "letterbox"))
+    m_squash, m_box = decode_mask(png(mask), 32, "squash"), decode_mask(png(mask), 32)
+    assert m_squash[:4].all() and not m_squash[4:].any()  # 8 of 64 rows -> 4 of 32, at the top
+    top, _, new_h, _ = content_box(64, 128, 32)
+    assert (top, new_h) == (8, 16) and not m_box[:top].any() and m_box[top : top + 2].all()
+    assert content_box(64, 128, 32, "squash") == (0, 0, 32, 32)
+    with pytest.raises(ValueError, match="unknown fit 'crop'"):
+        fit_square(img, 32, "crop")
+
+
+def non_square_set(shared_data, root):
+    """small_mvtec with every image and mask cut to its middle 2:1 band (rows 200-500 of 900)."""
+    data = small_mvtec(shared_data, root, n_train=8)
+    for path in (data / "bottle").rglob("*.png"):
+        with Image.open(path) as im:
+            w = im.size[0]
+            im.crop((0, w // 4, w, w // 4 + w // 2)).save(path)
+    return data
+
+
+def test_a_squash_run_evaluates_and_predicts_squashed(shared_data, tmp_path):
+    data = non_square_set(shared_data, tmp_path / "data")
+    out = tmp_path / "run"
+    args = ["--category", "bottle", "--data", str(data), "--out", str(out), "--resize", "squash"]
+    args += ["--textures", str(shared_data / "dtd" / "images"), "--image-size", "32"]
+    args += ["--batch-size", "2", "--steps", "2", "--workers", "0", "--threads", "1"]
+    res = CliRunner().invoke(train_main, args + TINY_MODEL)
+    assert res.exit_code == 0, res.output
+    ckpt = read_checkpoint(out / "last.pt")
+    assert checkpoint_fit(ckpt) == "squash"
+    assert checkpoint_fit({"train_config": {}}) == "letterbox"  # checkpoints before the option
+
+    # The test masks the evaluation scores against are the squashed ones.
+    mvtec = MVTecCategory(str(data), "bottle", fit="squash")
+    defect = next(it for it in mvtec.test_items if it.label)
+    raw = (data / "bottle" / defect.mask).read_bytes()
+    assert np.array_equal(mvtec.mask(defect, 32), decode_mask(raw, 32, "squash"))
+    assert not np.array_equal(mvtec.mask(defect, 32), decode_mask(raw, 32))
+    res = CliRunner().invoke(eval_main, ["--checkpoint", str(out / "last.pt"), "--data", str(data)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["n_test"] == 4
+
+    image = next((data / "bottle/test/good").glob("*.png"))
+    res = CliRunner().invoke(
+        predict_main,
+        [str(image), "--checkpoint", str(out / "last.pt"), "--out", str(tmp_path / "p")],
+    )
+    assert res.exit_code == 0, res.output
+    row = json.loads((tmp_path / "p" / "results.jsonl").read_text().splitlines()[0])
+    with Image.open(tmp_path / "p" / row["overlay"]) as ov, Image.open(image) as src:
+        assert ov.size[0] == src.size[0] and ov.size[1] > src.size[1]  # own size + banner

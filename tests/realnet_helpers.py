@@ -101,3 +101,24 @@ def damaged_sia(tiny_sia: Path, dst: Path) -> tuple[Path, dict[str, str]]:
         "bottle-000000-000003": "category",
     }
     return dst, damage
+
+
+def tiny_train_config(data: Path, sia: Path, out: Path, **overrides):
+    """A ``TrainConfig`` for a few single-thread steps of the tiny model on bottle with SIA."""
+    from realnet_train.train import TrainConfig
+
+    fields = {
+        "category": "bottle",
+        "data": str(data),
+        "out": str(out),
+        "sia": str(sia),
+        "image_size": 32,
+        "batch_size": 2,
+        "steps": 3,
+        "time_budget_s": None,
+        "afs_batches": 2,
+        "num_workers": 0,
+        "threads": 1,
+        "model": tiny_model_config(),
+    }
+    return TrainConfig(**(fields | overrides))

@@ -7,11 +7,11 @@ import itertools
 import numpy as np
 import pytest
 from PIL import Image
-from realnet_helpers import small_mvtec, tiny_model_config
+from realnet_helpers import small_mvtec, tiny_train_config
 
 from realnet_train.data.train_stream import CompositeStream, StreamConfig, crop_window
 from realnet_train.evaluate import evaluate
-from realnet_train.train import TrainConfig, train
+from realnet_train.train import train
 from sia_pipeline.compose import ForegroundRule
 
 
@@ -63,20 +63,7 @@ def test_the_stream_crops_image_clean_and_mask_at_one_place():
 def test_training_on_crops_evaluates_on_whole_images(shared_data, tiny_sia, tmp_path):
     data = small_mvtec(shared_data, tmp_path / "mvtec", n_train=8)
     out = tmp_path / "run"
-    cfg = TrainConfig(
-        category="bottle",
-        data=str(data),
-        out=str(out),
-        sia=str(tiny_sia),
-        image_size=64,
-        crop_size=32,
-        batch_size=2,
-        steps=3,
-        afs_batches=2,
-        num_workers=0,
-        threads=1,
-        model=tiny_model_config(),
-    )
+    cfg = tiny_train_config(data, tiny_sia, out, image_size=64, crop_size=32)
     result = train(cfg)
     assert result["step"] == 3 and result["config"]["crop_size"] == 32
     metrics = evaluate(out / "last.pt", str(data), tmp_path / "eval", panels=1)

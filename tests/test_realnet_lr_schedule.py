@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from realnet_helpers import small_mvtec, tiny_model_config
+from realnet_helpers import small_mvtec, tiny_train_config
 
-from realnet_train.train import TrainConfig, learning_rate, train
+from realnet_train.train import learning_rate, train
 
 
 def test_constant_keeps_the_rate():
@@ -36,22 +36,7 @@ def test_an_unknown_schedule_is_an_error():
 def test_a_cosine_run_steps_at_the_decayed_rate(shared_data, tiny_sia, tmp_path):
     data = small_mvtec(shared_data, tmp_path / "mvtec", n_train=8)
     out = tmp_path / "run"
-    cfg = TrainConfig(
-        category="bottle",
-        data=str(data),
-        out=str(out),
-        sia=str(tiny_sia),
-        image_size=32,
-        batch_size=2,
-        steps=4,
-        lr=1e-3,
-        lr_schedule="cosine",
-        time_budget_s=None,
-        afs_batches=2,
-        num_workers=0,
-        threads=1,
-        model=tiny_model_config(),
-    )
+    cfg = tiny_train_config(data, tiny_sia, out, steps=4, lr=1e-3, lr_schedule="cosine")
     result = train(cfg)
     assert result["config"]["lr_schedule"] == "cosine"
     ckpt = torch.load(out / "last.pt", weights_only=True)

@@ -69,15 +69,8 @@ def fit_square(
     resample: int = Image.Resampling.BILINEAR,
     pad: Literal["edge", "zero"] = "edge",
 ) -> np.ndarray:
-    """(H, W[, C]) uint8 -> (size, size[, C]) uint8 by :func:`letterbox` or by squashing.
-
-    Args:
-        image: the image (or a 0/255 mask, with ``resample=NEAREST`` and ``pad="zero"``).
-        size: side of the square result.
-        fit: ``letterbox`` (aspect kept, padded) or ``squash`` (resized to the square).
-        resample: PIL resampling filter.
-        pad: letterbox padding: ``edge`` repeats the border pixels; ``zero`` pads with 0.
-    """
+    """(H, W[, C]) uint8 -> (size, size[, C]) uint8: :func:`letterbox` (aspect kept, padded
+    by ``pad``) for ``fit="letterbox"``, a plain resize to the square for ``fit="squash"``."""
     if fit == "letterbox":
         return letterbox(image, size, resample, pad)
     if fit == "squash":

@@ -26,12 +26,16 @@ whose memory would pass 80 % of the machine's is refused up front too; 0.1 % tak
 
 Writes ``bench/results/<tag>.json`` and ``<tag>.md`` (mean and standard deviation over
 seeds) and per-run panels under ``bench/results/<tag>/``; runs already in the JSON are kept
-and skipped, so an interrupted bench resumes. The full bench (3 seeds x 3 sources x 2
-categories + PatchCore) needs hours on 2 CPU cores:
+and skipped, so an interrupted bench resumes; runs of other training settings (preset, steps,
+``--image-size``, ``--crop-size``, ``--lr-schedule``, ``--resize``: the trainer's options) are
+not mixed in but run again, so give such a run its own ``--tag``. The full bench (3 seeds x 3
+sources x 2 categories + PatchCore) needs hours on 2 CPU cores:
 
     nice .venv/bin/python bench/realnet_quality.py --seeds 0,1,2 --sources sia,dtd,perlin
     nice .venv/bin/python bench/realnet_quality.py --data ~/my_mvtec --categories screw,pill \\
         --sources dtd,perlin --patchcore off
+    nice .venv/bin/python bench/realnet_quality.py --categories magnetic_tile --sources sia \
+        --resize squash --tag realnet_quality-squash
 """
 
 from __future__ import annotations

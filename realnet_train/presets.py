@@ -30,7 +30,7 @@ class Preset:
     Attributes:
         name: preset name.
         train: :class:`~realnet_train.train.TrainConfig` fields (image_size, crop_size,
-            batch_size, steps, lr, afs_batches, time_budget_s).
+            batch_size, steps, lr, lr_schedule, afs_batches, time_budget_s).
         model: :class:`~realnet_train.model.realnet.RealNetConfig` fields.
         needs_weights_file: the backbone's weights must come from ``--backbone-weights``.
         departures: how this preset differs from ``paper``, one line each.

@@ -58,9 +58,11 @@ from PIL import Image
 
 from realnet_train.data.mvtec import IMAGE_SUFFIXES
 from realnet_train.evaluate import evaluate
-from realnet_train.presets import DEFAULT_PRESET, PRESETS, resolve
+from realnet_train.model.realnet import RealNetConfig
+from realnet_train.presets import DEFAULT_PRESET, LR_SCHEDULES, PRESETS, resolve
 from realnet_train.train import TrainConfig, train
 from sia_pipeline.compose import perlin_noise
+from sia_pipeline.compose.resize import FITS
 from sia_pipeline.diffusion.model import BUNDLED_MODEL, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,11 +242,8 @@ def patchcore_metrics(pc: dict) -> dict:
     }
 
 
-def run_realnet(category: str, data: Path, source: str, seed: int, args, srcs: dict) -> dict:
-    """Train one RealNet run for exactly ``args.steps`` steps (or the preset's) and evaluate."""
-    name = f"{category}-{source}-seed{seed}"
-    run_dir = Path(args.runs) / name
-    shutil.rmtree(run_dir, ignore_errors=True)
+def training_settings(args) -> tuple[dict, RealNetConfig]:
+    """The preset with the bench's options over it: every run's TrainConfig fields and model."""
     train_kw, model = resolve(
         args.preset,
         {
@@ -253,10 +252,27 @@ def run_realnet(category: str, data: Path, source: str, seed: int, args, srcs: d
             "image_size": args.image_size,
             "crop_size": args.crop_size,
             "lr_schedule": args.lr_schedule,
+            "resize": args.resize,
         },
         {"backbone_weights": args.backbone_weights},
     )
-    train_kw["time_budget_s"] = None  # equal steps, not equal seconds
+    return {**train_kw, "time_budget_s": None}, model  # equal steps, not equal seconds
+
+
+def run_realnet(
+    category: str,
+    data: Path,
+    source: str,
+    seed: int,
+    args,
+    srcs: dict,
+    settings: tuple[dict, RealNetConfig],
+) -> dict:
+    """Train one RealNet run with ``settings`` (:func:`training_settings`) and evaluate it."""
+    name = f"{category}-{source}-seed{seed}"
+    run_dir = Path(args.runs) / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    train_kw, model = settings
     mix, sia, textures = MIXES[source]
     cfg = TrainConfig(
         category=category,
@@ -265,7 +281,6 @@ def run_realnet(category: str, data: Path, source: str, seed: int, args, srcs: d
         sia=str(srcs[sia]) if sia else None,
         textures=str(srcs[textures]) if textures else None,
         mix=mix,
-        resize=args.resize,
         num_workers=1,
         threads=args.threads,
         seed=seed,
@@ -370,8 +385,8 @@ def main() -> None:
     p.add_argument("--afs-batches", type=int, default=None, help="default: preset's")
     p.add_argument("--image-size", type=int, default=None, help="default: preset's")
     p.add_argument("--crop-size", type=int, default=None, help="train crops; default: preset's")
-    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None)
-    p.add_argument("--resize", choices=["letterbox", "squash"], default="letterbox")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None)
+    p.add_argument("--resize", choices=FITS, default="letterbox")
     p.add_argument("--backbone-weights", default=None, help="needed by --preset paper")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sia", default=None, help="existing SIA dataset root (else sia-gen)")
@@ -405,11 +420,8 @@ def main() -> None:
     if missing := [c for c, r in roots.items() if r is None or not (r / c).is_dir()]:
         p.error(f"no category folder for {missing} (give --data ROOT holding them)")
     seeds = [int(s) for s in args.seeds.split(",")]
-    preset_train = PRESETS[args.preset].train
-    steps = args.steps or preset_train["steps"]
-    image_size = args.image_size or preset_train["image_size"]
-    crop_size = args.crop_size or preset_train["crop_size"]
-    lr_schedule = args.lr_schedule or preset_train["lr_schedule"]
+    settings = training_settings(args)
+    train_kw = settings[0]
 
     srcs: dict[str, Path] = {"dtd": Path(args.textures)}
     notes = [f"dtd = {args.textures}"]
@@ -435,11 +447,7 @@ def main() -> None:
         sia_model_id = ",".join(index["model_ids"])
     meta = {
         "preset": args.preset,
-        "steps": steps,
-        "image_size": image_size,
-        "crop_size": crop_size,
-        "lr_schedule": lr_schedule,
-        "resize": args.resize,
+        **{k: train_kw[k] for k in ("steps", "image_size", "crop_size", "lr_schedule", "resize")},
         "threads": args.threads,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs)",
         "sources_note": "; ".join(notes),
@@ -454,8 +462,8 @@ def main() -> None:
         old_meta |= {"image_size": PRESETS[old_meta["preset"]].train["image_size"]}
         old_meta |= {"crop_size": None, "lr_schedule": "constant"}
     old_meta = {"resize": "letterbox", **old_meta}
-    settings = ("preset", "steps", "image_size", "crop_size", "lr_schedule", "resize")
-    same = all(old_meta.get(k) == meta[k] for k in settings)
+    compared = ("preset", "steps", "image_size", "crop_size", "lr_schedule", "resize")
+    same = all(old_meta.get(k) == meta[k] for k in compared)
     rows = old.get("runs", []) if same else []
     # SIA rows made from another SDAS model are run again; PatchCore does not depend on them.
     sia_id = meta["sia_model_id"]
@@ -490,7 +498,7 @@ def main() -> None:
             for source in sources:
                 if (category, source, seed) in done:
                     continue
-                row = run_realnet(category, roots[category], source, seed, args, srcs)
+                row = run_realnet(category, roots[category], source, seed, args, srcs, settings)
                 if MIXES[source][1]:
                     row["sia_model_id"] = sia_id
                 rows.append(row)

@@ -27,8 +27,9 @@ from realnet_train.cli_common import (
     setup_logging,
 )
 from realnet_train.model.realnet import RealNetConfig
-from realnet_train.presets import DEFAULT_PRESET, PRESETS, help_text, resolve
+from realnet_train.presets import DEFAULT_PRESET, LR_SCHEDULES, PRESETS, help_text, resolve
 from sia_pipeline.compose.foreground import CHOICES as FOREGROUND_CHOICES
+from sia_pipeline.compose.resize import FITS
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +241,7 @@ def train_config(kw: dict):
 )
 @click.option(
     "--resize",
-    type=click.Choice(["letterbox", "squash"]),
+    type=click.Choice(FITS),
     default=None,
     help="Fit images to the --image-size square keeping their aspect ratio (padded), or "
     "squashed to it (as PatchCore). [default: letterbox]",
@@ -253,7 +254,7 @@ def train_config(kw: dict):
 @click.option("--lr", type=POSITIVE_FLOAT, default=None, help="Adam (preset) 1e-3 / 1e-4")
 @click.option(
     "--lr-schedule",
-    type=click.Choice(["constant", "cosine"]),
+    type=click.Choice(LR_SCHEDULES),
     default=None,
     help="Keep the lr, or decay it to 0 along a cosine over the steps (or the time budget, "
     "if that runs out first). (preset) constant",

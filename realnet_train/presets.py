@@ -22,6 +22,8 @@ from typing import Any
 from realnet_train.model.backbone import DEFAULT_BACKBONE
 from realnet_train.model.realnet import PAPER_BACKBONE, RealNetConfig
 
+LR_SCHEDULES = ("constant", "cosine")  # see realnet_train.train.learning_rate
+
 
 @dataclass(frozen=True)
 class Preset:

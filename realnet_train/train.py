@@ -39,7 +39,7 @@ from realnet_train.data.sia_stream import sia_pipeline
 from realnet_train.data.train_stream import CompositeStream, StreamConfig, TextureSource, parse_mix
 from realnet_train.model.afs import channel_mask_errors
 from realnet_train.model.realnet import RealNet, RealNetConfig, realnet_losses
-from realnet_train.presets import CPU
+from realnet_train.presets import CPU, LR_SCHEDULES
 from sia_pipeline.compose import choose_rule
 
 log = logging.getLogger(__name__)
@@ -184,9 +184,6 @@ def make_optimizer(params: list[nn.Parameter], lr: float, device: torch.device) 
     """
     fused = device.type in ("cpu", "cuda")
     return torch.optim.Adam(params, lr=lr, fused=fused)
-
-
-LR_SCHEDULES = ("constant", "cosine")
 
 
 def learning_rate(base: float, schedule: str, progress: float) -> float:

@@ -34,8 +34,8 @@ sources x 2 categories + PatchCore) needs hours on 2 CPU cores:
     nice .venv/bin/python bench/realnet_quality.py --seeds 0,1,2 --sources sia,dtd,perlin
     nice .venv/bin/python bench/realnet_quality.py --data ~/my_mvtec --categories screw,pill \\
         --sources dtd,perlin --patchcore off
-    nice .venv/bin/python bench/realnet_quality.py --categories magnetic_tile --sources sia \
-        --resize squash --tag realnet_quality-squash
+    nice .venv/bin/python bench/realnet_quality.py --categories magnetic_tile --sources sia \\
+        --resize letterbox --tag realnet_quality-letterbox
 """
 
 from __future__ import annotations
@@ -386,7 +386,7 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=None, help="default: preset's")
     p.add_argument("--crop-size", type=int, default=None, help="train crops; default: preset's")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None)
-    p.add_argument("--resize", choices=FITS, default="letterbox")
+    p.add_argument("--resize", choices=FITS, default=None, help="default: preset's")
     p.add_argument("--backbone-weights", default=None, help="needed by --preset paper")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sia", default=None, help="existing SIA dataset root (else sia-gen)")

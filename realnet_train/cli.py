@@ -243,8 +243,10 @@ def train_config(kw: dict):
     "--resize",
     type=click.Choice(FITS),
     default=None,
-    help="Fit images to the --image-size square keeping their aspect ratio (padded), or "
-    "squashed to it (as PatchCore). [default: letterbox]",
+    help="How non-square images fit the --image-size square: 'squash' resizes them to it (as "
+    "the authors and PatchCore do; the short side keeps the most pixels, shapes stretch), "
+    "'letterbox' keeps the aspect ratio and edge-pads the short side (fewer pixels across "
+    "it). Square images are the same either way. (preset) squash",
 )
 @click.option("--batch-size", type=POSITIVE_INT, default=None, help="(preset) 8 / 16")
 @click.option("--steps", type=POSITIVE_INT, default=None, help="(preset) 1500 / 13000")

@@ -3,10 +3,10 @@
 ``paper`` is ``experiments/MVTec-AD/realnet.yaml`` of the authors' code: WideResNet-50
 layers 1-4, AFS keeping 256/512/512/256 channels fitted on 64 batches, reconstruction UNets
 of width ``0.5 * kept`` (multipliers 1, 2, 4, two residual blocks, attention at /2 and /4),
-RRS 256 by max + 256 by mean, 256 px, Adam 1e-4, batch 16. The authors train 1000 epochs
-and keep the epoch with the best TEST score; here ``steps`` stands for those epochs (13,000
-steps = 1000 epochs of bottle's 209 images at batch 16) and nothing is selected on the test
-split.
+RRS 256 by max + 256 by mean, 256 px (every image resized to the square, non-square ones
+squashed), Adam 1e-4, batch 16. The authors train 1000 epochs and keep the epoch with the
+best TEST score; here ``steps`` stands for those epochs (13,000 steps = 1000 epochs of
+bottle's 209 images at batch 16) and nothing is selected on the test split.
 
 ``cpu`` keeps that structure and scales it to 2 CPU cores and at most 20 minutes of
 training: every change from ``paper`` is listed in :data:`CPU_DEPARTURES` (and in
@@ -32,7 +32,7 @@ class Preset:
     Attributes:
         name: preset name.
         train: :class:`~realnet_train.train.TrainConfig` fields (image_size, crop_size,
-            batch_size, steps, lr, lr_schedule, afs_batches, time_budget_s).
+            batch_size, steps, lr, lr_schedule, afs_batches, time_budget_s, resize).
         model: :class:`~realnet_train.model.realnet.RealNetConfig` fields.
         needs_weights_file: the backbone's weights must come from ``--backbone-weights``.
         departures: how this preset differs from ``paper``, one line each.
@@ -56,6 +56,7 @@ PAPER = Preset(
         "lr_schedule": "constant",
         "afs_batches": 64,
         "time_budget_s": None,
+        "resize": "squash",  # the authors' transforms.Resize((256, 256))
     },
     model={
         "backbone": PAPER_BACKBONE,
@@ -98,6 +99,7 @@ CPU = Preset(
         "lr_schedule": "constant",
         "afs_batches": 64,
         "time_budget_s": 1200.0,
+        "resize": "squash",
     },
     model={
         **PAPER.model,
@@ -125,7 +127,7 @@ def help_text() -> str:
     """The presets and every departure of ``cpu`` from ``paper``, for ``--help``."""
     lines = [
         "Presets: 'paper' = the RealNet authors' MVTec AD settings (WideResNet-50, weights "
-        "from --backbone-weights FILE, 256 px, batch 16, Adam 1e-4, AFS 256/512/512/256, "
+        "from --backbone-weights FILE, 256 px squares, batch 16, Adam 1e-4, AFS 256/512/512/256, "
         "RRS 256+256). 'cpu' (default) departs from it in:",
         "",
         "\b",  # click: keep the list's line breaks

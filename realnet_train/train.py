@@ -71,7 +71,7 @@ class TrainConfig:
     strength_range: tuple[float, float] | None = None
     image_size: int = CPU.train["image_size"]
     crop_size: int | None = CPU.train["crop_size"]  # None: train on whole images
-    resize: str = "letterbox"  # or "squash": how images are fitted to image_size squares
+    resize: str = CPU.train["resize"]  # "squash" or "letterbox": how images fit the square
     batch_size: int = CPU.train["batch_size"]
     steps: int = CPU.train["steps"]
     time_budget_s: float | None = CPU.train["time_budget_s"]

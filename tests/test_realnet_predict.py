@@ -61,7 +61,7 @@ def test_predict_files_folders_and_a_corrupt_image(trained, tmp_path):
     (extra / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 30)
     one = sorted((data / "bottle/test/good").glob("*.png"))[0]
     shutil.copy(one, extra / "ok.png")
-    with Image.open(one) as im:  # a non-square image: letterboxed for the model
+    with Image.open(one) as im:  # a non-square image: fitted as in training
         im.crop((0, 300, im.size[0], 500)).save(extra / "wide.png")
     out = tmp_path / "pred"
     args = ["--checkpoint", str(ckpt_path), "--out", str(out)]

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import ast
+import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from _reference import REFERENCE
 from click.testing import CliRunner
+from PIL import Image
 
 from realnet_train.cli import train_main
+from realnet_train.data.mvtec import decode_mask, decode_rgb
 from realnet_train.model.realnet import RealNetConfig
 from realnet_train.presets import CPU, CPU_DEPARTURES, PAPER, resolve
 from realnet_train.train import TrainConfig
@@ -105,3 +110,30 @@ def test_paper_backbone_loads_a_torchvision_weights_file():
         ours = timm.create_model(PAPER.model["backbone"]).state_dict()
     assert theirs.keys() == ours.keys()
     assert all(theirs[k].shape == ours[k].shape for k in ours)
+
+
+def png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_paper_preset_resizes_as_the_authors_test_transform():
+    """Their ``TestBaseTransform`` resizes image and mask to the (h, w) input size: a squash."""
+    path = REFERENCE / "datasets" / "base_dataset.py"
+    if not path.is_file():
+        pytest.skip(f"the authors' code is absent ({path})")
+    from torchvision import transforms
+
+    tree = ast.parse(path.read_text())
+    cls = next(n for n in tree.body if getattr(n, "name", "") == "TestBaseTransform")
+    scope: dict = {"transforms": transforms, "Image": Image}
+    exec(compile(ast.Module([cls], []), str(path), "exec"), scope)  # noqa: S102
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (48, 120, 3), dtype=np.uint8)  # 2.5:1, like a commutator
+    mask = (rng.random((48, 120)) > 0.7).astype(np.uint8) * 255
+    theirs = scope["TestBaseTransform"]([32, 32])(Image.fromarray(image), Image.fromarray(mask))
+    fit = PAPER.train["resize"]
+    assert fit == "squash" == CPU.train["resize"]
+    assert np.array_equal(np.asarray(theirs[0]), decode_rgb(png(image), 32, fit))
+    assert np.array_equal(np.asarray(theirs[1]) > 0, decode_mask(png(mask), 32, fit) > 0)

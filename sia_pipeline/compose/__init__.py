@@ -2,7 +2,7 @@
 
 ``perlin`` draws blob masks, ``foreground`` says where the object is (the authors' table per
 category, or a chosen rule), ``texture`` prepares DTD sources, ``blend`` composes, ``resize``
-letterboxes non-square images.
+fits non-square images to squares (squash, or letterbox keeping the aspect ratio).
 """
 
 from sia_pipeline.compose.blend import OPACITY_RANGE, Composite, compose, compose_anomaly

@@ -1,10 +1,13 @@
-"""Image sizing that keeps the aspect ratio: resize the long side, pad the short one.
+"""Fitting images to a square: squash (resize to it) or letterbox (keep the aspect ratio).
 
-A 101x256 image squashed to a square turns a crack into a 1 px line; letterboxing keeps
-shapes. The padding repeats the edge pixels (so a threshold sees no new dark or bright band)
-and is split evenly on both sides; square images are a plain resize. :func:`fit_square`
-also offers ``squash`` (resize to the square, as PatchCore and most anomaly tools do), which
-spends every pixel on content at the cost of distorting shapes.
+``squash`` is what the RealNet authors, PatchCore and most anomaly tools do; it is the
+trainer's default. At a given square size it never keeps fewer pixels than letterboxing on
+either axis: the long side is scaled alike, the short side is stretched instead of shrunk,
+so a thin crack along a 101x256 image keeps 2-3 rows at 128 px where letterboxing leaves it 1.
+What it costs is that shapes are stretched. ``letterbox`` (:func:`letterbox`) resizes the
+long side and pads the short one, keeping shapes and one scale across images of mixed aspect;
+the padding repeats the edge pixels (so a threshold sees no new dark or bright band) and is
+split evenly on both sides. Square images are a plain resize either way.
 """
 
 from __future__ import annotations

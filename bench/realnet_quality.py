@@ -28,7 +28,10 @@ Writes ``bench/results/<tag>.json`` and ``<tag>.md`` (mean and standard deviatio
 seeds) and per-run panels under ``bench/results/<tag>/``; runs already in the JSON are kept
 and skipped, so an interrupted bench resumes; runs of other training settings (preset, steps,
 ``--image-size``, ``--crop-size``, ``--lr-schedule``, ``--resize``: the trainer's options) are
-not mixed in but run again, so give such a run its own ``--tag``. The full bench (3 seeds x 3
+not mixed in but run again, so give such a run its own ``--tag``. The one exception: rows of
+a category whose images are all square stay when only ``--resize`` differs (a square image is
+resized alike either way), and ``--reuse TAG`` takes such rows, or rows of the same settings,
+from another results file instead of training them again. The full bench (3 seeds x 3
 sources x 2 categories + PatchCore) needs hours on 2 CPU cores:
 
     nice .venv/bin/python bench/realnet_quality.py --seeds 0,1,2 --sources sia,dtd,perlin
@@ -50,6 +53,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +86,68 @@ MIXES = {
 CORESET_RATIO = 0.01  # anomalib's default, and that of every fit made before the option
 METRICS = ("image_auroc", "pixel_auroc", "pro")
 log = logging.getLogger("realnet_quality")
+# The training settings a row depends on; rows made under others are run again.
+COMPARED = ("preset", "steps", "image_size", "crop_size", "lr_schedule", "resize")
+
+
+def all_square(folder: Path) -> bool:
+    """Every image under ``folder`` is square, so ``--resize`` fits it alike either way."""
+    for path in folder.rglob("*"):
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            with Image.open(path) as im:
+                if im.size[0] != im.size[1]:
+                    return False
+    return True
+
+
+def settings_of(meta: dict) -> dict:
+    """A results file's training settings, filled in for files from before an option."""
+    meta = dict(meta)
+    if meta.get("preset") in PRESETS and "image_size" not in meta:
+        meta |= {"image_size": PRESETS[meta["preset"]].train["image_size"]}
+        meta |= {"crop_size": None, "lr_schedule": "constant"}
+    return {"resize": "letterbox", **{k: meta.get(k) for k in COMPARED if k in meta}}
+
+
+def reusable_rows(old: dict, meta: dict, square: Callable[[str], bool]) -> list[dict]:
+    """The rows of an earlier results file that this run's settings would train again alike.
+
+    All of them when the training settings match; when only ``--resize`` differs, those of
+    categories whose images are all square (``square(category)``): a square image is resized
+    alike by letterbox and squash, so the run is the same one (``tests/test_realnet_resize``).
+    """
+    before = settings_of(old.get("meta", {}))
+    differ = {k for k in COMPARED if before.get(k) != meta[k]}
+    rows = old.get("runs", [])
+    if not differ:
+        return list(rows)
+    if differ == {"resize"}:  # the row records the fit it ran with
+        return [{"resize": before["resize"], **r} for r in rows if square(r["category"])]
+    return []
+
+
+def reuse_note(rows: list[dict], meta: dict) -> str:
+    """A sentence on the rows trained under another ``--resize`` or taken from another file."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        fit = r.get("resize", meta["resize"])
+        if r.get("from_tag") or fit != meta["resize"]:
+            how = f"run with --resize {fit}" if fit != meta["resize"] else "run alike"
+            how += f", taken from {r['from_tag']}.json" if r.get("from_tag") else ""
+            groups.setdefault(how, []).append(r)
+    if not groups:
+        return ""
+    parts = [
+        f"{', '.join(sorted({r['category'] for r in rs}))} ({len(rs)} runs) {how}"
+        for how, rs in sorted(groups.items())
+    ]
+    note = "Runs made earlier: " + "; ".join(parts) + "."
+    if any("--resize" in how for how in groups):
+        note += (
+            " Their categories' images are square, and a square image is resized alike by "
+            "letterbox and squash: they are the runs these settings make."
+        )
+    return note
 
 
 def make_sia(out: Path, categories: list[str], per_category: int) -> Path:
@@ -371,6 +437,8 @@ def markdown(summary: list[dict], patchcore: dict, meta: dict) -> str:
                 f"{pc['model_ms_per_image_batch1']} |"
             )
     lines += ["", f"Sources: {meta['sources_note']}"]
+    if meta.get("reused"):
+        lines += ["", meta["reused"]]
     return "\n".join(lines) + "\n"
 
 
@@ -409,7 +477,18 @@ def main() -> None:
     )
     p.add_argument("--runs", default=str(ROOT / "runs" / "realnet_quality"))
     p.add_argument("--tag", default="realnet_quality", help="result file name")
+    p.add_argument(
+        "--reuse",
+        action="append",
+        default=[],
+        metavar="TAG",
+        help="take the rows of bench/results/TAG.json that this run would train alike (same "
+        "settings; or only --resize differs and the category's images are square) instead of "
+        "training them again (repeatable)",
+    )
     args = p.parse_args()
+    if missing := [t for t in args.reuse if not (RESULTS / f"{t}.json").is_file()]:
+        p.error(f"--reuse: no results file bench/results/{missing[0]}.json")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     categories = [c for c in args.categories.split(",") if c]
@@ -455,16 +534,39 @@ def main() -> None:
     }
     result_json = RESULTS / f"{args.tag}.json"
     old = json.loads(result_json.read_text()) if result_json.is_file() else {}
-    # Rows of other training settings are run again (files from before the size entries
-    # were written at their preset's size, on whole images).
-    old_meta = old.get("meta", {})
-    if old_meta.get("preset") in PRESETS and "image_size" not in old_meta:
-        old_meta |= {"image_size": PRESETS[old_meta["preset"]].train["image_size"]}
-        old_meta |= {"crop_size": None, "lr_schedule": "constant"}
-    old_meta = {"resize": "letterbox", **old_meta}
-    compared = ("preset", "steps", "image_size", "crop_size", "lr_schedule", "resize")
-    same = all(old_meta.get(k) == meta[k] for k in compared)
-    rows = old.get("runs", []) if same else []
+    squares: dict[str, bool] = {}
+
+    def square(category: str) -> bool:
+        root = roots.get(category) or SHARED_CATEGORIES.get(category)
+        if category not in squares:
+            squares[category] = bool(root) and all_square(Path(root) / category)
+        return squares[category]
+
+    # Rows of other training settings are run again (but see reusable_rows).
+    rows = reusable_rows(old, meta, square)
+    kept = [bool(rows)]  # per results file read: whether any of its rows stay
+    done = {(r["category"], r["source"], r["seed"]) for r in rows}
+    for tag in args.reuse:  # rows another results file holds that this run would train alike
+        other = json.loads((RESULTS / f"{tag}.json").read_text())
+        taken = [
+            {**r, "from_tag": r.get("from_tag", tag)}
+            for r in reusable_rows(other, meta, square)
+            if (r["category"], r["source"], r["seed"]) not in done
+        ]
+        for r in taken:
+            name = f"{r['category']}-{r['source']}-seed{r['seed']}"
+            dst = RESULTS / args.tag / name
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(RESULTS / tag / name, dst)
+            done.add((r["category"], r["source"], r["seed"]))
+        rows += taken
+        kept.append(bool(taken))
+        for category in {r["category"] for r in taken}:  # PatchCore: whatever RealNet's settings
+            fit_json = RESULTS / tag / f"patchcore-{category}.json"
+            if fit_json.is_file() and not (RESULTS / args.tag / fit_json.name).is_file():
+                shutil.copy(fit_json, RESULTS / args.tag / fit_json.name)
+            if category in other.get("patchcore", {}):
+                old.setdefault("patchcore", {}).setdefault(category, other["patchcore"][category])
     # SIA rows made from another SDAS model are run again; PatchCore does not depend on them.
     sia_id = meta["sia_model_id"]
     # A bench run without the SIA source (say ``--sources perlin``) keeps the SIA rows it holds.
@@ -474,8 +576,14 @@ def main() -> None:
         meta["sia_model_id"] = old.get("meta", {}).get("sia_model_id")
     # The notes of sources this run does not name stay, as their rows stay.
     # A note is "<source> = ...": this run's note for a source replaces the old one.
-    old_notes = old.get("meta", {}).get("sources_note", "").split("; ") if same else []
-    kept_notes = [n for n in old_notes if n and n.split(" = ")[0] not in srcs]
+    files = [old] + [json.loads((RESULTS / f"{t}.json").read_text()) for t in args.reuse]
+    old_notes = [
+        n
+        for f, keep in zip(files, kept, strict=True)
+        if keep
+        for n in f.get("meta", {}).get("sources_note", "").split("; ")
+    ]
+    kept_notes = list(dict.fromkeys(n for n in old_notes if n and n.split(" = ")[0] not in srcs))
     meta["sources_note"] = "; ".join(notes + kept_notes)
     patchcore = old.get("patchcore", {})
     done = {(r["category"], r["source"], r["seed"]) for r in rows}
@@ -487,6 +595,7 @@ def main() -> None:
     def save() -> None:
         summary = summarise(rows)
         meta["seeds"] = sorted({r["seed"] for r in rows})  # the seeds the table holds
+        meta["reused"] = reuse_note(rows, meta)
         out = {"meta": meta, "summary": summary, "patchcore": patchcore, "runs": rows}
         result_json.write_text(json.dumps(out, indent=1))
         (RESULTS / f"{args.tag}.md").write_text(markdown(summary, patchcore, meta))

@@ -116,3 +116,28 @@ def test_a_finished_sia_set_of_more_categories_is_reused(quality, tmp_path, monk
     quality.make_sia(tmp_path, ["magnetic_tile"], 64)  # another size: left to sia-gen
     quality.make_sia(tmp_path, ["screw"], 192)  # a category it lacks: left to sia-gen
     assert len(calls) == 2 and all("sia_pipeline.cli.gen" in c for c in calls)
+
+
+def test_rows_are_reused_only_when_the_run_would_be_the_same(quality, tmp_path):
+    from PIL import Image
+
+    for name, size in (("square", (64, 64)), ("wide", (128, 64))):
+        (tmp_path / name / "train" / "good").mkdir(parents=True)
+        Image.new("RGB", (64, 64)).save(tmp_path / name / "train" / "good" / "a.png")
+        Image.new("RGB", size).save(tmp_path / name / "train" / "good" / "b.png")
+    assert quality.all_square(tmp_path / "square") and not quality.all_square(tmp_path / "wide")
+
+    settings = {"preset": "cpu", "steps": 1500, "image_size": 128, "crop_size": None}
+    squash = {**settings, "lr_schedule": "constant", "resize": "squash"}
+    runs = [{"category": c, "source": "dtd", "seed": 0} for c in ("square", "wide")]
+    before = {"meta": {**settings, "lr_schedule": "constant"}, "runs": runs}  # letterbox then
+    is_square = {"square": True, "wide": False}.get
+    assert quality.reusable_rows(before, {**squash, "resize": "letterbox"}, is_square) == runs
+    kept = quality.reusable_rows(before, squash, is_square)
+    assert kept == [{**runs[0], "resize": "letterbox"}]  # the wide category trains again
+    assert quality.reusable_rows(before, {**squash, "steps": 10}, is_square) == []
+
+    note = quality.reuse_note([*kept, {**runs[1], "from_tag": "t"}], squash)
+    assert "square (1 runs) run with --resize letterbox" in note
+    assert "wide (1 runs) run alike, taken from t.json" in note and "are square" in note
+    assert quality.reuse_note(runs, squash) == ""

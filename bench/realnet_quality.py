@@ -150,18 +150,31 @@ def reuse_note(rows: list[dict], meta: dict) -> str:
     return note
 
 
+def sia_spec(root: Path) -> dict | None:
+    """The spec of the SIA dataset (finished or being written) at ``root``, if any."""
+    for name in ("index.json", "spec.json"):
+        if (root / name).is_file():
+            return json.loads((root / name).read_text())["spec"]
+    return None
+
+
 def make_sia(out: Path, categories: list[str], per_category: int) -> Path:
     """An SIA dataset made by the real ``sia-gen`` command (resumes if present).
 
     A finished one made for more categories (an earlier bench over bottle and
-    magnetic_tile, say, then a run of magnetic_tile alone) is reused as it is.
+    magnetic_tile, say, then a run of magnetic_tile alone) is reused as it is. One of
+    another spec stays as it is too: this spec's dataset goes to a folder named after it.
     """
-    index = out / "index.json"
-    if index.is_file():
-        spec = json.loads(index.read_text())["spec"]
-        if set(categories) <= set(spec["categories"]) and spec["per_category"] == per_category:
+    spec = sia_spec(out)
+    if spec and spec["per_category"] == per_category and (out / "index.json").is_file():
+        if set(categories) <= set(spec["categories"]):
             log.info("reusing the SIA dataset %s (%s)", out, ", ".join(spec["categories"]))
             return out
+    if spec and (sorted(spec["categories"]), spec["per_category"]) != (
+        sorted(categories),
+        per_category,
+    ):
+        out = out.with_name(f"{out.name}-{'+'.join(sorted(categories))}-{per_category}")
     cmd = [sys.executable, "-m", "sia_pipeline.cli.gen", "--categories", ",".join(categories)]
     cmd += ["--strengths", "0.1:0.5", "--per-category", str(per_category), "--out", str(out)]
     log.info("running %s", " ".join(cmd))
@@ -513,6 +526,12 @@ def main() -> None:
             notes.append(f"sia = existing dataset {args.sia}")
         else:
             bundled = load_model(BUNDLED_MODEL)
+            if unknown := sorted(set(categories) - set(bundled.categories)):
+                p.error(
+                    f"the bundled SDAS model knows {', '.join(sorted(bundled.categories))}, "
+                    f"not {', '.join(unknown)}: give --sia ROOT (an SIA dataset made for them) "
+                    "or leave sia out of --sources"
+                )
             sia_root = Path(args.runs) / f"sia-{bundled.model_id}"
             srcs["sia"] = make_sia(sia_root, categories, args.sia_per_category)
             notes.append(

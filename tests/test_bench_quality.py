@@ -113,9 +113,24 @@ def test_a_finished_sia_set_of_more_categories_is_reused(quality, tmp_path, monk
     (tmp_path / "index.json").write_text(json.dumps({"spec": spec}))
     assert quality.make_sia(tmp_path, ["magnetic_tile"], 192) == tmp_path
     assert calls == []  # nothing generated
-    quality.make_sia(tmp_path, ["magnetic_tile"], 64)  # another size: left to sia-gen
-    quality.make_sia(tmp_path, ["screw"], 192)  # a category it lacks: left to sia-gen
+    # Another size, or a category it lacks: sia-gen writes a folder of that spec beside it
+    # (at the same folder it would refuse the other spec).
+    root = tmp_path / "sia-m"
+    root.mkdir()
+    (root / "index.json").write_text(json.dumps({"spec": spec}))
+    assert quality.make_sia(root, ["magnetic_tile"], 64) == tmp_path / "sia-m-magnetic_tile-64"
+    assert quality.make_sia(root, ["screw"], 192) == tmp_path / "sia-m-screw-192"
     assert len(calls) == 2 and all("sia_pipeline.cli.gen" in c for c in calls)
+    assert [c[c.index("--out") + 1] for c in calls] == [
+        str(tmp_path / "sia-m-magnetic_tile-64"),
+        str(tmp_path / "sia-m-screw-192"),
+    ]
+    # One being written for this very spec (spec.json, no index yet) is resumed in place.
+    (tmp_path / "sia-m-screw-192").mkdir()
+    (tmp_path / "sia-m-screw-192" / "spec.json").write_text(
+        json.dumps({"spec": {"categories": ["screw"], "per_category": 192}})
+    )
+    assert quality.make_sia(tmp_path / "sia-m-screw-192", ["screw"], 192).name == "sia-m-screw-192"
 
 
 def test_rows_are_reused_only_when_the_run_would_be_the_same(quality, tmp_path):
@@ -141,3 +156,17 @@ def test_rows_are_reused_only_when_the_run_would_be_the_same(quality, tmp_path):
     assert "square (1 runs) run with --resize letterbox" in note
     assert "wide (1 runs) run alike, taken from t.json" in note and "are square" in note
     assert quality.reuse_note(runs, squash) == ""
+
+
+def test_sia_for_a_category_the_bundled_model_lacks_is_refused_up_front(tmp_path):
+    import subprocess
+
+    (tmp_path / "data" / "screw" / "train" / "good").mkdir(parents=True)
+    cmd = [sys.executable, str(ROOT / "bench" / "realnet_quality.py"), "--data"]
+    cmd += [str(tmp_path / "data"), "--categories", "screw", "--sources", "sia,dtd"]
+    cmd += ["--runs", str(tmp_path / "runs"), "--tag", "never-written"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 2
+    assert "knows bottle, magnetic_tile, not screw: give --sia ROOT" in res.stderr.splitlines()[-1]
+    assert not (tmp_path / "runs").exists()
+    assert not (ROOT / "bench" / "results" / "never-written.json").exists()

@@ -502,6 +502,8 @@ def main() -> None:
     args = p.parse_args()
     if missing := [t for t in args.reuse if not (RESULTS / f"{t}.json").is_file()]:
         p.error(f"--reuse: no results file bench/results/{missing[0]}.json")
+    if args.tag in args.reuse:
+        p.error(f"--reuse {args.tag}: that is this run's own --tag (its rows are kept anyway)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     categories = [c for c in args.categories.split(",") if c]
@@ -554,6 +556,11 @@ def main() -> None:
     result_json = RESULTS / f"{args.tag}.json"
     old = json.loads(result_json.read_text()) if result_json.is_file() else {}
     squares: dict[str, bool] = {}
+    sia_id = meta["sia_model_id"]
+
+    def current(row: dict) -> bool:
+        """Not an SIA row made from another SDAS model (those are run again)."""
+        return "sia" not in srcs or not MIXES[row["source"]][1] or row.get("sia_model_id") == sia_id
 
     def square(category: str) -> bool:
         root = roots.get(category) or SHARED_CATEGORIES.get(category)
@@ -570,7 +577,7 @@ def main() -> None:
         taken = [
             {**r, "from_tag": r.get("from_tag", tag)}
             for r in reusable_rows(other, meta, square)
-            if (r["category"], r["source"], r["seed"]) not in done
+            if (r["category"], r["source"], r["seed"]) not in done and current(r)
         ]
         for r in taken:
             name = f"{r['category']}-{r['source']}-seed{r['seed']}"
@@ -587,11 +594,9 @@ def main() -> None:
             if category in other.get("patchcore", {}):
                 old.setdefault("patchcore", {}).setdefault(category, other["patchcore"][category])
     # SIA rows made from another SDAS model are run again; PatchCore does not depend on them.
-    sia_id = meta["sia_model_id"]
     # A bench run without the SIA source (say ``--sources perlin``) keeps the SIA rows it holds.
-    if "sia" in srcs:
-        rows = [r for r in rows if not MIXES[r["source"]][1] or r.get("sia_model_id") == sia_id]
-    else:
+    rows = [r for r in rows if current(r)]
+    if "sia" not in srcs:
         meta["sia_model_id"] = old.get("meta", {}).get("sia_model_id")
     # The notes of sources this run does not name stay, as their rows stay.
     # A note is "<source> = ...": this run's note for a source replaces the old one.

@@ -170,3 +170,13 @@ def test_sia_for_a_category_the_bundled_model_lacks_is_refused_up_front(tmp_path
     assert "knows bottle, magnetic_tile, not screw: give --sia ROOT" in res.stderr.splitlines()[-1]
     assert not (tmp_path / "runs").exists()
     assert not (ROOT / "bench" / "results" / "never-written.json").exists()
+    # --reuse of this run's own tag would copy its panels onto themselves: refused too.
+    cmd[cmd.index("--sources") + 1] = "dtd"
+    res = subprocess.run(
+        [*cmd, "--reuse", "realnet_quality", "--tag", "realnet_quality"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert res.returncode == 2 and "that is this run's own --tag" in res.stderr

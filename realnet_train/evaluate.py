@@ -1,12 +1,13 @@
 """Evaluate a RealNet checkpoint on a category's test split: metrics JSON and PNG panels.
 
 Masks and maps are compared at the model's input size (ground truth resized by nearest
-neighbour). A test split without masks for every defective image (labelled per image only)
-is evaluated at image level: Image AUROC overall and per defect type, pixel metrics ``None``
-and the panels' ground-truth column is left black. Panels show image | ground truth |
-anomaly map; the colour scale runs from 0 to the largest pixel score on the whole test
-split (``panel_scale_max`` in the metrics), the same for every panel, so panels
-compare with each other but not across checkpoints.
+neighbour), over the images' own pixels: a letterboxed image's padding is not scored
+(``pixels_scored`` in the metrics). A test split without masks for every defective image
+(labelled per image only) is evaluated at image level: Image AUROC overall and per defect
+type, pixel metrics ``None`` and the panels' ground-truth column is left black. Panels
+show image | ground truth | anomaly map; the colour scale runs from 0 to the largest pixel
+score on the whole test split (``panel_scale_max`` in the metrics), the same for every
+panel, so panels compare with each other but not across checkpoints.
 """
 
 from __future__ import annotations
@@ -108,7 +109,9 @@ def evaluate(
     if not items or labels.all() or not labels.any():
         msg = f"the test split of {mvtec.url} needs both good and defective images"
         raise FileNotFoundError(msg)
-    images = np.stack([mvtec.image(it, size) for it in tqdm(items, desc="load test", unit="img")])
+    loaded = [mvtec.image_and_content(it, size) for it in tqdm(items, desc="load test", unit="img")]
+    images = np.stack([image for image, _ in loaded])
+    valid = np.stack([content for _, content in loaded])  # letterbox padding is not scored
     masks = np.stack([mvtec.mask(it, size) for it in items])
     t_model = time.perf_counter()
     maps, scores = predict(model, images, batch_size)
@@ -128,8 +131,9 @@ def evaluate(
         "level": "pixel" if mvtec.has_masks else "image",
         "image_auroc": image_auroc(labels, scores),
         "image_auroc_per_type": per_type,
-        "pixel_auroc": pixel_auroc(maps, masks) if mvtec.has_masks else None,
-        "pro": pro_auc(maps, masks, fpr_limit=0.3) if mvtec.has_masks else None,
+        "pixel_auroc": pixel_auroc(maps, masks, valid) if mvtec.has_masks else None,
+        "pro": pro_auc(maps, masks, fpr_limit=0.3, valid=valid) if mvtec.has_masks else None,
+        "pixels_scored": int(valid.sum()),
         "panel_scale_max": float(maps.max()),
         # Model only (decoded images in memory, no metrics): the whole split at --batch-size,
         # and batch 1 as patchcore_baseline.py measures it.

@@ -24,42 +24,60 @@ def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(labels, np.asarray(scores, dtype=np.float64).ravel()))
 
 
-def pixel_auroc(maps: np.ndarray, masks: np.ndarray) -> float:
-    """AUROC over all pixels: maps (N, H, W) scores against masks (N, H, W) in {0, 1}."""
-    maps, masks = np.asarray(maps), np.asarray(masks).astype(bool)
-    if maps.shape != masks.shape:
-        msg = f"maps {maps.shape} and masks {masks.shape} differ in shape"
+def _scored(maps: np.ndarray, masks: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
+    """The (N, H, W) bool of pixels to score: ``valid``, or all of them."""
+    if maps.shape != masks.shape or (valid is not None and np.shape(valid) != maps.shape):
+        shapes = f"maps {maps.shape}, masks {masks.shape}" + (
+            f", valid {np.shape(valid)}" if valid is not None else ""
+        )
+        msg = f"{shapes} differ in shape"
         raise ValueError(msg)
-    if masks.all() or not masks.any():
+    return np.ones(maps.shape, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+
+
+def pixel_auroc(maps: np.ndarray, masks: np.ndarray, valid: np.ndarray | None = None) -> float:
+    """AUROC over pixels: maps (N, H, W) scores against masks (N, H, W) in {0, 1}.
+
+    ``valid`` (N, H, W) bool limits it to the images' own pixels (letterbox padding out).
+    """
+    maps, masks = np.asarray(maps), np.asarray(masks).astype(bool)
+    scored = _scored(maps, masks, valid)
+    truth = masks[scored]
+    if truth.all() or not truth.any():
         msg = "pixel_auroc needs both normal and anomalous pixels"
         raise ValueError(msg)
-    return float(roc_auc_score(masks.ravel(), maps.astype(np.float64).ravel()))
+    return float(roc_auc_score(truth, maps[scored].astype(np.float64)))
 
 
-def pro_curve(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def pro_curve(
+    maps: np.ndarray, masks: np.ndarray, valid: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The exact PRO curve: (fprs, pros), both ascending, starting at (0, 0).
 
     Each pixel contributes, when the threshold passes its score, ``1 / n_normal`` to the FPR
     (normal pixel) or ``1 / (region size * n_regions)`` to the PRO (region pixel); ties are
-    merged so each distinct score is one point.
+    merged so each distinct score is one point. Pixels outside ``valid`` (letterbox padding)
+    are no normal pixels: they add to neither.
     """
     maps = np.asarray(maps, dtype=np.float64)
     masks = np.asarray(masks).astype(bool)
-    if maps.shape != masks.shape or maps.ndim != 3:
+    if maps.ndim != 3:
         msg = f"maps {maps.shape} and masks {masks.shape} must both be (N, H, W)"
         raise ValueError(msg)
+    scored = _scored(maps, masks, valid)
+    masks = masks & scored
     pro_inc = np.zeros(maps.shape, dtype=np.float64)
     regions: list[tuple[int, np.ndarray]] = []
     for i, mask in enumerate(masks):
         labels, n = ndimage.label(mask, structure=_EIGHT)
         regions.extend((i, labels == r) for r in range(1, n + 1))
-    n_normal = int((~masks).sum())
+    n_normal = int((~masks & scored).sum())
     if not regions or n_normal == 0:
         msg = "PRO needs at least one anomalous region and one normal pixel"
         raise ValueError(msg)
     for i, region in regions:
         pro_inc[i][region] = 1.0 / (region.sum() * len(regions))
-    fp_inc = (~masks).astype(np.float64) / n_normal
+    fp_inc = (~masks & scored).astype(np.float64) / n_normal
 
     order = np.argsort(-maps.ravel(), kind="stable")
     scores = maps.ravel()[order]
@@ -79,16 +97,22 @@ def curve_area(fprs: np.ndarray, pros: np.ndarray, fpr_limit: float) -> float:
     return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2.0))
 
 
-def pro_auc(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> float:
+def pro_auc(
+    maps: np.ndarray,
+    masks: np.ndarray,
+    fpr_limit: float = 0.3,
+    valid: np.ndarray | None = None,
+) -> float:
     """Area under the PRO curve up to ``fpr_limit``, normalised to [0, 1] by ``fpr_limit``.
 
     Args:
         maps: (N, H, W) anomaly scores.
         masks: (N, H, W) ground truth in {0, 1}.
         fpr_limit: upper FPR bound in (0, 1].
+        valid: (N, H, W) bool, the pixels to score (default: all).
     """
     if not 0.0 < fpr_limit <= 1.0:
         msg = f"fpr_limit={fpr_limit} must be in (0, 1]"
         raise ValueError(msg)
-    fprs, pros = pro_curve(maps, masks)
+    fprs, pros = pro_curve(maps, masks, valid)
     return curve_area(fprs, pros, fpr_limit) / fpr_limit

@@ -110,3 +110,25 @@ def test_pro_rejects_bad_input():
         pro_auc(np.zeros((1, 2, 2)), np.zeros((1, 2, 2)))
     with pytest.raises(ValueError, match="must both be"):
         pro_auc(np.zeros((2, 2)), np.zeros((2, 2)))
+
+
+def test_letterbox_padding_is_not_scored():
+    """``valid`` leaves the padding out: the same figures as on the content band alone, and a
+    map glowing on the padding no longer counts as false positives."""
+    rng = np.random.default_rng(3)
+    masks = np.zeros((3, 12, 12), dtype=bool)
+    masks[0, 4:6, 2:5] = True
+    masks[1, 5:8, 8:11] = True
+    maps = np.round(rng.random(masks.shape) + 0.5 * masks, 2)
+    maps[:, :3], maps[:, 9:] = 5.0, 5.0  # edge glow on the padding rows
+    valid = np.zeros(masks.shape, dtype=bool)
+    valid[:, 3:9] = True  # a 2:1 image letterboxed into rows 3-8
+    band = np.s_[:, 3:9]
+    assert pixel_auroc(maps, masks, valid) == pixel_auroc(maps[band], masks[band])
+    for limit in (0.05, 0.3):
+        on_band = slow_pro_auc(maps[band], masks[band], limit)
+        assert pro_auc(maps, masks, limit, valid) == pytest.approx(on_band)
+        assert pro_auc(maps, masks, limit) < on_band  # the glow, scored, costs PRO
+    assert pixel_auroc(maps, masks) < pixel_auroc(maps, masks, valid)
+    with pytest.raises(ValueError, match="differ in shape"):
+        pixel_auroc(maps, masks, valid[:, :6])

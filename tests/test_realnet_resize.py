@@ -93,7 +93,11 @@ def test_a_run_evaluates_and_predicts_as_it_was_fitted(shared_data, tmp_path, op
     assert not np.array_equal(mvtec.mask(defect, 32), decode_mask(raw, 32, other))
     res = CliRunner().invoke(eval_main, ["--checkpoint", str(out / "last.pt"), "--data", str(data)])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout.strip().splitlines()[-1])["n_test"] == 4
+    metrics = json.loads(res.stdout.strip().splitlines()[-1])
+    assert metrics["n_test"] == 4
+    # Pixel metrics score the images' own pixels: a letterboxed 2:1 image's padding is left out.
+    content = 4 * 32 * 32 if fit == "squash" else 4 * 32 * 16
+    assert metrics["pixels_scored"] == content
 
     image = next((data / "bottle/test/good").glob("*.png"))
     res = CliRunner().invoke(

@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from sia_pipeline.compose.resize import Fit, fit_square
+from sia_pipeline.compose.resize import Fit, content_mask, fit_square
 from sia_pipeline.dataset.storage import Storage, iter_files, join_url, open_storage
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,13 @@ class MVTecCategory:
     def image(self, item: MVTecItem, size: int | None = None) -> np.ndarray:
         """(size, size, 3) uint8 RGB."""
         return decode_rgb(self.storage.get_bytes(item.image), size, self.fit)
+
+    def image_and_content(self, item: MVTecItem, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(size, size, 3) uint8 RGB and (size, size) bool: where it holds the image's own
+        pixels (all of it when squashed; letterbox padding is False)."""
+        full = self.image(item)
+        h, w = full.shape[:2]
+        return fit_square(full, size, self.fit), content_mask(h, w, size, self.fit)
 
     def mask(self, item: MVTecItem, size: int) -> np.ndarray:
         """(size, size) bool ground truth; all False for normal images."""

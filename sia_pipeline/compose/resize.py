@@ -57,9 +57,9 @@ def letterbox(
     return np.pad(resized, widths, mode="edge" if pad == "edge" else "constant")
 
 
-def content_mask(height: int, width: int, size: int) -> np.ndarray:
-    """(size, size) bool: True where the letterboxed image has real pixels, not padding."""
-    top, left, new_h, new_w = content_box(height, width, size)
+def content_mask(height: int, width: int, size: int, fit: Fit = "letterbox") -> np.ndarray:
+    """(size, size) bool: True where the fitted image has real pixels, not padding."""
+    top, left, new_h, new_w = content_box(height, width, size, fit)
     mask = np.zeros((size, size), dtype=bool)
     mask[top : top + new_h, left : left + new_w] = True
     return mask

@@ -378,6 +378,7 @@ def run_realnet(
         "source": source,
         "seed": seed,
         **{k: metrics[k] for k in METRICS},
+        "image_auroc_per_type": metrics["image_auroc_per_type"],
         "steps": tr["step"],
         "train_s": train_s,
         "data_wait_s": tr["data_wait_s"],
@@ -399,8 +400,48 @@ def summarise(rows: list[dict]) -> list[dict]:
             vals = [r[k] for r in runs if r.get(k) is not None]
             s[k] = statistics.fmean(vals) if vals else None
             s[f"{k}_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        per_type = [r["image_auroc_per_type"] for r in runs if r.get("image_auroc_per_type")]
+        types = sorted({t for p in per_type for t in p})
+        s["image_auroc_per_type"] = {
+            t: statistics.fmean(p[t] for p in per_type if t in p) for t in types
+        }
         out.append(s)
     return out
+
+
+def with_per_type(rows: list[dict], tag: str) -> list[dict]:
+    """Rows with their per-defect-type Image AUROC, read from the run's metrics.json when the
+    row was saved before the bench kept it."""
+    out = []
+    for r in rows:
+        path = RESULTS / tag / f"{r['category']}-{r['source']}-seed{r['seed']}" / "metrics.json"
+        if "image_auroc_per_type" not in r and path.is_file():
+            r = {**r, "image_auroc_per_type": json.loads(path.read_text())["image_auroc_per_type"]}
+        out.append(r)
+    return out
+
+
+def per_type_table(summary: list[dict]) -> list[str]:
+    """Markdown lines: Image AUROC per defect type, one table per category."""
+    lines = []
+    for category in sorted({s["category"] for s in summary}):
+        rows = [s for s in summary if s["category"] == category and s["image_auroc_per_type"]]
+        types = sorted({t for s in rows for t in s["image_auroc_per_type"]})
+        if not rows or len(types) < 2:
+            continue
+        lines += [
+            "",
+            f"Image AUROC per defect type, {category} (each type's images against all good "
+            "ones; mean over seeds):",
+            "",
+            "| source | " + " | ".join(types) + " |",
+            "|---|" + "---|" * len(types),
+        ]
+        for s in rows:
+            aurocs = s["image_auroc_per_type"]
+            cells = [f"{aurocs[t]:.3f}" if t in aurocs else "-" for t in types]
+            lines.append(f"| {s['source']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _cell(s: dict, k: str) -> str:
@@ -449,6 +490,7 @@ def markdown(summary: list[dict], patchcore: dict, meta: dict) -> str:
                 f"{pc['pixel_auroc']:.3f} | {pc['pro']:.3f} | {pc['fit_s']:.0f} (fit) | "
                 f"{pc['model_ms_per_image_batch1']} |"
             )
+    lines += per_type_table(summary)
     lines += ["", f"Sources: {meta['sources_note']}"]
     if meta.get("reused"):
         lines += ["", meta["reused"]]
@@ -595,7 +637,7 @@ def main() -> None:
                 old.setdefault("patchcore", {}).setdefault(category, other["patchcore"][category])
     # SIA rows made from another SDAS model are run again; PatchCore does not depend on them.
     # A bench run without the SIA source (say ``--sources perlin``) keeps the SIA rows it holds.
-    rows = [r for r in rows if current(r)]
+    rows = with_per_type([r for r in rows if current(r)], args.tag)
     if "sia" not in srcs:
         meta["sia_model_id"] = old.get("meta", {}).get("sia_model_id")
     # The notes of sources this run does not name stay, as their rows stay.

@@ -180,3 +180,19 @@ def test_sia_for_a_category_the_bundled_model_lacks_is_refused_up_front(tmp_path
         cwd=ROOT,
     )
     assert res.returncode == 2 and "that is this run's own --tag" in res.stderr
+
+
+def test_per_type_table_averages_seeds(quality):
+    runs = [
+        {"category": "tile", "source": "sia", "seed": s, "image_auroc": a, "pixel_auroc": None}
+        | {"pro": None, "train_s": 1.0, "steps": 10, "model_ms_per_image_batch1": 1.0}
+        | {"image_auroc_per_type": {"crack": a - 0.1, "break": a}}
+        for s, a in ((0, 0.8), (1, 0.9))
+    ]
+    summary = quality.summarise(runs)
+    assert summary[0]["image_auroc_per_type"] == pytest.approx({"break": 0.85, "crack": 0.75})
+    lines = quality.per_type_table(summary)
+    assert "| source | break | crack |" in lines and "| sia | 0.850 | 0.750 |" in lines
+    assert (
+        quality.per_type_table(quality.summarise([{**runs[0], "image_auroc_per_type": {}}])) == []
+    )

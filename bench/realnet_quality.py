@@ -142,7 +142,7 @@ def reuse_note(rows: list[dict], meta: dict) -> str:
         for how, rs in sorted(groups.items())
     ]
     note = "Runs made earlier: " + "; ".join(parts) + "."
-    if any("--resize" in how for how in groups):
+    if any(r.get("resize", meta["resize"]) != meta["resize"] for r in rows):
         note += (
             " Their categories' images are square, and a square image is resized alike by "
             "letterbox and squash: they are the runs these settings make."
@@ -321,6 +321,11 @@ def patchcore_metrics(pc: dict) -> dict:
     }
 
 
+def run_name(category: str, source: str, seed: int) -> str:
+    """A run's folder name, under ``--runs`` and under ``bench/results/<tag>/``."""
+    return f"{category}-{source}-seed{seed}"
+
+
 def training_settings(args) -> tuple[dict, RealNetConfig]:
     """The preset with the bench's options over it: every run's TrainConfig fields and model."""
     train_kw, model = resolve(
@@ -348,7 +353,7 @@ def run_realnet(
     settings: tuple[dict, RealNetConfig],
 ) -> dict:
     """Train one RealNet run with ``settings`` (:func:`training_settings`) and evaluate it."""
-    name = f"{category}-{source}-seed{seed}"
+    name = run_name(category, source, seed)
     run_dir = Path(args.runs) / name
     shutil.rmtree(run_dir, ignore_errors=True)
     train_kw, model = settings
@@ -414,7 +419,7 @@ def with_per_type(rows: list[dict], tag: str) -> list[dict]:
     row was saved before the bench kept it."""
     out = []
     for r in rows:
-        path = RESULTS / tag / f"{r['category']}-{r['source']}-seed{r['seed']}" / "metrics.json"
+        path = RESULTS / tag / run_name(r["category"], r["source"], r["seed"]) / "metrics.json"
         if "image_auroc_per_type" not in r and path.is_file():
             r = {**r, "image_auroc_per_type": json.loads(path.read_text())["image_auroc_per_type"]}
         out.append(r)
@@ -612,7 +617,7 @@ def main() -> None:
 
     # Rows of other training settings are run again (but see reusable_rows).
     rows = reusable_rows(old, meta, square)
-    kept = [bool(rows)]  # per results file read: whether any of its rows stay
+    kept_from = [old] if rows else []  # the results files whose rows stay
     done = {(r["category"], r["source"], r["seed"]) for r in rows}
     for tag in args.reuse:  # rows another results file holds that this run would train alike
         other = json.loads((RESULTS / f"{tag}.json").read_text())
@@ -622,13 +627,14 @@ def main() -> None:
             if (r["category"], r["source"], r["seed"]) not in done and current(r)
         ]
         for r in taken:
-            name = f"{r['category']}-{r['source']}-seed{r['seed']}"
+            name = run_name(r["category"], r["source"], r["seed"])
             dst = RESULTS / args.tag / name
             shutil.rmtree(dst, ignore_errors=True)
             shutil.copytree(RESULTS / tag / name, dst)
             done.add((r["category"], r["source"], r["seed"]))
         rows += taken
-        kept.append(bool(taken))
+        if taken:
+            kept_from.append(other)
         for category in {r["category"] for r in taken}:  # PatchCore: whatever RealNet's settings
             fit_json = RESULTS / tag / f"patchcore-{category}.json"
             if fit_json.is_file() and not (RESULTS / args.tag / fit_json.name).is_file():
@@ -642,12 +648,8 @@ def main() -> None:
         meta["sia_model_id"] = old.get("meta", {}).get("sia_model_id")
     # The notes of sources this run does not name stay, as their rows stay.
     # A note is "<source> = ...": this run's note for a source replaces the old one.
-    files = [old] + [json.loads((RESULTS / f"{t}.json").read_text()) for t in args.reuse]
     old_notes = [
-        n
-        for f, keep in zip(files, kept, strict=True)
-        if keep
-        for n in f.get("meta", {}).get("sources_note", "").split("; ")
+        n for f in kept_from for n in f.get("meta", {}).get("sources_note", "").split("; ")
     ]
     kept_notes = list(dict.fromkeys(n for n in old_notes if n and n.split(" = ")[0] not in srcs))
     meta["sources_note"] = "; ".join(notes + kept_notes)

@@ -222,24 +222,54 @@ class TrainStep(nn.Module):
 
 
 class BadData:
-    """Counts bad samples seen by this rank (records of the first few for the log)."""
+    """Bad samples, each counted once by (shard, key) however often it is read.
+
+    A sample read again on a later epoch, by the AFS stream and then the training stream, or
+    by another rank, is one bad sample: :attr:`records` holds each once, in the order first
+    seen. Records this rank has not yet shared wait in :attr:`new` (see :meth:`share`).
+    """
 
     def __init__(self) -> None:
         self.records: list[dict] = []
-        self.count = 0
-        self.by_kind: dict[str, int] = {}
+        self.new: list[dict] = []
+        self._seen: set[tuple[str | None, str | None]] = set()
+
+    @property
+    def count(self) -> int:
+        return len(self.records)
+
+    @property
+    def by_kind(self) -> dict[str, int]:
+        kinds: dict[str, int] = {}
+        for r in self.records:
+            kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
+        return kinds
+
+    def _take(self, r: dict) -> bool:
+        ident = (r.get("shard"), r.get("key"))
+        if ident in self._seen:
+            return False
+        self._seen.add(ident)
+        self.records.append(r)
+        return True
 
     def add(self, records: list[dict]) -> None:
         for r in records:
-            self.count += 1
-            self.by_kind[r["kind"]] = self.by_kind.get(r["kind"], 0) + 1
-            if len(self.records) < BAD_EXAMPLES:
-                self.records.append(r)
+            if self._take(r):
+                self.new.append(r)
 
     def add_batch(self, batch: dict[str, Any]) -> None:
         for text in batch.get("bad", []):
             if text and text != "[]":
                 self.add(json.loads(text))
+
+    def share(self, dist: distributed.DistInfo) -> None:
+        """Merge every rank's new records (a collective: call on all ranks together, only
+        when some rank has new ones); afterwards every rank holds the same set."""
+        mine, self.new = self.new, []
+        for records in distributed.gather_objects(mine, dist):
+            for r in records:  # type: ignore[union-attr]
+                self._take(r)
 
 
 @torch.no_grad()
@@ -363,9 +393,12 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict[str, Any]:
         over_time = cfg.time_budget_s is not None and elapsed >= cfg.time_budget_s
         # One collective per step: every rank stops at the same step, and sees the same
         # (mean) elapsed time for the lr schedule.
-        timed_out, total_bad, elapsed_sum = distributed.sum_across(
-            [float(over_time), bad.count, elapsed], dist
+        timed_out, new_bad, elapsed_sum = distributed.sum_across(
+            [float(over_time), len(bad.new), elapsed], dist
         )
+        if new_bad:  # rare: merge the ranks' new bad samples, so none is counted twice
+            bad.share(dist)
+        total_bad = bad.count
         if step >= cfg.steps or total_bad > cfg.max_bad_samples:
             break
         if timed_out:
@@ -405,7 +438,6 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict[str, Any]:
         if step % cfg.checkpoint_every == 0:
             checkpoint(step)
     bar.close()
-    all_bad = [r for rs in distributed.gather_objects(bad.records, dist) for r in rs]
     calibration = None
     if total_bad > cfg.max_bad_samples:
         stopped = f"{int(total_bad)} bad samples (limit --max-bad-samples {cfg.max_bad_samples})"
@@ -417,11 +449,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict[str, Any]:
     checkpoint(step, calibration=calibration)
     wall = time.perf_counter() - t0
     kinds = ("unreadable", "rejected")
-    sums = dict(
-        zip(
-            kinds, distributed.sum_across([bad.by_kind.get(k, 0) for k in kinds], dist), strict=True
-        )
-    )
+    sums = {k: bad.by_kind.get(k, 0) for k in kinds}  # the same on every rank after share()
     params = [float(sum(p.detach().double().sum() for p in model.trainable_parameters()))]
     result = {
         "category": cfg.category,
@@ -440,7 +468,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict[str, Any]:
             "unreadable": int(sums["unreadable"]),
             "rejected": int(sums["rejected"]),
             "limit": cfg.max_bad_samples,
-            "examples": all_bad[:BAD_EXAMPLES],
+            "examples": bad.records[:BAD_EXAMPLES],  # each (shard, key) once
         },
         "rank_param_sums": [x for (x,) in distributed.gather_objects(params, dist)],
         "calibration": calibration,

@@ -111,10 +111,15 @@ def tiny_model(tmp_path_factory) -> Path:
     return folder
 
 
-def write_tiny_sia(root: Path, shared: Path, per_shard: int = 6) -> Path:
+def write_tiny_sia(
+    root: Path,
+    shared: Path,
+    per_shard: int = 6,
+    plan: list[tuple[str, int, tuple[float, float]]] | None = None,
+) -> Path:
     """A format-v1 SIA dataset written by hand (not by sia-gen) from perturbed real images.
 
-    Shards: bottle-000000 (strengths 0.10-0.20), bottle-000001 (0.30-0.50),
+    Shards (default ``plan``): bottle-000000 (strengths 0.10-0.20), bottle-000001 (0.30-0.50),
     magnetic_tile-000000 (0.10-0.50). Images are 64 px training images with a colour shift
     and noise, so they differ from the normal ones.
     """
@@ -132,7 +137,11 @@ def write_tiny_sia(root: Path, shared: Path, per_shard: int = 6) -> Path:
         "bottle": shared / "mvtec_ad" / "bottle" / "train" / "good",
         "magnetic_tile": shared / "magnetic_tile" / "magnetic_tile" / "train" / "good",
     }
-    plan = [("bottle", 0, (0.1, 0.2)), ("bottle", 1, (0.3, 0.5)), ("magnetic_tile", 0, (0.1, 0.5))]
+    plan = plan or [
+        ("bottle", 0, (0.1, 0.2)),
+        ("bottle", 1, (0.3, 0.5)),
+        ("magnetic_tile", 0, (0.1, 0.5)),
+    ]
     rng = np.random.default_rng(0)
     entries = []
     for category, shard, (lo, hi) in plan:

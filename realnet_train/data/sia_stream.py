@@ -12,7 +12,9 @@ readers, every reader opens every shard and keeps every ``total``-th sample inst
 Bad data never stops the stream: a shard that fails to open or read (truncated tar) or a
 sample that fails to decode, or whose metadata contradicts ``index.json`` (category, strength
 outside its shard's span), becomes a :func:`bad_marker` naming shard and key; consumers count
-and skip it.
+and skip it. A bad sample is one sample however often it is read: each reader reports it
+once (later passes skip it quietly), and a shard that broke off is read up to the break on
+later passes, its unread samples reported once each, by the one reader that owns them.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from sia_pipeline.dataset.format import (
     list_shards,
     open_url_stream,
     parse_key,
+    sample_key,
 )
 
 log = logging.getLogger(__name__)
@@ -90,14 +93,37 @@ def epoch_shards(
                 yield {"url": urls[j], "part": (slot, total)}
 
 
+def _lost_keys(url: str, last_key: str | None, start: int, count: int | None) -> list[str | None]:
+    """Keys of a broken shard's unread samples ``start .. count - 1`` (the cut one first).
+
+    Format-v1 keys are ``CATEGORY-SHARD-INDEX``; when the shard's name or count is unknown,
+    only the sample being read at the break is named (``last_key``, possibly None).
+    """
+    try:
+        category, number, _ = parse_key(url.rsplit("/", 1)[-1].removesuffix(".tar") + "-000000")
+    except FormatError:
+        return [last_key]
+    if count is None or count <= start:
+        return [last_key if last_key is not None else sample_key(category, number, start)]
+    return [sample_key(category, number, j) for j in range(start, count)]
+
+
 def expand_shards(
-    src: Iterable[dict[str, Any]], endpoint_url: str | None = None
+    src: Iterable[dict[str, Any]],
+    endpoint_url: str | None = None,
+    counts: dict[str, int] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Pipeline stage: ``{url, part}`` -> raw samples ``{__key__, __url__, png, json}``.
 
-    A shard that cannot be opened, or breaks off (truncated tar, cut stream), yields one
-    bad marker naming the last key read and ends; the stream goes on with the next shard.
+    A shard that cannot be opened yields one bad marker (key None) the first time. A shard
+    that breaks off (truncated tar, cut stream) yields its samples up to the break, then one
+    bad marker per sample it did not deliver (``counts``: shard URL -> samples in its index;
+    without it, the sample being read), each only by the reader whose ``part`` holds it.
+    Later passes read such a shard up to the break and stop there, reporting nothing again.
     """
+    broken: dict[str, int] = {}  # url -> complete samples before the break
+    unopened: set[str] = set()
+    dead = 0  # shards in a row that gave this reader nothing because they are known bad
     for item in src:
         url, part = item["url"], item.get("part")
         last: dict[str, str | None] = {"key": None}
@@ -108,20 +134,46 @@ def expand_shards(
                     last["key"] = m["fname"].split(".", 1)[0]
                 yield m
 
+        def mine(j: int, part=part) -> bool:
+            return part is None or j % part[1] == part[0]
+
+        if dead > 2 * len(counts or ()) + 2:
+            msg = f"no SIA shard gives readable samples (the last {dead} were all known bad)"
+            raise FormatError(msg)
         try:
             stream = open_url_stream(url, endpoint_url)
         except Exception as e:  # noqa: BLE001 - any storage failure is one bad shard
-            yield bad_marker(url, None, f"cannot open shard: {e}")
+            if url in unopened:
+                dead += 1
+            elif mine(0):
+                yield bad_marker(url, None, f"cannot open shard: {e}")
+            unopened.add(url)
             continue
+        unopened.discard(url)
+        limit = broken.get(url)
+        complete = given = 0
         try:
-            for i, raw in enumerate(group_by_keys(members(stream))):
-                if part is None or i % part[1] == part[0]:
+            for raw in group_by_keys(members(stream)):
+                if limit is not None and complete >= limit:
+                    break  # known to break off here: stop before reading into the break
+                if mine(complete):
+                    given += 1
+                    dead = 0
                     yield raw
+                complete += 1
         except Exception as e:  # noqa: BLE001 - tarfile / network errors of many types
-            first = str(e.args[0] if e.args else e).split(" @ ")[0]  # wds appends the stream
-            yield bad_marker(url, last["key"], f"shard breaks off: {type(e).__name__}: {first}")
+            if url not in broken:
+                broken[url] = complete
+                first = str(e.args[0] if e.args else e).split(" @ ")[0]  # wds appends the stream
+                reason = f"shard breaks off: {type(e).__name__}: {first}"
+                keys = _lost_keys(url, last["key"], complete, (counts or {}).get(url))
+                for j, key in enumerate(keys, start=complete):
+                    if mine(j):
+                        yield bad_marker(url, key, reason)
         finally:
             stream.close()
+        if limit is not None and not given:
+            dead += 1
 
 
 def decode_samples(
@@ -135,22 +187,33 @@ def decode_samples(
     Samples outside ``strength_range`` are dropped one by one; more than ``max_dropped`` in
     a row (a range that no sample falls in) raises ``FormatError`` instead of spinning
     forever. A sample that fails to decode or contradicts ``index`` (shard URL ->
-    :class:`ShardRef`) becomes a bad marker.
+    :class:`ShardRef`) becomes a bad marker the first time; later reads of it are skipped
+    quietly (more than ``max_dropped`` of those in a row: ``FormatError``, nothing good left).
     """
     dropped = 0
+    reported: set[tuple[str, str | None]] = set()  # bad samples this reader has reported
+    skipped = 0
     for raw in src:
         if is_bad(raw):
             yield raw
             continue
         url, key = raw.get("__url__", "?"), raw.get("__key__")
+        if (url, key) in reported:  # read again on a later pass: skipped, not reported twice
+            skipped += 1
+            if max_dropped is not None and skipped > max_dropped:
+                msg = f"no readable SIA sample left (read {skipped} known bad ones in a row)"
+                raise FormatError(msg)
+            continue
         try:
             image, meta = decode_sample(raw)
             s = float(meta["strength"])
         except Exception as e:  # noqa: BLE001 - PIL, json and format errors alike
+            reported.add((url, key))
             yield bad_marker(url, key, f"{type(e).__name__}: {e}")
             continue
         problem = contradiction(key, meta, s, index.get(url) if index else None)
         if problem:
+            reported.add((url, key))
             yield bad_marker(url, key, problem, kind="rejected")
             continue
         if strength_range is not None and not strength_range[0] <= s <= strength_range[1]:
@@ -159,8 +222,32 @@ def decode_samples(
                 msg = f"no SIA sample has a strength in {strength_range} (read {dropped} in a row)"
                 raise FormatError(msg)
             continue
-        dropped = 0
+        dropped = skipped = 0
         yield {"key": key, "image": image, "meta": meta, "shard": url}
+
+
+def shuffle_good(
+    src: Iterable[dict[str, Any]], bufsize: int, initial: int, seed: int
+) -> Iterator[dict[str, Any]]:
+    """Pipeline stage: WebDataset's shuffle buffer over the good samples; bad markers pass
+    straight through, so each (reported once) reaches the consumer as soon as it is found
+    instead of waiting its turn in the buffer."""
+    from collections import deque
+
+    markers: deque[dict[str, Any]] = deque()
+
+    def good() -> Iterator[dict[str, Any]]:
+        for item in src:
+            if is_bad(item):
+                markers.append(item)
+            else:
+                yield item
+
+    for item in wds.shuffle(bufsize, initial=initial, seed=seed)(good()):
+        while markers:
+            yield markers.popleft()
+        yield item
+    yield from markers
 
 
 def contradiction(key: str, meta: dict[str, Any], strength: float, ref: ShardRef | None) -> str:
@@ -224,11 +311,11 @@ def sia_pipeline(
     index = {r.url: r for r in refs}
     stages: list[Any] = [
         partial(epoch_shards, [r.url for r in refs], *((seed, None) if resampled else (None, 1))),
-        wds.pipelinefilter(expand_shards)(endpoint_url),
+        wds.pipelinefilter(expand_shards)(endpoint_url, {r.url: r.count for r in refs}),
         wds.pipelinefilter(decode_samples)(strength_range, index, 2 * sum(r.count for r in refs)),
     ]
     if not keep_bad:
         stages.append(wds.select(is_good))
     if shuffle > 0:
-        stages.append(wds.shuffle(shuffle, initial=min(shuffle, 16), seed=seed))
+        stages.append(wds.pipelinefilter(shuffle_good)(shuffle, min(shuffle, 16), seed))
     return wds.DataPipeline(*stages)

@@ -376,7 +376,11 @@ def load_model(
                     " (diffusion.model.save_model) to give it an id that covers it"
                 )
             raise ValueError(msg)
-        unet = UNet2DModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
+        # low_cpu_mem_usage=False: a plain load. The default asks for `accelerate` and, without
+        # it, warns every user to install it; the small UNets here gain nothing from it.
+        unet = UNet2DModel.from_pretrained(
+            folder / "unet", torch_dtype=torch.float32, low_cpu_mem_usage=False
+        )
     except Exception as e:
         msg = f"corrupt model at {url}: {e}".splitlines()[0]
         raise ModelError(msg) from None

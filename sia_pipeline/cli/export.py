@@ -10,6 +10,7 @@ import click
 
 from sia_pipeline.cli._common import SiaCommand, die, s3_endpoint_option, setup_logging
 from sia_pipeline.compose.foreground import CHOICES
+from sia_pipeline.dataset.export import HOLDOUT
 from sia_pipeline.dataset.export_layouts import LAYOUTS
 
 
@@ -53,6 +54,13 @@ def _strengths(text: str | None) -> tuple[float, float] | None:
 )
 @click.option("--textures", default=None, help="Texture image folder (DTD images/) for texture.")
 @click.option("--strengths", default=None, help="Use SIA samples with strength in LO:HI.")
+@click.option(
+    "--holdout",
+    type=float,
+    default=HOLDOUT,
+    help="Share of the normal images held out (seeded hash): anomalies go only into these, "
+    "written as test normals; the rest are training normals. In (0, 1).",
+)
 @click.option("--seed", type=int, default=0, help="Every output's seed is hashed from it.")
 @click.option("--image-size", type=int, default=256, help="Output side (long side; padded square).")
 @click.option(
@@ -78,6 +86,8 @@ def main(**kw) -> None:
 
     if kw["workers"] is not None and kw["workers"] < 0:
         die(f"--workers must be >= 0, got {kw['workers']}")
+    if not 0 < kw["holdout"] < 1:
+        die(f"--holdout must be in (0, 1), got {kw['holdout']}")
     spec = ExportSpec(
         category=kw["category"],
         data=kw["data"],
@@ -90,6 +100,7 @@ def main(**kw) -> None:
         size=kw["image_size"],
         foreground=kw["foreground"],
         strengths=_strengths(kw["strengths"]),
+        holdout=kw["holdout"],
     )
     try:
         report = export(

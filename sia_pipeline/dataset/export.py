@@ -1,9 +1,12 @@
 """``sia-export``: ready-to-train anomaly image + mask pairs from an SIA dataset (or textures).
 
-For each normal training image of a category, ``per_image`` composites are made with the
-composition the trainer uses (:mod:`sia_pipeline.compose`) and written in an MVTec AD,
-anomalib Folder or WebDataset layout (:mod:`export_layouts`), with ``metadata.jsonl`` (one row
-per output) and ``export.json`` (the settings, the foreground rule, counts). Every output is
+The normal training images of a category are split by a seeded hash into training and
+held-out ones (``holdout``, :func:`split_normals`). For each held-out image, ``per_image``
+composites are made with the composition the trainer uses (:mod:`sia_pipeline.compose`), so
+no anomaly's source image is among the training normals, and written in an MVTec AD, anomalib
+Folder or WebDataset layout (:mod:`export_layouts`), with ``metadata.jsonl`` (one row per
+output, paths relative to the export root) and ``export.json`` (the settings, the split, the
+foreground rule, counts). Every output is
 seeded from (seed, normal image, k) by hashing, so the same command gives the same bytes;
 the work is split into units (:mod:`export_units`) run by Ray (or in-process), each marked
 done when written, so a rerun finishes an interrupted export.
@@ -14,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +27,13 @@ import numpy as np
 from tqdm import tqdm
 
 from sia_pipeline.compose import CHOICES, choose_rule, letterbox
-from sia_pipeline.dataset.export_layouts import LAYOUTS, read_pair, rows_json
+from sia_pipeline.dataset.export_layouts import (
+    LAYOUTS,
+    NORMAL_DIRS,
+    normal_path,
+    read_pair,
+    rows_json,
+)
 from sia_pipeline.dataset.export_units import Job, Output, Unit, read_marker, run_local, run_ray
 from sia_pipeline.dataset.format import (
     FormatError,
@@ -49,6 +59,7 @@ SOURCES = ("sia", "texture", "both")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 UNIT_OUTPUTS = 64
 UNIT_NORMALS = 256
+HOLDOUT = 0.2  # default share of the normal images held out for testing
 SPEC_NAME = ".export/spec.json"
 EXPORT_NAME = "export.json"
 METADATA_NAME = "metadata.jsonl"
@@ -78,12 +89,37 @@ class ExportSpec:
     size: int
     foreground: str | None
     strengths: tuple[float, float] | None
+    holdout: float = HOLDOUT
 
 
 def output_seed(seed: int, normal: str, k: int, purpose: str = "compose") -> int:
     """A 63-bit seed hashed from (seed, normal image path, k, purpose): order-independent."""
     digest = hashlib.sha256(f"{seed}\0{normal}\0{k}\0{purpose}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
+
+
+def split_normals(
+    normals: Sequence[str], fraction: float, seed: int
+) -> tuple[list[str], list[str]]:
+    """(training, held-out) normal images: the ``round(fraction * n)`` images (at least one,
+    at most ``n - 1``) with the lowest seeded hash of their path are held out. Each image's
+    hash depends only on (seed, its path), not on the listing order; both lists keep the
+    order of ``normals``.
+
+    Raises:
+        ExportError: ``fraction`` is not in (0, 1), or fewer than 2 images to split.
+    """
+    if not 0 < fraction < 1:
+        msg = f"--holdout must be in (0, 1), got {fraction}"
+        raise ExportError(msg)
+    n = len(normals)
+    if n < 2:
+        msg = f"--holdout needs at least 2 normal images (one to train on, one to test), got {n}"
+        raise ExportError(msg)
+    k = min(n - 1, max(1, math.floor(fraction * n + 0.5)))
+    ranked = sorted(normals, key=lambda name: (output_seed(seed, name, 0, "holdout"), name))
+    held = set(ranked[:k])
+    return [m for m in normals if m not in held], [m for m in normals if m in held]
 
 
 def _check_out(out: str, endpoint_url: str | None) -> None:
@@ -138,13 +174,16 @@ def _sia_samples(spec: ExportSpec, endpoint_url: str | None) -> list[tuple[str, 
 
 def plan_units(
     spec: ExportSpec,
-    normals: Sequence[str],
+    train: Sequence[str],
+    held: Sequence[str],
     sia: Sequence[tuple[str, str, float]],
     textures: Sequence[str],
 ) -> list[Unit]:
-    """Every output, its source and seed; grouped into units (SIA by shard, then textures)."""
+    """Every output (composed into a held-out normal ``held``), its source and seed, grouped
+    into units (SIA by shard, then textures), then the normal images to write (file layouts:
+    ``train``, then ``held``)."""
     outputs = []
-    for i, normal in enumerate(normals):
+    for i, normal in enumerate(held):
         for k in range(spec.per_image):
             pick = np.random.default_rng(output_seed(spec.seed, normal, k, "pick"))
             source = spec.source
@@ -168,15 +207,21 @@ def plan_units(
             kind = "sia" if url else "texture"
             chunk = tuple(group[j : j + UNIT_OUTPUTS])
             units.append(Unit(f"{kind}-{len(units):06d}", len(units), kind, url, chunk))
-    if spec.layout != "webdataset":
-        for j in range(0, len(normals), UNIT_NORMALS):
-            chunk_n = tuple(normals[j : j + UNIT_NORMALS])
-            units.append(Unit(f"normals-{len(units):06d}", len(units), "normals", normals=chunk_n))
+    if spec.layout in NORMAL_DIRS:
+        for held_out, names in ((False, train), (True, held)):
+            prefix = "heldout" if held_out else "normals"
+            for j in range(0, len(names), UNIT_NORMALS):
+                chunk_n = tuple(names[j : j + UNIT_NORMALS])
+                uid = f"{prefix}-{len(units):06d}"
+                units.append(Unit(uid, len(units), "normals", normals=chunk_n, held_out=held_out))
     return units
 
 
-def prepare(spec: ExportSpec, out: str, endpoint_url: str | None = None) -> tuple[Job, list[Unit]]:
-    """Check every input, choose the foreground rule and plan the units; writes nothing."""
+def prepare(
+    spec: ExportSpec, out: str, endpoint_url: str | None = None
+) -> tuple[Job, list[Unit], dict[str, Any]]:
+    """Check every input, split the normals, choose the foreground rule and plan the units;
+    writes nothing. Returns the job, its units and the split (as ``export.json`` records it)."""
     if spec.per_image < 1:
         msg = f"--per-image must be at least 1, got {spec.per_image}"
         raise ExportError(msg)
@@ -201,6 +246,12 @@ def prepare(spec: ExportSpec, out: str, endpoint_url: str | None = None) -> tupl
         raise ExportError(str(e)) from None
     if not normals:
         msg = f"no normal images under {join_url(data_url, 'train/good')} (unknown category?)"
+        raise ExportError(msg)
+    train, held = split_normals(normals, spec.holdout, spec.seed)
+    names = [normal_path("folder", n) for n in normals]
+    if len(set(names)) < len(names):
+        same = sorted(n for n in normals if names.count(normal_path("folder", n)) > 1)[:2]
+        msg = f"normal images {same} would share one output name (<stem>.png); rename one"
         raise ExportError(msg)
     sia, textures = [], []
     if spec.source in ("sia", "both"):
@@ -234,14 +285,24 @@ def prepare(spec: ExportSpec, out: str, endpoint_url: str | None = None) -> tupl
         rule,
         spec.textures,
         endpoint_url,
+        hashlib.sha256(_spec_bytes(spec, rule)).hexdigest()[:16],
     )
-    return job, plan_units(spec, normals, sia, textures)
+    dirs = NORMAL_DIRS.get(spec.layout, (None, None))
+    split = {
+        "holdout": spec.holdout,
+        "method": "the round(holdout * n) normal images with the lowest sha256(seed, path)",
+        "anomalies_into": "held-out normal images only",
+        "train_dir": dirs[0],
+        "test_dir": dirs[1],
+        "test_good": "all held-out normal images" if dirs[1] else None,
+        "train": [{"data": n, "image": normal_path(spec.layout, n)} for n in train],
+        "held_out": [{"data": n, "image": normal_path(spec.layout, n, True)} for n in held],
+    }
+    return job, plan_units(spec, train, held, sia, textures), split
 
 
-def _spec_bytes(spec: ExportSpec, job: Job) -> bytes:
-    return json.dumps(
-        {**asdict(spec), "rule": job.rule.to_dict()}, sort_keys=True, indent=1
-    ).encode()
+def _spec_bytes(spec: ExportSpec, rule) -> bytes:
+    return json.dumps({**asdict(spec), "rule": rule.to_dict()}, sort_keys=True, indent=1).encode()
 
 
 @dataclass
@@ -251,11 +312,14 @@ class ExportReport:
     units: int
     skipped: int
     seconds: float
+    train: int = 0
+    held_out: int = 0
 
     def summary(self) -> str:
         return (
-            f"{self.outputs} anomaly pairs in {self.units} units ({self.skipped} already done) "
-            f"-> {self.out} in {self.seconds:.1f} s"
+            f"{self.outputs} anomaly pairs on {self.held_out} held-out normal images"
+            f" ({self.train} kept for training) in {self.units} units"
+            f" ({self.skipped} already done) -> {self.out} in {self.seconds:.1f} s"
         )
 
 
@@ -272,9 +336,9 @@ def export(
     import time
 
     t0 = time.perf_counter()
-    job, units = prepare(spec, out, endpoint_url)
+    job, units, split = prepare(spec, out, endpoint_url)
     storage = open_storage(job.out, endpoint_url)
-    spec_json = _spec_bytes(spec, job)
+    spec_json = _spec_bytes(spec, job.rule)
     try:
         previous = storage.get_bytes(SPEC_NAME)
     except FileNotFoundError:
@@ -339,7 +403,9 @@ def export(
         "foreground": {**job.rule.to_dict(), "describe": job.rule.describe()},
         "opacity": {"sia": [0.5, 1.0], "texture": [0.2, 1.0]},
         "outputs": len(outputs),
-        "normals": sum(len(u.normals) for u in units),
+        "normals": {"train": len(split["train"]), "held_out": len(split["held_out"])},
+        "split": split,
+        "spec_hash": job.spec_hash,
         "sources": {s: sum(r["source"] == s for r in outputs) for s in ("sia", "texture")},
         "metadata": METADATA_NAME,
     }
@@ -347,7 +413,13 @@ def export(
     if preview:
         write_preview(storage, spec.layout, outputs)
     return ExportReport(
-        job.out, len(outputs), len(units), len(units) - len(todo), time.perf_counter() - t0
+        job.out,
+        len(outputs),
+        len(units),
+        len(units) - len(todo),
+        time.perf_counter() - t0,
+        len(split["train"]),
+        len(split["held_out"]),
     )
 
 

@@ -1,14 +1,17 @@
 """Where ``sia-export`` puts each anomaly image and mask, for the three layouts it writes.
 
-All paths are relative to ``OUT/CATEGORY``:
+All paths are relative to ``OUT/CATEGORY`` (the export root). Normal images are split into
+training and held-out ones (``--holdout``); anomalies are composed only into held-out ones.
+Every image is letterboxed to the export's size and written as PNG (``<stem>.png``).
 
-- ``mvtec``: ``test/synthetic/NNNNNN.png``, ``ground_truth/synthetic/NNNNNN_mask.png`` and the
-  normal training images copied to ``train/good/`` (a complete MVTec AD-style data set);
-- ``folder``: anomalib's Folder layout, ``abnormal/NNNNNN.png``, ``mask/NNNNNN.png``,
-  ``normal/<name>``;
+- ``mvtec``: ``train/good/`` (training normals), ``test/good/`` (all held-out normals),
+  ``test/synthetic/NNNNNN.png`` and ``ground_truth/synthetic/NNNNNN_mask.png``: an MVTec
+  AD-style data set (anomalib ``MVTecAD``);
+- ``folder``: anomalib's Folder layout, ``normal/`` (training), ``normal_test/`` (held out),
+  ``abnormal/NNNNNN.png``, ``mask/NNNNNN.png`` (``Folder(normal_test_dir="normal_test")``);
 - ``webdataset``: ``shards/CATEGORY-UUUUUU.tar`` with ``KEY.png``, ``KEY.mask.png`` and
   ``KEY.json`` members and a stats file ``shards/CATEGORY-UUUUUU.json`` (count, size, sha256,
-  keys, strength span) as in SIA format v1.
+  keys, strength span, per-sample rows, spec hash) as in SIA format v1; no normal images.
 """
 
 from __future__ import annotations
@@ -47,10 +50,17 @@ def decode_png(data: bytes, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
     return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB) if arr.ndim == 3 else arr
 
 
-def normal_path(layout: str, name: str) -> str | None:
-    """Where a normal training image is copied (``None``: the layout has no normals)."""
-    base = name.rsplit("/", 1)[-1]
-    return {"mvtec": f"train/good/{base}", "folder": f"normal/{base}"}.get(layout)
+NORMAL_DIRS = {"mvtec": ("train/good", "test/good"), "folder": ("normal", "normal_test")}
+
+
+def normal_path(layout: str, name: str, held_out: bool = False) -> str | None:
+    """Where normal image ``name`` goes: the training or the held-out folder, as ``<stem>.png``
+    (``None``: the layout writes no normal images)."""
+    dirs = NORMAL_DIRS.get(layout)
+    if dirs is None:
+        return None
+    stem = name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    return f"{dirs[held_out]}/{stem}.png"
 
 
 def pair_paths(layout: str, index: int) -> tuple[str, str]:
@@ -75,11 +85,13 @@ def write_pairs(
     category: str,
     number: int,
     pairs: Sequence[tuple[np.ndarray, np.ndarray, dict[str, Any]]],
+    spec_hash: str = "",
 ) -> list[dict[str, Any]]:
     """Write one unit's (image, mask, row) triples; returns the rows with their locations.
 
     Files are written atomically one by one; a shard is built in a local temp file and
-    uploaded whole, its stats after it.
+    uploaded whole, its stats after it. A webdataset row names its ``tar`` (relative to the
+    export root), its ``key`` and the ``image`` and ``mask`` members in that tar.
     """
     rows = []
     if layout != "webdataset":
@@ -98,7 +110,8 @@ def write_pairs(
             writer = TarWriter(f, user="sia", group="sia", mode=0o444, encoder=False, mtime=0)
             for j, (image, mask, row) in enumerate(pairs):
                 key = sample_key(category, number, j)
-                out = {**row, "image": tar_path, "mask": tar_path, "key": key}
+                out = {**row, "tar": tar_path, "key": key}
+                out |= {"image": f"{key}.png", "mask": f"{key}.mask.png"}
                 writer.write(
                     {
                         "__key__": key,
@@ -124,6 +137,8 @@ def write_pairs(
         keys=[r["key"] for r in rows],
         strength_min=min(strengths, default=0.0),
         strength_max=max(strengths, default=0.0),
+        spec_hash=spec_hash,
+        samples=rows,
     )
     storage.put_bytes(stats.to_json(), stats_path)
     return rows
@@ -136,9 +151,9 @@ def read_pair(storage: Storage, layout: str, row: dict[str, Any]) -> tuple[np.nd
         return image, decode_png(storage.get_bytes(row["mask"]), cv2.IMREAD_GRAYSCALE)
     import tarfile
 
-    with tarfile.open(fileobj=io.BytesIO(storage.get_bytes(row["image"]))) as tar:
-        image = tar.extractfile(f"{row['key']}.png").read()  # type: ignore[union-attr]
-        mask = tar.extractfile(f"{row['key']}.mask.png").read()  # type: ignore[union-attr]
+    with tarfile.open(fileobj=io.BytesIO(storage.get_bytes(row["tar"]))) as tar:
+        image = tar.extractfile(row["image"]).read()  # type: ignore[union-attr]
+        mask = tar.extractfile(row["mask"]).read()  # type: ignore[union-attr]
     return decode_png(image), decode_png(mask, cv2.IMREAD_GRAYSCALE)
 
 

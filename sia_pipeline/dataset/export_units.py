@@ -1,7 +1,8 @@
 """``sia-export`` work units: compose and write a group of anomaly pairs; run them with Ray.
 
 A unit is a small, self-contained piece of an export: the outputs that use one SIA shard
-(read once, streamed), a chunk of texture outputs, or a chunk of normal images to copy.
+(read once, streamed), a chunk of texture outputs, or a chunk of training or held-out normal
+images to write (letterboxed like the outputs).
 Each output is composed from its own seed (hashed from the export seed, the normal image
 and its number ``k``), so a unit gives the same bytes wherever and whenever it runs. A unit
 writes its files, then a marker with its metadata rows; a rerun skips units with markers.
@@ -30,6 +31,7 @@ from sia_pipeline.compose import (
 from sia_pipeline.dataset.export_layouts import normal_path, rows_json, write_pairs
 from sia_pipeline.dataset.format import decode_image, decode_sample, iter_shard_samples
 from sia_pipeline.dataset.storage import open_storage
+from sia_pipeline.dataset.writer import encode_image
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ class Output:
     """One anomaly pair to make: output ``index`` = normal image x composite number ``k``."""
 
     index: int
-    normal: str  # path under the category root, e.g. train/good/000.png
+    normal: str  # a held-out normal image: its path under the data's category root
     k: int
     source: str  # "sia" or "texture"
     ref: str  # SIA sample key or texture file (relative to the texture root)
@@ -52,7 +54,7 @@ class Output:
 
 @dataclass(frozen=True)
 class Unit:
-    """A group of outputs from one SIA shard or texture chunk, or normal images to copy."""
+    """A group of outputs from one SIA shard or texture chunk, or normal images to write."""
 
     uid: str
     number: int
@@ -60,6 +62,7 @@ class Unit:
     shard_url: str | None = None
     outputs: tuple[Output, ...] = ()
     normals: tuple[str, ...] = ()
+    held_out: bool = False  # normals: the held-out (test) ones, else the training ones
 
     @property
     def size(self) -> int:
@@ -78,6 +81,7 @@ class Job:
     rule: ForegroundRule
     textures: str | None = None
     endpoint_url: str | None = None
+    spec_hash: str = ""  # of the export's settings; stamped into webdataset shard stats
 
 
 @dataclass
@@ -137,7 +141,8 @@ def make_pairs(job: Job, unit: Unit) -> list[tuple[np.ndarray, np.ndarray, dict[
             log.warning("%s k=%d: no Perlin draw met the foreground", o.normal, o.k)
         row = {
             "index": o.index,
-            "normal": o.normal,
+            "normal": normal_path(job.layout, o.normal, held_out=True),
+            "data_normal": o.normal,
             "k": o.k,
             "source": o.source,
             "sia_key": o.ref if o.source == "sia" else None,
@@ -165,12 +170,14 @@ def run_unit(job: Job, unit: Unit) -> UnitResult:
             data = open_storage(job.data, job.endpoint_url)
             rows = []
             for name in unit.normals:
-                dst = normal_path(job.layout, name)
-                if dst is not None:
-                    out.put_bytes(data.get_bytes(name), dst)
-                    rows.append({"normal": name, "copy": dst})
+                dst = normal_path(job.layout, name, unit.held_out)
+                if dst is not None:  # letterboxed as the outputs: sizes tell nothing apart
+                    image = letterbox(decode_image(data.get_bytes(name)), job.size)
+                    out.put_bytes(encode_image(image, "png"), dst)
+                    rows.append({"data_normal": name, "image": dst, "held_out": unit.held_out})
         else:
-            rows = write_pairs(out, job.layout, job.category, unit.number, make_pairs(job, unit))
+            pairs = make_pairs(job, unit)
+            rows = write_pairs(out, job.layout, job.category, unit.number, pairs, job.spec_hash)
         out.put_bytes(rows_json(rows), marker_name(unit.uid))
         return UnitResult(unit.uid, True, rows)
     except Exception as e:  # noqa: BLE001 - reported per unit, retried by the runner

@@ -125,3 +125,22 @@ def test_preview_cli_bad_strengths(tiny_model, tmp_path, bad):
 def test_preview_cli_missing_model(tmp_path):
     res = CliRunner().invoke(preview_cli, ["--model", str(tmp_path / "none")])
     assert res.exit_code == 2 and "model folder not found" in res.output
+
+
+def test_loading_the_bundled_model_says_nothing_about_accelerate(tmp_path):
+    """A fresh interpreter with diffusers at its default verbosity (no CLI logging set-up):
+    loading prints no "pip install accelerate" notice, nor any other output."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "DIFFUSERS_VERBOSITY"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    code = "from sia_pipeline.diffusion.model import load_model; load_model(None)"
+    res = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+    assert "accelerate" not in res.stdout + res.stderr
+    assert res.stdout == res.stderr == ""

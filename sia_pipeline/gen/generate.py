@@ -37,7 +37,7 @@ from sia_pipeline.gen.plan import (
     make_tasks,
     parse_strengths,
 )
-from sia_pipeline.gen.provenance import command_line, model_record
+from sia_pipeline.gen.provenance import command_line, model_record, model_url
 from sia_pipeline.gen.raycluster import (
     DEFAULT_RAY_TIMEOUT_S,
     ActorPlan,
@@ -363,7 +363,7 @@ def _generate(
         if classifier_card is not None:
             extra["classifier"] = {
                 "id": classifier_card["classifier_id"],
-                "source": str(classifier),
+                "source": model_url(str(classifier)),
                 "categories": classifier_card["categories"],
                 "image_size": classifier_card["image_size"],
             }

@@ -247,12 +247,21 @@ def open_url_stream(url: str, endpoint_url: str | None = None):
     return open_storage(base, endpoint_url).open_read(name)
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """PNG/JPEG bytes -> HxWx3 uint8 RGB."""
-    from PIL import Image
+def decode_image(data: bytes, where: str = "image") -> np.ndarray:
+    """PNG/JPEG bytes -> HxWx3 uint8 RGB.
 
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"))
+    Raises:
+        FormatError: the bytes are not a decodable image (empty, text, truncated, or over
+            PIL's decompression-bomb limit).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        msg = f"{where} is not a decodable PNG/JPEG image ({type(e).__name__}: {e})"
+        raise FormatError(msg.splitlines()[0]) from None
 
 
 def decode_sample(sample: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:

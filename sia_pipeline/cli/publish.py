@@ -59,6 +59,12 @@ def main(
     from sia_pipeline.dataset.storage import StorageError
     from sia_pipeline.gen.lease import LeaseLost
 
+    from sia_pipeline.dataset.inputs import InputError, check_input
+
+    try:
+        check_input(root, "ROOT")
+    except InputError as e:
+        die(str(e))
     try:
         report = publish(root, s3_endpoint_url, threads, previews_per_bin)
     except StorageError as e:

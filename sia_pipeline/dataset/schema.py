@@ -53,7 +53,8 @@ def load_json(data: bytes | str, where: str, error: type[Exception] = SchemaErro
     try:
         doc = json.loads(data, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        msg = f"{where} is not valid JSON: {str(e).splitlines()[0] if str(e) else e!r}"
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = f"{where} is not valid JSON: {why}"
         raise error(msg) from None
     _depth(doc, where, error)
     return doc

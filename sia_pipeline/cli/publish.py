@@ -55,11 +55,10 @@ def main(
     being written by sia-gen.
     """
     setup_logging(verbose)
+    from sia_pipeline.dataset.inputs import InputError, check_input
     from sia_pipeline.dataset.publish import PublishError, publish
     from sia_pipeline.dataset.storage import StorageError
     from sia_pipeline.gen.lease import LeaseLost
-
-    from sia_pipeline.dataset.inputs import InputError, check_input
 
     try:
         check_input(root, "ROOT")

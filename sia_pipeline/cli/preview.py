@@ -18,10 +18,10 @@ from sia_pipeline.dataset.inputs import (
     check_memory,
     check_output,
 )
-from sia_pipeline.diffusion.sampler import SAMPLERS
 from sia_pipeline.gen.plan import MAX_STRENGTH
 
 PREVIEW_FILE = "preview.png"
+SAMPLERS = ("ddpm", "ddim")  # diffusion.sampler.SAMPLERS, without importing torch to parse
 
 
 def default_out(model: str | None) -> str:

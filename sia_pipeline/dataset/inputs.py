@@ -193,6 +193,9 @@ def _stat(path: Path, option: str, url: str) -> os.stat_result | None:
         return os.stat(path)
     except FileNotFoundError:
         return None
+    except ValueError:  # an embedded NUL
+        msg = f"{option} {url!r} is not a valid path"
+        raise InputError(msg) from None
     except OSError as e:
         if e.errno == errno.ELOOP:
             msg = f"{option} {url}: symlink loop"

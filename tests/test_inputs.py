@@ -143,21 +143,24 @@ def test_index_shard_paths_stay_inside_the_root():
         validate({"format_version": 1, "shards": [shard | {"count": "1"}]}, INDEX, "index.json")
 
 
+SPEC_OK = {
+    "model_id": "m",
+    "categories": ["bottle"],
+    "class_ids": [0],
+    "strengths": {"kind": "uniform", "spec": "0.1:0.5", "values": [0.1, 0.5]},
+    "per_category": 4,
+    "shard_size": 2,
+    "seed": 0,
+    "sampler": "ddpm",
+    "steps": 2,
+    "eta": 0.0,
+    "image_format": "png",
+    "resolution": 32,
+}
+
+
 def test_spec_layout_and_strengths_are_bounded():
-    spec = {
-        "model_id": "m",
-        "categories": ["bottle"],
-        "class_ids": [0],
-        "strengths": {"kind": "uniform", "spec": "0.1:0.5", "values": [0.1, 0.5]},
-        "per_category": 4,
-        "shard_size": 2,
-        "seed": 0,
-        "sampler": "ddpm",
-        "steps": 2,
-        "eta": 0.0,
-        "image_format": "png",
-        "resolution": 32,
-    }
+    spec = dict(SPEC_OK)
     validate(spec, SPEC, "spec.json")
     bad = {
         "per_category": 10**18,
@@ -228,7 +231,7 @@ def test_sia_publish_examples(work):
         (root / "index.json").unlink()
         doc = json.loads(json.dumps(spec))
         if name == "huge":
-            doc["spec"] = {"per_category": 10**18, "shard_size": 1}
+            doc["spec"] = SPEC_OK | {"per_category": 10**18, "shard_size": 1}
         body = json.dumps(doc)
         if text == "nan":
             body = body.replace('"spec": {}', '"spec": {"eta": NaN}')
@@ -337,7 +340,8 @@ def test_runaway_examples_refused_in_little_memory(work):
     root = work / "huge"
     shutil.copytree(work / "sia", root)
     (root / "index.json").unlink()
-    doc = {"format_version": 1, "spec_hash": "x", "spec": {"per_category": 10**18}}
+    spec = SPEC_OK | {"per_category": 10**18, "shard_size": 1}
+    doc = {"format_version": 1, "spec_hash": "x", "spec": spec}
     (root / "spec.json").write_text(json.dumps(doc))
     base = ["sia", "--data", "mvtec", "--category", "bottle", "--out", "o", "--workers", "0"]
     before = files(work)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from realnet_train.model.realnet import RealNet, RealNetConfig
+from sia_pipeline.dataset.schema import REALNET_CHECKPOINT, validate
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,8 @@ def read_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, An
         have = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         msg = f"{path} is not a RealNet checkpoint (needs {list(REQUIRED_KEYS)}, has {have})"
         raise CheckpointError(msg)
-    return ckpt
+    # step, category, image size and calibration: types, ranges, finite numbers
+    return validate(ckpt, REALNET_CHECKPOINT, str(path), CheckpointError)
 
 
 def _why(err: Exception) -> str:

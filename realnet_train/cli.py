@@ -167,7 +167,8 @@ def train_config(kw: dict):
 
     endpoint = kw["s3_endpoint_url"]
     train_kw, model = preset_config(kw)
-    out = preflight.check_out(kw["out"])
+    sources = {"--data": kw["data"], "--sia": kw["sia"], "--textures": kw["textures"]}
+    out = preflight.check_out(kw["out"], inputs=sources)
     mvtec = preflight.open_category(kw["data"], kw["category"], endpoint)
     if not kw["sia"] and not kw["textures"]:
         msg = "give an anomaly source: --sia URL and/or --textures DIR"
@@ -365,7 +366,7 @@ def eval_main(**kw) -> None:
         ckpt = preflight.check_checkpoint(kw["checkpoint"])
         category = kw["category"] or ckpt["category"]
         out = kw["out"] or str(Path(kw["checkpoint"]).parent / "eval")
-        preflight.check_out(out)
+        preflight.check_out(out, inputs={"--data": kw["data"]})
         endpoint = kw["s3_endpoint_url"]
         items = preflight.open_category(kw["data"], category, endpoint, False).test_items
         if not any(it.label for it in items) or all(it.label for it in items):

@@ -7,17 +7,21 @@ errors included) before anything is created; a runtime failure exits 1 with one 
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from typing import Any, NoReturn
 
 import click
 
+from sia_pipeline.dataset.inputs import (  # noqa: F401 - the one input layer, re-exported
+    NON_NEGATIVE_INT,
+    POSITIVE_FLOAT,
+    POSITIVE_INT,
+    PROBABILITY_OPEN,
+    InputError,
+    Number,
+)
+
 CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
-
-
-class InputError(ValueError):
-    """Bad command-line input, found before any work; the CLI prints it on one line, exit 2."""
 
 
 def one_line(message: object) -> str:
@@ -52,47 +56,6 @@ class OneLineCommand(click.Command):
             click.echo("Aborted!", err=True)
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
-
-
-class Number(click.ParamType):
-    """A finite int or float within bounds (click's ranges let ``nan`` through)."""
-
-    def __init__(
-        self,
-        kind: type = float,
-        lo: float | None = None,
-        hi: float | None = None,
-        lo_open: bool = False,
-        hi_open: bool = False,
-    ) -> None:
-        self.kind, self.lo, self.hi, self.lo_open, self.hi_open = kind, lo, hi, lo_open, hi_open
-        self.name = kind.__name__
-
-    def describe(self) -> str:
-        lo = "" if self.lo is None else f"{'>' if self.lo_open else '>='} {self.lo:g}"
-        hi = "" if self.hi is None else f"{'<' if self.hi_open else '<='} {self.hi:g}"
-        return " and ".join(x for x in (lo, hi) if x) or "finite"
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            v = value
-        else:
-            try:
-                v = self.kind(str(value).strip())
-            except ValueError:
-                self.fail(f"{value!r} is not {'an integer' if self.kind is int else 'a number'}")
-        bad = not math.isfinite(v)
-        bad |= self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo)
-        bad |= self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi)
-        if bad:
-            self.fail(f"{value!r} must be {self.describe()}")
-        return self.kind(v)
-
-
-POSITIVE_INT = Number(int, 1)
-NON_NEGATIVE_INT = Number(int, 0)
-POSITIVE_FLOAT = Number(float, 0, lo_open=True)
-PROBABILITY_OPEN = Number(float, 0, 1, lo_open=True, hi_open=True)
 
 
 def setup_logging(verbose: bool) -> None:

@@ -257,9 +257,11 @@ def main(inputs, checkpoint, out, threshold, target_fpr, batch_size, overlays, t
 
     try:
         preflight.check_inputs_exist(list(inputs), s3_endpoint_url)
+        # Not into an INPUT folder (the next run would score its own overlays), nor over one.
+        sources = {f"INPUT {i + 1}": url for i, url in enumerate(inputs)}
+        out_dir = preflight.check_out(out, inputs=sources)
         ckpt = preflight.check_checkpoint(checkpoint)
         thr, source = resolve_threshold(ckpt, threshold, target_fpr)
-        out_dir = preflight.check_out(out)
         refs = list_inputs(list(inputs), s3_endpoint_url)
         if device == "cuda" and not torch.cuda.is_available():
             msg = "--device cuda: no CUDA device is visible"

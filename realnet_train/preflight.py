@@ -7,9 +7,8 @@ option. Nothing here writes.
 
 from __future__ import annotations
 
-import math
-import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from realnet_train.cli_common import InputError
 from realnet_train.data.mvtec import MVTecCategory
 from realnet_train.data.train_stream import TextureSource, parse_mix
 from sia_pipeline.dataset.format import FormatError, list_shards
+from sia_pipeline.dataset.inputs import check_input, check_output, local_path, parse_strength_range
 from sia_pipeline.dataset.storage import (
     StorageError,
     can_create_in,
@@ -30,49 +30,28 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 READ_ERRORS = (FileNotFoundError, PermissionError, OSError, StorageError, FormatError, ValueError)
 
 
-def local_path(url: str) -> Path | None:
-    """The filesystem path of a plain path or ``file://`` URL (None for other schemes)."""
-    if url.startswith("file://"):
-        return Path(url.removeprefix("file://"))
-    return None if "://" in url else Path(url).expanduser()
-
-
 def check_readable(url: str, option: str, folder: bool = True, endpoint: str | None = None) -> None:
     """``url`` names an existing readable folder (file) or a well-formed remote URL."""
     if not url:
         msg = f"{option} is empty"
         raise InputError(msg)
-    path = local_path(url)
-    if path is None:
+    if local_path(url) is None:
         try:
             open_storage(url, endpoint)
         except (StorageError, ValueError) as e:
             msg = f"{option} {url}: {e}"
             raise InputError(msg) from None
         return
-    if not path.exists():
-        msg = f"{option} {url}: no such {'folder' if folder else 'file'}"
-        raise InputError(msg)
-    if folder and not path.is_dir():
-        msg = f"{option} {url} is a file, not a folder"
-        raise InputError(msg)
-    if not folder and not path.is_file():
-        msg = f"{option} {url} is not a file"
-        raise InputError(msg)
-    if not os.access(path, os.R_OK | (os.X_OK if folder else 0)):
-        msg = f"{option} {url} is not readable"
-        raise InputError(msg)
+    check_input(url, option, "folder" if folder else "file")
 
 
-def check_out(out: str, option: str = "--out") -> Path:
-    """``out`` is a folder or can become one (checked without creating it)."""
+def check_out(out: str, option: str = "--out", inputs: Mapping[str, str | None] = {}) -> Path:  # noqa: B006
+    """``out`` is a folder or can become one (checked without creating it), and overlaps
+    none of ``inputs`` (option -> URL): neither equal to, inside, nor holding one."""
     if "://" in out:
         msg = f"{option} {out}: the run folder must be a local path"
         raise InputError(msg)
-    path = Path(out).expanduser()
-    if path.exists() and not path.is_dir():
-        msg = f"{option} {out} is a file, not a folder"
-        raise InputError(msg)
+    path = check_output(out, option, inputs)
     parent = nearest_existing(path)
     if not can_create_in(parent):
         msg = f"{option} {out}: {parent} is not a writable folder"
@@ -105,22 +84,8 @@ def open_category(
 
 
 def parse_range(text: str | None) -> tuple[float, float] | None:
-    """``"0.1:0.5"`` -> (0.1, 0.5); ``"0.3"`` -> (0.3, 0.3); finite, LO <= HI."""
-    if not text:
-        return None
-    lo, sep, hi = text.partition(":")
-    try:
-        out = (float(lo), float(hi if sep else lo))
-    except ValueError:
-        msg = f"--strengths {text!r} is not LO:HI (two numbers)"
-        raise InputError(msg) from None
-    if not all(math.isfinite(v) for v in out):
-        msg = f"--strengths {text!r} must be finite numbers"
-        raise InputError(msg)
-    if out[0] > out[1]:
-        msg = f"--strengths {text!r} has LO > HI"
-        raise InputError(msg)
-    return out
+    """``"0.1:0.5"`` -> (0.1, 0.5); ``"0.3"`` -> (0.3, 0.3); finite, in [0, 1], LO <= HI."""
+    return parse_strength_range(text)
 
 
 def check_sia(

@@ -72,5 +72,5 @@ def test_exit_path_keeps_status_output_threads_and_atexit(tmp_path):
         [sys.executable, str(script), "--fail"], env=env(), capture_output=True, text=True
     )
     assert bad.returncode == 2
-    assert bad.stderr.strip() == "demo.py: error: bad input"
+    assert bad.stderr.strip() == "demo: error: bad input"  # the command, not the file
     assert "atexit ran" in bad.stdout and "thread joined" in bad.stdout

@@ -241,23 +241,24 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(normals, tiny_sia, t
     (one / "bottle/train/good").mkdir(parents=True)
     shutil.copy(next((normals / "bottle/train/good").iterdir()), one / "bottle/train/good")
     (tmp_path / "afile").write_text("x")
+    (tmp_path / "empty").mkdir()
     out = tmp_path / "never"
     base = [str(tiny_sia), "--data", str(normals), "--category", "bottle", "--out", str(out)]
     cases = {
         "unknown category": ([*base[:4], "kettle", *base[5:]], "no normal images"),
-        "no train/good": ([*base[:2], str(tmp_path), *base[3:]], "no normal images"),
+        "no train/good": ([*base[:2], str(tmp_path / "empty"), *base[3:]], "no normal images"),
         "SIA root lacks it": (
             [*base[:2], str(screw), "--category", "screw", *base[5:]],
             "SIA root",
         ),
         "per-image 0": ([*base, "--per-image", "0"], "--per-image"),
-        "out is under a file": ([*base[:-1], str(tmp_path / "afile" / "out")], "not writable"),
+        "out is under a file": ([*base[:-1], str(tmp_path / "afile" / "out")], "is a file"),
         "out is a file": ([*base[:-1], str(tmp_path / "afile")], "not a folder"),
         "texture without folder": ([*base, "--source", "texture"], "--textures"),
         "strengths match no shard": ([*base, "--strengths", "0.9:1"], "no shards"),
         "strengths match no sample": ([*base, "--strengths", "0.19:0.195"], "no bottle samples"),
         "bad strengths": ([*base, "--strengths", "a:b"], "LO:HI"),
-        "SIA root missing": (["/nonexistent", *base[1:]], "SIA root"),
+        "SIA root missing": (["/nonexistent", *base[1:]], "SIA_ROOT /nonexistent: no such"),
         "holdout 0": ([*base, "--holdout", "0"], "--holdout must be in (0, 1)"),
         "holdout 1": ([*base, "--holdout", "1"], "--holdout must be in (0, 1)"),
         "one normal image": ([*base[:2], str(one), *base[3:]], "at least 2 normal images"),

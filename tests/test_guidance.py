@@ -426,7 +426,7 @@ def test_sia_gen_guided_end_to_end_and_regenerate(tiny_model, tiny_classifier, t
     assert index["spec"]["classifier_id"] == cid
     assert index["spec"]["classifier_scale"] == 20.0
     assert index["spec"]["precision"] == "bf16"
-    assert index["classifier"]["source"] == str(tiny_classifier)
+    assert index["classifier"]["source"] == f"file://{tiny_classifier.resolve()}"
     assert f"--classifier={tiny_classifier}" in index["command"]
     key = "bottle-000000-000001"
     sample = find_sample(open_storage(str(out)), key)

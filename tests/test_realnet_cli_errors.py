@@ -102,8 +102,8 @@ TRAIN_CASES = [
     ("sia-missing", {"--sia": "{base}/nope"}, "--sia {base}/nope: no such folder"),
     ("sia-not-a-dataset", {"--sia": "{data}"}, "no index.json"),
     ("sia-no-category", {"--category": "cable"}, "no shards under"),
-    ("strengths-nan", {"--strengths": "nan"}, "must be finite numbers"),
-    ("strengths-inf", {"--strengths": "0:inf"}, "must be finite numbers"),
+    ("strengths-nan", {"--strengths": "nan"}, "must be finite and in [0, 1]"),
+    ("strengths-inf", {"--strengths": "0:inf"}, "must be finite and in [0, 1]"),
     ("strengths-reversed", {"--strengths": "0.5:0.1"}, "has LO > HI"),
     ("strengths-words", {"--strengths": "low:high"}, "is not LO:HI"),
     ("strengths-match-no-shard", {"--strengths": "0.6:0.9"}, "no shards under"),
@@ -215,7 +215,7 @@ def test_realnet_train_cuda_without_a_gpu(env, tmp_path):
 
 EVAL_CASES = [
     ("checkpoint-missing", ["--checkpoint", "{base}/nope.pt"], "no such file"),
-    ("checkpoint-is-a-folder", ["--checkpoint", "{base}"], "is not a file"),
+    ("checkpoint-is-a-folder", ["--checkpoint", "{base}"], "is a folder, not a file"),
     ("checkpoint-crafted-pickle", ["--checkpoint", "{crafted}"], "is not a RealNet checkpoint"),
     (
         "checkpoint-crafted-pickle-2",
@@ -288,7 +288,7 @@ def test_real_process_prints_one_line_on_stderr(env, tmp_path):
     res = subprocess.run([*cmd, "--strengths", "nan"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
-        "realnet-train: error: --strengths 'nan' must be finite numbers"
+        "realnet-train: error: --strengths 'nan': strengths must be finite and in [0, 1]"
     ]
     assert not out.exists()
 

@@ -11,7 +11,12 @@ from pathlib import Path
 
 import realnet_train
 
-ALLOWED = {"sia_pipeline.dataset.format", "sia_pipeline.dataset.storage"}
+ALLOWED = {
+    "sia_pipeline.dataset.format",
+    "sia_pipeline.dataset.storage",
+    "sia_pipeline.dataset.inputs",  # the input checks every command shares
+    "sia_pipeline.dataset.schema",  # the validator of untrusted metadata
+}
 ALLOWED_PACKAGES = ("sia_pipeline.compose",)  # the package and its modules
 
 

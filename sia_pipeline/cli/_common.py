@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 import threading
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import click
 
@@ -51,6 +51,21 @@ class SiaCommand(click.Command):
     Only the program entry (``main()``: console scripts, ``python -m``) exits that way;
     ``CliRunner`` calls ``main.main(...)`` and keeps its normal ``SystemExit``.
     """
+
+    def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:
+        """Click's main, with its usage errors as one line ``PROG: error: ...`` (exit 2)."""
+        extra.pop("standalone_mode", None)
+        prog_name = self.name  # not the script's file name under ``python -m``
+        try:
+            rv = super().main(args, prog_name, standalone_mode=False, **extra)
+        except click.ClickException as e:
+            lines = [ln for ln in e.format_message().splitlines() if ln.strip()]
+            click.echo(f"{prog_name}: error: {lines[0] if lines else 'failed'}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def __call__(self, *args, **kwargs) -> NoReturn:
         try:

@@ -7,16 +7,32 @@ from pathlib import Path
 import click
 
 from sia_pipeline.cli._common import SiaCommand, die, parse_list, setup_logging
+from sia_pipeline.dataset.inputs import (
+    MAX_SIDE,
+    InputError,
+    Number,
+    check_input,
+    check_memory,
+    check_output,
+)
 
 
-def _ints(value: str, name: str) -> tuple[int, ...]:
+def _ints(value: str, name: str, hi: int) -> tuple[int, ...]:
+    """Comma-separated integers in [1, hi], at most 16 of them."""
     try:
         out = tuple(int(v) for v in parse_list(value))
     except ValueError:
         die(f"--{name}: expected comma-separated integers, got {value!r}")
-    if not out or min(out) < 1:
-        die(f"--{name}: expected positive integers, got {value!r}")
+    if not out or len(out) > 16 or min(out) < 1 or max(out) > hi:
+        die(f"--{name}: expected 1 to 16 integers in [1, {hi}], got {value!r}")
     return out
+
+
+def _param_bytes(width: int, mults: tuple[int, ...], blocks: int) -> int:
+    """Rough float32 bytes of an ADM UNet's weights, held about three times during a
+    conversion (the checkpoint, the mapped state dict, the diffusers model): two 3x3
+    convolutions per res block, down and up, plus attention and skips (x 30 per w^2)."""
+    return 3 * 4 * 30 * (blocks + 1) * sum((width * m) ** 2 for m in mults)
 
 
 @click.command(
@@ -43,12 +59,17 @@ def _ints(value: str, name: str) -> tuple[int, ...]:
 @click.option(
     "--categories", help="Comma-separated class names in class-id order [overrides --dataset]."
 )
-@click.option("--image-size", type=int, default=256, help="Image size in px (config: image_size).")
+@click.option(
+    "--image-size",
+    type=Number(int, 8, MAX_SIDE),
+    default=256,
+    help="Image size in px (config: image_size).",
+)
 @click.option(
     "--model-channels",
     "--classifier-width",
     "model_channels",
-    type=int,
+    type=Number(int, 32, 4096),
     help="Base width (config: classifier_width) [default: 256 unet, 128 classifier].",
 )
 @click.option("--channel-mult", default="1,1,2,2,4,4", help="Width multiplier per level.")
@@ -56,7 +77,7 @@ def _ints(value: str, name: str) -> tuple[int, ...]:
     "--num-res-blocks",
     "--classifier-depth",
     "num_res_blocks",
-    type=int,
+    type=Number(int, 1, 16),
     default=2,
     help="Residual blocks per level (config: classifier_depth).",
 )
@@ -66,7 +87,12 @@ def _ints(value: str, name: str) -> tuple[int, ...]:
     help="Downsample rates with attention, as the authors' code reads them (at 256 px the "
     "same places as OpenAI's 32,16,8).",
 )
-@click.option("--num-head-channels", type=int, default=64, help="Channels per attention head.")
+@click.option(
+    "--num-head-channels",
+    type=Number(int, 1, 4096),
+    default=64,
+    help="Channels per attention head.",
+)
 @click.option(
     "--learn-sigma/--fixed-sigma",
     default=True,
@@ -100,21 +126,29 @@ def main(
     from sia_pipeline.diffusion.adm import DATASET_CATEGORIES, ADMArch, CheckpointError
     from sia_pipeline.diffusion.convert import convert_checkpoint
 
+    try:
+        check_input(checkpoint, "CHECKPOINT", "file")
+        check_output(out, "--out", {"CHECKPOINT": checkpoint})
+    except InputError as e:
+        die(str(e))
     target = Path(out)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         die(f"--out {out} exists and is not empty; choose a new folder")
     cats = parse_list(categories) if categories else list(DATASET_CATEGORIES[dataset])
+    mults = _ints(channel_mult, "channel-mult", 64)
+    width = model_channels or (256 if kind == "unet" else 128)
     try:
+        check_memory(_param_bytes(width, mults, num_res_blocks), "this architecture")
         arch = ADMArch(
             image_size=image_size,
-            model_channels=model_channels or (256 if kind == "unet" else 128),
-            channel_mult=_ints(channel_mult, "channel-mult"),
+            model_channels=width,
+            channel_mult=mults,
             num_res_blocks=num_res_blocks,
-            attention_resolutions=_ints(attention_resolutions, "attention-resolutions"),
+            attention_resolutions=_ints(attention_resolutions, "attention-resolutions", MAX_SIDE),
             num_head_channels=num_head_channels,
             learn_sigma=learn_sigma and kind == "unet",
         )
-    except ValueError as e:
+    except ValueError as e:  # InputError too
         die(str(e))
     extra = {} if categories else {"dataset": dataset}
     try:

@@ -15,8 +15,10 @@ from sia_pipeline.cli._common import (
     setup_logging,
     storage_failure,
 )
+from sia_pipeline.dataset.inputs import BATCH, MAX_COUNT, MAX_WORKERS, SEED, STEPS, Number
 from sia_pipeline.gen.generate import DEFAULT_OUT, DEFAULT_PER_CATEGORY
 from sia_pipeline.gen.lease import DEFAULT_TTL
+from sia_pipeline.gen.plan import MAX_SHARD_SIZE, PlanError, parse_strengths
 from sia_pipeline.gen.raycluster import DEFAULT_RAY_TIMEOUT_S
 
 
@@ -44,21 +46,23 @@ from sia_pipeline.gen.raycluster import DEFAULT_RAY_TIMEOUT_S
 )
 @click.option(
     "--per-category",
-    type=int,
+    type=Number(int, 1, MAX_COUNT),
     default=DEFAULT_PER_CATEGORY,
     help="Images per category (the default is demo-sized: about a minute on 2 CPU cores "
     "with the bundled model; the paper used 10000).",
 )
-@click.option("--shard-size", type=int, default=1000, help="Images per tar shard.")
 @click.option(
-    "--seed", type=int, default=0, help="Global seed; per-sample seeds are hashed from it."
+    "--shard-size", type=Number(int, 1, MAX_SHARD_SIZE), default=1000, help="Images per tar shard."
+)
+@click.option(
+    "--seed", type=SEED, default=0, help="Global seed; per-sample seeds are hashed from it."
 )
 @click.option(
     "--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm", help="SDAS sampler."
 )
-@click.option("--steps", type=int, default=20, help="Respaced sampling steps (of the model's T).")
-@click.option("--eta", type=float, default=0.0, help="DDIM eta (ignored by ddpm).")
-@click.option("--batch-size", type=int, default=16, help="Images sampled together per worker.")
+@click.option("--steps", type=STEPS, default=20, help="Respaced sampling steps (of the model's T).")
+@click.option("--eta", type=Number(float, 0, 1), default=0.0, help="DDIM eta (ignored by ddpm).")
+@click.option("--batch-size", type=BATCH, default=16, help="Images sampled together per worker.")
 @click.option(
     "--image-format", type=click.Choice(["png", "jpg"]), default="png", help="Image encoding."
 )
@@ -74,7 +78,7 @@ from sia_pipeline.gen.raycluster import DEFAULT_RAY_TIMEOUT_S
 )
 @click.option(
     "--classifier-scale",
-    type=float,
+    type=Number(float),
     default=1.0,
     help="Guidance scale (the authors' classifier_scale); with --classifier only.",
 )
@@ -93,7 +97,7 @@ from sia_pipeline.gen.raycluster import DEFAULT_RAY_TIMEOUT_S
 @s3_endpoint_option()
 @click.option(
     "--workers",
-    type=int,
+    type=Number(int, 1, MAX_WORKERS),
     default=None,
     help="Sampling actors. CPU: default one per CPU (with --threads-per-worker 1); "
     "GPU: default one per --gpus-per-worker GPUs (this caps it).",
@@ -106,7 +110,7 @@ from sia_pipeline.gen.raycluster import DEFAULT_RAY_TIMEOUT_S
 )
 @click.option(
     "--threads-per-worker",
-    type=int,
+    type=Number(int, 1, 1024),
     default=None,
     help="Torch threads (and CPUs reserved) per CPU actor [default: 1, or CPUs / --workers].",
 )
@@ -117,12 +121,15 @@ from sia_pipeline.gen.raycluster import DEFAULT_RAY_TIMEOUT_S
 )
 @click.option(
     "--ray-timeout",
-    type=float,
+    type=Number(float, 0, 86400, lo_open=True),
     default=DEFAULT_RAY_TIMEOUT_S,
     help="Seconds to wait for --ray-address to answer before giving up (exit 2).",
 )
 @click.option(
-    "--max-in-flight", type=int, default=2, help="Shard tasks queued per actor at a time."
+    "--max-in-flight",
+    type=Number(int, 1, 64),
+    default=2,
+    help="Shard tasks queued per actor at a time.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace a dataset of a different spec at --out.")
 @click.option(
@@ -133,7 +140,7 @@ from sia_pipeline.gen.raycluster import DEFAULT_RAY_TIMEOUT_S
 )
 @click.option(
     "--lease-ttl",
-    type=float,
+    type=Number(float, 0, 7 * 86400),
     default=DEFAULT_TTL,
     help="Seconds the root's lease (one writer per root) outlives a driver that stops "
     "renewing it: how long a crashed run can block a rerun from another host.",
@@ -149,7 +156,7 @@ from sia_pipeline.gen.raycluster import DEFAULT_RAY_TIMEOUT_S
 )
 @click.option(
     "--progress-interval",
-    type=click.FloatRange(min=0.1),
+    type=Number(float, 0.1, 86400),
     default=10.0,
     help="Seconds between progress log lines when there is no bar.",
 )
@@ -162,9 +169,18 @@ def main(no_progress: bool, verbose: bool, **kwargs) -> None:
     skipped, and a finished dataset is left untouched.
     """
     setup_logging(verbose)
+    from sia_pipeline.dataset.inputs import InputError, check_input, check_output
     from sia_pipeline.dataset.storage import StorageError
     from sia_pipeline.gen.generate import GenError, GenFailed, generate
 
+    try:
+        check_input(kwargs["model"], "--model")
+        check_input(kwargs["classifier"], "--classifier")
+        sources = {"--model": kwargs["model"], "--classifier": kwargs["classifier"]}
+        check_output(kwargs["out"], "--out", sources)
+        parse_strengths(kwargs["strengths"])  # before torch and Ray are imported
+    except (InputError, PlanError) as e:
+        die(str(e))
     try:
         report = generate(progress=not no_progress, **kwargs)
     except StorageError as e:  # e.g. writing the index after every shard is stored

@@ -20,6 +20,7 @@ from sia_pipeline.cli._common import (
     setup_logging,
     storage_failure,
 )
+from sia_pipeline.dataset.inputs import BATCH
 
 
 @click.command(
@@ -55,7 +56,7 @@ from sia_pipeline.cli._common import (
 )
 @click.option(
     "--batch-size",
-    type=click.IntRange(min=1),
+    type=BATCH,
     default=None,
     help="Batch for --regenerate [default: the recorded sia-gen --batch-size].",
 )
@@ -85,6 +86,15 @@ def main(
 
     if key and regenerate:
         die("give --key or --regenerate, not both")
+    from sia_pipeline.dataset.inputs import InputError, check_input, check_output
+
+    try:
+        check_input(root, "ROOT")
+        check_input(model, "--model")
+        if key or regenerate:  # KEY.png is written there, never into the dataset
+            check_output(str(out_dir), "--out-dir", {"ROOT": root}, holds_inputs=True)
+    except InputError as e:
+        die(str(e))
     try:
         storage = open_storage(root, s3_endpoint_url)
         if regenerate:

@@ -9,9 +9,19 @@ from pathlib import Path
 import click
 
 from sia_pipeline.cli._common import SiaCommand, die, parse_list, setup_logging
-from sia_pipeline.diffusion.sampler import SAMPLERS
+from sia_pipeline.dataset.inputs import (
+    MAX_SEED,
+    STEPS,
+    InputError,
+    Number,
+    check_input,
+    check_memory,
+    check_output,
+)
+from sia_pipeline.gen.plan import MAX_STRENGTH
 
 PREVIEW_FILE = "preview.png"
+SAMPLERS = ("ddpm", "ddim")  # diffusion.sampler.SAMPLERS, without importing torch to parse
 
 
 def default_out(model: str | None) -> str:
@@ -35,16 +45,26 @@ def default_out(model: str | None) -> str:
     default="0,0.1,0.3,0.5",
     help="Comma-separated anomaly strengths, one grid block each.",
 )
-@click.option("--per-strength", type=int, default=6, help="Samples per category and strength.")
-@click.option("--sampler", type=click.Choice(SAMPLERS), default="ddpm")
-@click.option("--steps", type=int, default=20, help="Respaced sampling steps (of T = 1000).")
 @click.option(
-    "--seed", type=int, default=0, help="First seed; sample j uses seed + j, at every strength."
+    "--per-strength", type=Number(int, 1, 64), default=6, help="Samples per category and strength."
 )
-@click.option("--scale", type=int, default=3, help="Upscale factor of the tiles in the PNG.")
+@click.option("--sampler", type=click.Choice(SAMPLERS), default="ddpm")
+@click.option("--steps", type=STEPS, default=20, help="Respaced sampling steps (of T = 1000).")
+@click.option(
+    "--seed",
+    type=Number(int, 0, MAX_SEED - 64),
+    default=0,
+    help="First seed; sample j uses seed + j, at every strength.",
+)
+@click.option(
+    "--scale", type=Number(int, 1, 16), default=3, help="Upscale factor of the tiles in the PNG."
+)
 @click.option("--classifier", default=None, help="Noisy classifier folder for guidance.")
 @click.option(
-    "--classifier-scale", type=float, default=1.0, help="Guidance scale (with --classifier)."
+    "--classifier-scale",
+    type=Number(float),
+    default=1.0,
+    help="Guidance scale (with --classifier).",
 )
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32")
 @click.option("--compile", is_flag=True, help="torch.compile the UNet.")
@@ -84,8 +104,19 @@ def main(
         values = [float(s) for s in parse_list(strengths)]
     except ValueError:
         die(f"--strengths must be comma-separated numbers, got {strengths!r}")
-    if not values or any(not math.isfinite(v) or v < 0 for v in values):
-        die(f"--strengths must be non-empty, finite and >= 0, got {strengths!r}")
+    if not values or len(values) > 64:
+        die(f"--strengths must hold 1 to 64 values, got {strengths!r}")
+    if any(not (math.isfinite(v) and 0 <= v <= MAX_STRENGTH) for v in values):
+        die(f"--strengths must be finite and in [0, {MAX_STRENGTH:g}], got {strengths!r}")
+    try:
+        check_input(model, "--model")
+        check_input(classifier, "--classifier")
+        if out is not None:
+            check_output(out, "--out", kind="file")
+            if Path(out).suffix.lower() not in (".png", ".jpg", ".jpeg"):
+                die(f"--out {out}: the grid is written as .png, .jpg or .jpeg")
+    except InputError as e:
+        die(str(e))
     guidance = None
     try:
         if classifier:
@@ -98,7 +129,16 @@ def main(
             )
     except (ModelError, GuidanceError) as e:
         die(str(e))
-    smp = Sampler(m, sampler, steps, guidance=guidance, precision=precision, compile=compile)
+    tile = m.resolution * scale
+    n_tiles = len(m.categories) * len(values) * per_strength
+    try:  # the grid (RGB, plus PIL's copy while encoding)
+        check_memory(n_tiles * tile * tile * 3 * 2, f"a grid of {n_tiles} tiles of {tile} px")
+    except InputError as e:
+        die(str(e))
+    try:
+        smp = Sampler(m, sampler, steps, guidance=guidance, precision=precision, compile=compile)
+    except ValueError as e:  # steps beyond the model's T
+        die(f"--steps {steps}: {e}")
     rows, labels = [], []
     seeds = [seed + j for j in range(per_strength)]
     t0 = time.perf_counter()

@@ -55,10 +55,15 @@ def main(
     being written by sia-gen.
     """
     setup_logging(verbose)
+    from sia_pipeline.dataset.inputs import InputError, check_input
     from sia_pipeline.dataset.publish import PublishError, publish
     from sia_pipeline.dataset.storage import StorageError
     from sia_pipeline.gen.lease import LeaseLost
 
+    try:
+        check_input(root, "ROOT")
+    except InputError as e:
+        die(str(e))
     try:
         report = publish(root, s3_endpoint_url, threads, previews_per_bin)
     except StorageError as e:

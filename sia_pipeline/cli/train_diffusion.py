@@ -5,6 +5,15 @@ from __future__ import annotations
 import click
 
 from sia_pipeline.cli._common import SiaCommand, die, parse_list, s3_endpoint_option, setup_logging
+from sia_pipeline.dataset.inputs import (
+    BATCH,
+    MAX_SIDE,
+    SEED,
+    InputError,
+    Number,
+    check_input,
+    check_output,
+)
 from sia_pipeline.dataset.storage import StorageError
 from sia_pipeline.diffusion.model import PRESETS
 
@@ -39,26 +48,44 @@ from sia_pipeline.diffusion.model import PRESETS
     "variance, 7200 steps, about 3 h on 2 CPU cores), tiny-cpu (32 px, minutes), paper-gpu "
     "(the authors' 256 px ADM).",
 )
-@click.option("--resolution", type=int, help="Training resolution in px [default: the preset's].")
-@click.option("--steps", type=int, help="Optimiser steps [default: the preset's].")
 @click.option(
-    "--batch-size", type=int, help="Batch size per process (per GPU) [default: the preset's]."
+    "--resolution",
+    type=Number(int, 8, MAX_SIDE),
+    help="Training resolution in px [default: the preset's].",
 )
 @click.option(
-    "--lr", "learning_rate", type=float, help="AdamW learning rate [default: the preset's]."
+    "--steps", type=Number(int, 1, 10**9), help="Optimiser steps [default: the preset's]."
 )
 @click.option(
-    "--checkpoint-every", type=int, help="Steps between checkpoints [default: the preset's]."
+    "--batch-size", type=BATCH, help="Batch size per process (per GPU) [default: the preset's]."
 )
 @click.option(
-    "--ema-decay", type=float, help="EMA decay of the saved weights [default: the preset's]."
+    "--lr",
+    "learning_rate",
+    type=Number(float, 0, 1, lo_open=True),
+    help="AdamW learning rate [default: the preset's].",
+)
+@click.option(
+    "--checkpoint-every",
+    type=Number(int, 1, 10**9),
+    help="Steps between checkpoints [default: the preset's].",
+)
+@click.option(
+    "--ema-decay",
+    type=Number(float, 0, 1, hi_open=True),
+    help="EMA decay of the saved weights [default: the preset's].",
 )
 @click.option(
     "--grad-accumulation",
-    type=int,
+    type=Number(int, 1, 1024),
     help="Micro-batches per optimiser step [default: the preset's; paper-gpu: 3, as the authors].",
 )
-@click.option("--grad-clip", type=float, default=1.0, help="Gradient norm clipping.")
+@click.option(
+    "--grad-clip",
+    type=Number(float, 0, 1e6, lo_open=True),
+    default=1.0,
+    help="Gradient norm clipping.",
+)
 @click.option(
     "--init-from",
     help="Start from this model folder (e.g. from sia-convert-adm): same architecture, class "
@@ -75,13 +102,15 @@ from sia_pipeline.diffusion.model import PRESETS
     help="Predict the reverse variance (learned range, hybrid loss), as official SDAS models "
     "do [default: the preset's, or the --init-from model's].",
 )
-@click.option("--seed", type=int, default=0, help="Seed of initialisation and batch order.")
+@click.option("--seed", type=SEED, default=0, help="Seed of initialisation and batch order.")
 @click.option(
     "--resume", is_flag=True, help="Continue from the latest checkpoint in OUT/checkpoints."
 )
 @click.option("--half", is_flag=True, help="Store fp16 weights (half the size; loading upcasts).")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
-@click.option("--threads", type=int, help="torch CPU threads [default: torch's choice].")
+@click.option(
+    "--threads", type=Number(int, 1, 1024), help="torch CPU threads [default: torch's choice]."
+)
 @s3_endpoint_option("endpoint_url")
 @click.option("-v", "--verbose", is_flag=True)
 def main(verbose: bool, categories: str, data: tuple[str, ...], **kwargs) -> None:
@@ -96,6 +125,14 @@ def main(verbose: bool, categories: str, data: tuple[str, ...], **kwargs) -> Non
 
     from sia_pipeline.diffusion.train import TrainConfig, train
 
+    try:
+        for url in data:
+            check_input(url, "--data")
+        check_input(kwargs["init_from"], "--init-from")
+        sources = {f"--data {i + 1}": url for i, url in enumerate(data)}
+        check_output(kwargs["out"], "--out", sources | {"--init-from": kwargs["init_from"]})
+    except InputError as e:
+        die(str(e))
     try:
         cfg = TrainConfig(data=list(data), categories=parse_list(categories), **kwargs)
         model_id = train(cfg)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from sia_pipeline.dataset.schema import INDEX, SPEC, STATS, load_json, validate
 from sia_pipeline.dataset.storage import Storage, open_storage
 
 FORMAT_VERSION = 1
@@ -126,20 +127,24 @@ class ShardStats:
         return json.dumps(asdict(self), indent=1, sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, data: bytes | str) -> ShardStats:
-        try:
-            d = json.loads(data)
-            return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
-        except (json.JSONDecodeError, TypeError, KeyError) as e:
-            msg = f"unreadable shard stats: {e}"
-            raise FormatError(msg) from e
+    def from_json(cls, data: bytes | str, where: str = "shard stats") -> ShardStats:
+        """Parse and check (:data:`~sia_pipeline.dataset.schema.STATS`) a stats file.
+
+        Raises:
+            FormatError: not JSON, or a field of the wrong type or range (a ``tar`` that
+                leads out of the root included).
+        """
+        d = validate(load_json(data, where, FormatError), STATS, where, FormatError)
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
 def read_stats(storage: Storage, stats_name: str) -> ShardStats | None:
+    """A shard's stats (None when the file does not exist); ``FormatError`` if malformed."""
     try:
-        return ShardStats.from_json(storage.get_bytes(stats_name))
+        data = storage.get_bytes(stats_name)
     except FileNotFoundError:
         return None
+    return ShardStats.from_json(data, f"{stats_name} under {storage.url}")
 
 
 def shard_done(storage: Storage, stats_name: str) -> ShardStats | None:
@@ -158,19 +163,28 @@ def list_stats_names(storage: Storage) -> list[str]:
 
 
 def read_index(storage: Storage) -> dict[str, Any] | None:
+    """The root's ``index.json`` checked against :data:`~sia_pipeline.dataset.schema.INDEX`
+    (shard ``tar`` paths stay inside the root), or None if there is none.
+
+    Raises:
+        FormatError: not JSON, another format version, or a field out of its schema.
+    """
     try:
-        data = json.loads(storage.get_bytes(INDEX_NAME))
+        raw = storage.get_bytes(INDEX_NAME)
     except FileNotFoundError:
         return None
-    except json.JSONDecodeError as e:
-        msg = f"corrupt {INDEX_NAME} under {storage.url}: {e}"
-        raise FormatError(msg) from e
-    if data.get("format_version") != FORMAT_VERSION:
+    where = f"{INDEX_NAME} under {storage.url}"
+    data = load_json(raw, where, FormatError)
+    if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
+        version = data.get("format_version") if isinstance(data, dict) else None
         msg = (
-            f"{storage.url} has format_version {data.get('format_version')!r}; "
+            f"{storage.url} has format_version {version!r}; "
             f"this reader understands {FORMAT_VERSION}"
         )
         raise FormatError(msg)
+    validate(data, INDEX, where, FormatError)
+    if data.get("spec"):
+        validate(data["spec"], SPEC, f"{where}, spec", FormatError)
     return data
 
 
@@ -233,12 +247,21 @@ def open_url_stream(url: str, endpoint_url: str | None = None):
     return open_storage(base, endpoint_url).open_read(name)
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """PNG/JPEG bytes -> HxWx3 uint8 RGB."""
-    from PIL import Image
+def decode_image(data: bytes, where: str = "image") -> np.ndarray:
+    """PNG/JPEG bytes -> HxWx3 uint8 RGB.
 
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"))
+    Raises:
+        FormatError: the bytes are not a decodable image (empty, text, truncated, or over
+            PIL's decompression-bomb limit).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        msg = f"{where} is not a decodable PNG/JPEG image ({type(e).__name__}: {e})"
+        raise FormatError(msg.splitlines()[0]) from None
 
 
 def decode_sample(sample: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:

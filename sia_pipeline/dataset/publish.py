@@ -53,7 +53,7 @@ from sia_pipeline.dataset.publish_card import (
     provenance_markdown,
     strength_histogram,
 )
-from sia_pipeline.dataset.spec import SPEC_NAME, recorded_spec
+from sia_pipeline.dataset.spec import SPEC_NAME, read_spec, recorded_spec
 from sia_pipeline.dataset.storage import Storage, open_storage
 from sia_pipeline.dataset.verify import (
     VERIFY_THREADS,
@@ -168,6 +168,11 @@ def verify_root(
     if not names:
         msg = f"no shard stats under {storage.url}/shards: not an SIA dataset root"
         raise PublishError(msg)
+    try:  # a spec.json that fails its schema is never rebuilt from, or certified
+        read_spec(storage)
+    except FormatError as e:
+        msg = f"{e}; fix or remove it (nothing was published)"
+        raise PublishError(msg) from None
     stats, checks, stat_sums = load_stats(storage, names, threads)
     try:
         index = read_index(storage)

@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from sia_pipeline.dataset.format import FORMAT_VERSION, FormatError
+from sia_pipeline.dataset.schema import SPEC, SPEC_DOC, load_json, validate
 from sia_pipeline.dataset.storage import Storage
 
 SPEC_NAME = "spec.json"
@@ -36,20 +37,19 @@ def read_spec(storage: Storage) -> dict[str, Any] | None:
     """The root's ``spec.json``, or None if it has none.
 
     Raises:
-        FormatError: the file is not JSON or lacks ``spec``/``spec_hash``.
+        FormatError: the file is not JSON or does not match its schema
+            (:data:`~sia_pipeline.dataset.schema.SPEC_DOC`, and
+            :data:`~sia_pipeline.dataset.schema.SPEC` for a non-empty spec: finite
+            strengths, a layout of at most a million shards per category...).
     """
     try:
         data = storage.get_bytes(SPEC_NAME)
     except FileNotFoundError:
         return None
-    try:
-        doc = json.loads(data)
-    except json.JSONDecodeError as e:
-        msg = f"corrupt {SPEC_NAME} under {storage.url}: {e}"
-        raise FormatError(msg) from None
-    if not isinstance(doc, dict) or "spec" not in doc or "spec_hash" not in doc:
-        msg = f"{SPEC_NAME} under {storage.url} lacks 'spec' or 'spec_hash'"
-        raise FormatError(msg)
+    where = f"{SPEC_NAME} under {storage.url}"
+    doc = validate(load_json(data, where, FormatError), SPEC_DOC, where, FormatError)
+    if doc["spec"]:
+        validate(doc["spec"], SPEC, f"{where}, spec", FormatError)
     return doc
 
 

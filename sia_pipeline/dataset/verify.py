@@ -23,10 +23,12 @@ from sia_pipeline.dataset.format import (
     ShardStats,
     shard_id,
 )
-from sia_pipeline.dataset.spec import shard_ranges
+from sia_pipeline.dataset.spec import shards_in_layers
 from sia_pipeline.dataset.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
+
+MAX_MISSING_LISTED = 100  # missing shards named one by one per category, then a count
 
 VERIFY_THREADS = 8
 _CHUNK = 1 << 20
@@ -195,12 +197,24 @@ def layout_problems(
     ]
     if spec and spec.get("categories") and spec.get("per_category") and spec.get("shard_size"):
         have = {s.shard for s in stats}
-        ranges = shard_ranges(spec["per_category"], spec["shard_size"], spec.get("extends", ()))
+        listed = {c.tar for c in out}
+        # O(layers), not a list of every range: the spec is checked, but the loop below
+        # still stops after MAX_MISSING_LISTED named shards per category.
+        n = shards_in_layers(spec["per_category"], spec["shard_size"], spec.get("extends", ()))
         for category in spec["categories"]:
-            for i in range(len(ranges)):
+            named = 0
+            for i in range(n):
                 sid = shard_id(category, i)
-                if sid not in have:
-                    tar = f"{SHARDS_DIR}/{category}/{sid}.tar"
-                    if not any(c.tar == tar for c in out):
-                        out.append(ShardCheck(sid, tar, ["missing: the spec asks for it"]))
+                if sid in have:
+                    continue
+                if named == MAX_MISSING_LISTED:
+                    later = [h for h in have if h.rpartition("-")[0] == category]
+                    rest = n - i - sum(1 for h in later if int(h.rpartition("-")[2]) >= i)
+                    why = f"missing: the spec asks for {rest} more {category} shards from here"
+                    out.append(ShardCheck(sid, f"{SHARDS_DIR}/{category}/", [why]))
+                    break
+                tar = f"{SHARDS_DIR}/{category}/{sid}.tar"
+                if tar not in listed:
+                    out.append(ShardCheck(sid, tar, ["missing: the spec asks for it"]))
+                    named += 1
     return out

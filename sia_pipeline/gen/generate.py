@@ -19,6 +19,7 @@ from sia_pipeline.dataset.card import write_card
 from sia_pipeline.dataset.format import (
     FormatError,
 )
+from sia_pipeline.dataset.inputs import MAX_SHARDS_PER_CATEGORY, InputError, check_disk
 from sia_pipeline.dataset.manifest import rebuild_from_stats
 from sia_pipeline.dataset.spec import write_spec
 from sia_pipeline.dataset.storage import (
@@ -30,14 +31,16 @@ from sia_pipeline.dataset.storage import (
 from sia_pipeline.gen.extend import earlier_hashes, layered_spec, restamp
 from sia_pipeline.gen.lease import DEFAULT_TTL, LeaseHeld, LeaseLost, LeaseSlot
 from sia_pipeline.gen.plan import (
+    GenSpec,
     PlanError,
     ShardTasks,
     describe_plan,
+    estimate_bytes,
     make_spec,
     make_tasks,
     parse_strengths,
 )
-from sia_pipeline.gen.provenance import command_line, model_record
+from sia_pipeline.gen.provenance import command_line, model_record, model_url
 from sia_pipeline.gen.raycluster import (
     DEFAULT_RAY_TIMEOUT_S,
     ActorPlan,
@@ -138,6 +141,22 @@ def _check_numbers(**values: Any) -> None:
     if g is not None and not 0 < g <= 64:
         msg = f"--gpus-per-worker must be in (0, 64], got {g}"
         raise GenError(msg)
+
+
+def _check_size(spec: GenSpec, out: str, dry_run: bool) -> None:
+    """Shards per category fit the keys' six digits; a local dataset fits the free disk."""
+    n = spec.shards_per_category()
+    if n > MAX_SHARDS_PER_CATEGORY:
+        msg = (
+            f"--per-category {spec.per_category} / --shard-size {spec.shard_size} makes {n}"
+            f" shards per category (at most {MAX_SHARDS_PER_CATEGORY}: keys hold six digits)"
+        )
+        raise GenError(msg)
+    if not dry_run:
+        try:
+            check_disk(out, estimate_bytes(spec), f"{spec.total_images} images")
+        except InputError as e:
+            raise GenError(str(e)) from None
 
 
 def _check_local_cpus(workers: int, threads: int) -> None:
@@ -285,6 +304,7 @@ def _generate(
             classifier_scale=classifier_scale,
             precision=precision,
         )
+        _check_size(spec, out, dry_run)
         tasks = make_tasks(spec, batch_size)
         storage = open_storage(out, s3_endpoint_url)
         if isinstance(storage, LocalStorage):  # actors may run in another directory
@@ -363,7 +383,7 @@ def _generate(
         if classifier_card is not None:
             extra["classifier"] = {
                 "id": classifier_card["classifier_id"],
-                "source": str(classifier),
+                "source": model_url(str(classifier)),
                 "categories": classifier_card["categories"],
                 "image_size": classifier_card["image_size"],
             }

@@ -30,6 +30,9 @@ from sia_pipeline.dataset.spec import shard_range, shards_in_layers
 StrengthKind = Literal["uniform", "grid", "list"]
 MAX_SHARD_SIZE = 999_999  # the in-shard index of a key has six digits
 MAX_GRID_VALUES = 10_000
+# The paper's range of SDAS strengths (the authors sampled 0.1-0.2; DDIM 0.01-0.03): above
+# 1 the reverse noise is more than doubled in variance and samples are noise, not defects.
+MAX_STRENGTH = 1.0
 # Rough compressed size of one image as a fraction of its raw RGB bytes (for --dry-run).
 _COMPRESSION = {"png": 0.75, "jpg": 0.15}
 _PER_SAMPLE_OVERHEAD = 2 * 512 + 512 + 900  # tar headers + padding, .json member, stats row
@@ -88,8 +91,8 @@ def _number(part: str, text: str) -> float:
     if not math.isfinite(v):
         msg = f"--strengths {text!r}: {part.strip()!r} is not finite"
         raise PlanError(msg)
-    if v < 0:
-        msg = f"--strengths {text!r}: strengths must be >= 0, got {v:g}"
+    if not 0 <= v <= MAX_STRENGTH:
+        msg = f"--strengths {text!r}: strengths must be >= 0 and <= {MAX_STRENGTH:g}, got {v:g}"
         raise PlanError(msg)
     return v
 

@@ -4,6 +4,7 @@ the model it sampled from (never an endpoint or credentials)."""
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 from typing import Any
 
 from sia_pipeline.gen.plan import GenSpec
@@ -46,11 +47,22 @@ def command_line(
     return shlex.join(args)
 
 
+def model_url(model: str) -> str:
+    """Where a model can be found again from any folder: ``s3://`` (or another URL) as given,
+    a local path as an absolute ``file://`` URL."""
+    if "://" in model and not model.startswith("file://"):
+        return model
+    # Not Path.as_uri(): the readers take file:// paths as they are, without %-decoding.
+    return "file://" + str(Path(model.removeprefix("file://")).expanduser().resolve())
+
+
 def model_record(loaded: Any, model: str | None) -> dict[str, Any]:
+    """The model's provenance: its id and an absolute URL (``sia-inspect --regenerate``
+    finds it from any folder on any host that can reach it)."""
     card = loaded.card
     rec = {
         "id": loaded.model_id,
-        "source": str(model) if model else "bundled demo model",
+        "source": model_url(str(model)) if model else "bundled demo model",
         "bundled": model is None,
         "resolution": loaded.resolution,
         "categories": loaded.categories,

@@ -171,7 +171,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="SAMPLER:S[:K],... columns of the picture",
     )
     ap.add_argument("--picture-keys", type=int, default=2, help="picture rows per category")
-    ap.add_argument("--amplify", type=float, default=4.0, help="|d| gain in the picture")
+    ap.add_argument("--amplify", type=float, default=2.0, help="|d| gain in the picture")
+    ap.add_argument(
+        "--picture-only",
+        action="store_true",
+        help="sample only the picture's keys and settings; write only the PNG",
+    )
     ap.add_argument("--batch", type=int, default=8)
     # one thread: on a shared, loaded machine two threads spent 5x the CPU per image waiting
     ap.add_argument("--threads", type=int, default=1)
@@ -210,7 +215,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def settings(args: argparse.Namespace) -> list[tuple[str, float, int | None]]:
-    """(sampler, s, first_k) in table order; first_k None = every step."""
+    """(sampler, s, first_k) in table order; first_k None = every step (the picture's only
+    with ``--picture-only``)."""
+    if getattr(args, "picture_only", False):
+        return list(args.pictures)
     rows = [("ddpm", s, None) for s in args.ddpm_s]
     rows += [("ddpm", s, k) for s in args.k_s for k in args.ks]
     rows += [("ddim", s, None) for s in args.ddim_s]
@@ -228,9 +236,11 @@ def run(args: argparse.Namespace) -> tuple[dict, dict]:
     res = model.resolution
     sigmas = [s * res / 128 for s in args.sigma_list]
     samplers = {n: Sampler(model, n, args.steps) for n in ("ddpm", "ddim")}
-    seeds = list(range(args.n))
+    seeds = list(range(min(args.n, args.picture_keys) if args.picture_only else args.n))
     load0, t0 = loadavg(), time.perf_counter()
-    check = {n: check_loop(samplers[n], args.cats[0], seeds[:2], 0.5) for n in samplers}
+    check = {}
+    if not args.picture_only:
+        check = {n: check_loop(samplers[n], args.cats[0], seeds[:2], 0.5) for n in samplers}
     log.info("loop vs Sampler.sample, max uint8 difference: %s", check)
 
     def batched(name: str, cat: str, s: float, k: int | None) -> np.ndarray:
@@ -397,9 +407,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     results, pics = run(args)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    picture(pics, args).save(RESULTS / f"{args.tag}.png", optimize=True)
+    if args.picture_only:
+        return 0
     (RESULTS / f"{args.tag}.json").write_text(json.dumps(results, indent=2))
     (RESULTS / f"{args.tag}.md").write_text(markdown(results))
-    picture(pics, args).save(RESULTS / f"{args.tag}.png")
     print(markdown(results))
     return 0
 

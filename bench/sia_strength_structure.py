@@ -12,7 +12,8 @@ their difference ``d`` (images in the 0-1 range) is what ``s`` adds. Of ``d``:
 - ``visible>t``: the fraction of pixels whose largest channel change exceeds ``t``;
 - ``mean_abs``: the mean absolute change;
 - ``top5_share@sigma``: the share of the low-passed energy held by the 5 % of pixels that
-  hold most of it (uniform spread: about 0.05 plus the spread's unevenness; one local blob: 1).
+  hold most of it (one local blob: near 1; a perfectly even change: 0.05; white noise, whose
+  blurred energy still fluctuates, about 0.17 in colour and 0.27 in grey: the table states it).
 
 Structure is low-frequency, local and visible; grain is high-frequency and everywhere.
 
@@ -225,6 +226,18 @@ def settings(args: argparse.Namespace) -> list[tuple[str, float, int | None]]:
     return rows
 
 
+def noise_reference(res: int, sigmas: Sequence[float]) -> dict[str, float]:
+    """The measures of a white-noise difference (colour and grey): what pure grain scores."""
+    noise = np.random.default_rng(0).standard_normal((res, res, 3))
+    grey = np.repeat(noise[..., :1], 3, axis=-1)
+    out = {}
+    for s in sigmas:
+        out[f"low_share@{s:g}"] = low_share(noise, s)
+        out[f"top5_share@{s:g}"] = top_share(noise, s)
+        out[f"top5_share_grey@{s:g}"] = top_share(grey, s)
+    return out
+
+
 def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -292,11 +305,9 @@ def run(args: argparse.Namespace) -> tuple[dict, dict]:
             if (name, s, k) in args.pictures:
                 pics[(cat, name, s, k)] = list(strong[: args.picture_keys])
     wall = time.perf_counter() - t0
-    rng = np.random.default_rng(0)
-    noise = rng.standard_normal((res, res, 3))
     results = {
         "rows": rows,
-        "white_noise": {f"low_share@{s:g}": low_share(noise, s) for s in sigmas},
+        "white_noise": noise_reference(res, sigmas),
         "settings": {
             "model": str(args.model),
             "model_id": model.model_id,
@@ -328,6 +339,10 @@ def markdown(results: dict) -> str:
     sig = [f"{s:g}" for s in st["sigmas_px"]]
     noise = results["white_noise"]
     white = ", ".join(f"{noise['low_share@' + s]:.3f} at σ {s}" for s in sig)
+    white_top = ", ".join(
+        f"{noise['top5_share@' + s]:.2f} (grey {noise['top5_share_grey@' + s]:.2f}) at σ {s}"
+        for s in sig
+    )
     lines = [
         "# Where a strength goes: the difference between s and s = 0, same keys",
         "",
@@ -336,8 +351,9 @@ def markdown(results: dict) -> str:
         "low@σ: share of d's energy below a Gaussian blur of σ px "
         f"(white noise: {white}; "
         "a smooth blob: about 1). top5%@σ: share of the low-passed energy in the 5 % of "
-        "pixels holding most (spread evenly: about 0.05). vis>t: fraction of pixels changing "
-        "by more than t. 'first k': the strength on the first k steps only.",
+        f"pixels holding most (one local blob: near 1; white noise: {white_top}). "
+        "vis>t: fraction of pixels changing by more than t. "
+        "'first k': the strength on the first k steps only.",
         "",
         "| category | setting | mean abs | vis>0.05 | vis>0.1 | "
         + " | ".join(f"low@{s}" for s in sig)

@@ -378,6 +378,7 @@ def markdown(results: dict) -> str:
             *(cell(f"top5_share@{s}") for s in sig),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += steps_summary(results["rows"], sig[0], noise[f"low_share@{sig[0]}"])
     lines += [
         "",
         f"{st['images']} images in {st['wall_s']} s on {st['machine']} (load average "
@@ -387,6 +388,43 @@ def markdown(results: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def steps_summary(rows: list[dict], sigma: str, white: float) -> list[str]:
+    """Lines saying how the low-frequency share moves as ``s`` reaches later steps."""
+    key = f"low_share@{sigma}"
+    lines = [
+        "",
+        f"Low-frequency share (low@{sigma}) by the steps that carry s (white noise: "
+        f"{white:.3f}; falling = the later steps turn s into grain):",
+        "",
+    ]
+    for r in rows:
+        if r["sampler"] != "ddpm" or r["first_k"] is None:
+            continue
+        cat, s = r["category"], r["strength"]
+        same = [
+            x
+            for x in rows
+            if x["category"] == cat and x["sampler"] == "ddpm" and x["strength"] == s
+        ]
+        if r is not next(x for x in same if x["first_k"] is not None):
+            continue  # one line per (category, strength), written at its first first-k row
+        ks = sorted((x for x in same if x["first_k"] is not None), key=lambda x: x["first_k"])
+        cells = [f"first {x['first_k']}: {x['measures'][key]['mean']:.2f}" for x in ks]
+        cells += [
+            f"all {x['steps']}: {x['measures'][key]['mean']:.2f}"
+            for x in same
+            if x["first_k"] is None
+        ]
+        lines.append(f"- {cat}, DDPM s = {s:g}: " + ", ".join(cells))
+    ddim = [r for r in rows if r["sampler"] == "ddim"]
+    if ddim:
+        cells = [
+            f"{r['category']} s={r['strength']:g}: {r['measures'][key]['mean']:.2f}" for r in ddim
+        ]
+        lines.append("- DDIM (every step carries s): " + ", ".join(cells))
+    return lines
 
 
 def picture(pics: dict, args: argparse.Namespace) -> Image.Image:

@@ -102,3 +102,22 @@ def test_bad_arguments_exit_2_before_loading(structure, argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         structure.parse_args(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_steps_summary_one_line_per_category_and_strength(structure):
+    def row(cat, sampler, s, k, low):
+        m = {"low_share@2": {"mean": low, "std": 0.0}}
+        return {"category": cat, "sampler": sampler, "strength": s, "first_k": k, "steps": 20,
+                "measures": m}  # fmt: skip
+
+    rows = [
+        row("a", "ddpm", 0.5, None, 0.4),
+        row("a", "ddpm", 0.5, 10, 0.7),
+        row("a", "ddpm", 0.5, 5, 0.9),
+        row("a", "ddim", 0.02, None, 0.1),
+    ]
+    lines = [x for x in structure.steps_summary(rows, "2", 0.02) if x.startswith("- ")]
+    assert lines == [
+        "- a, DDPM s = 0.5: first 5: 0.90, first 10: 0.70, all 20: 0.40",
+        "- DDIM (every step carries s): a s=0.02: 0.10",
+    ]

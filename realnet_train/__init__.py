@@ -17,6 +17,6 @@ Stages, one module each::
     preflight.py          input checks before anything is created
     cli_common.py, cli.py one-line errors, realnet-train / realnet-eval
 
-From ``sia_pipeline`` only :mod:`sia_pipeline.dataset.format` (and its storage layer) and the
+From ``sia_pipeline`` only :mod:`sia_pipeline.format.v1` (and its storage layer) and the
 anomaly composition :mod:`sia_pipeline.compose` (shared with ``sia-export``) are imported.
 """

@@ -48,7 +48,7 @@ from realnet_train.cli_common import (
 )
 from realnet_train.data.mvtec import IMAGE_SUFFIXES, decode_rgb
 from sia_pipeline.compose.resize import content_box, fit_square
-from sia_pipeline.dataset.storage import Storage, is_s3, iter_files, open_storage
+from sia_pipeline.io.storage import Storage, is_s3, iter_files, open_storage
 
 log = logging.getLogger(__name__)
 

@@ -407,12 +407,12 @@ def test_sia_gen_guided_end_to_end_and_regenerate(tiny_model, tiny_classifier, t
     unguided ones of the same seeds, and sia-inspect --regenerate re-makes a key exactly."""
     from sia_pipeline.cli.gen import main as gen_main
     from sia_pipeline.cli.inspect import main as inspect_main
-    from sia_pipeline.dataset.format import decode_image
-    from sia_pipeline.dataset.inspection import find_sample
-    from sia_pipeline.dataset.storage import open_storage
     from sia_pipeline.diffusion.classifier import load_classifier
     from sia_pipeline.diffusion.model import load_model
     from sia_pipeline.diffusion.sampler import Sampler
+    from sia_pipeline.format.v1 import decode_image
+    from sia_pipeline.io.storage import open_storage
+    from sia_pipeline.publish.inspection import find_sample
 
     out = tmp_path / "guided"
     args = ["--model", str(tiny_model), "--out", str(out), "--categories", "bottle"]

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from sia_pipeline.dataset.format import parse_key
+from sia_pipeline.format.v1 import parse_key
 from sia_pipeline.gen.plan import (
     PlanError,
     describe_plan,

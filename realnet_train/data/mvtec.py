@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from sia_pipeline.compose.resize import Fit, content_mask, fit_square
-from sia_pipeline.dataset.storage import Storage, iter_files, join_url, open_storage
+from sia_pipeline.io.storage import Storage, iter_files, join_url, open_storage
 
 log = logging.getLogger(__name__)
 

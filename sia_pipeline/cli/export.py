@@ -1,6 +1,6 @@
 """``sia-export``: anomaly image + mask pairs in MVTec AD, anomalib Folder or WebDataset layout.
 
-Thin: parses options and calls :func:`sia_pipeline.dataset.export.export`. Bad input exits 2
+Thin: parses options and calls :func:`sia_pipeline.export.export.export`. Bad input exits 2
 with one line before anything is written; units that keep failing exit 1 (rerun to finish).
 """
 
@@ -10,7 +10,7 @@ import click
 
 from sia_pipeline.cli._common import SiaCommand, die, s3_endpoint_option, setup_logging
 from sia_pipeline.compose.foreground import CHOICES
-from sia_pipeline.dataset.export_layouts import LAYOUTS
+from sia_pipeline.export.export_layouts import LAYOUTS
 
 
 def _strengths(text: str | None) -> tuple[float, float] | None:
@@ -74,7 +74,7 @@ def main(**kw) -> None:
     write each anomaly image with its 0/255 mask, a metadata.jsonl row per output and
     export.json. Deterministic: the same command gives the same bytes; a rerun resumes."""
     setup_logging(kw["verbose"])
-    from sia_pipeline.dataset.export import ExportError, ExportFailed, ExportSpec, export
+    from sia_pipeline.export.export import ExportError, ExportFailed, ExportSpec, export
 
     if kw["workers"] is not None and kw["workers"] < 0:
         die(f"--workers must be >= 0, got {kw['workers']}")

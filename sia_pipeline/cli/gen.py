@@ -16,8 +16,8 @@ from sia_pipeline.cli._common import (
     storage_failure,
 )
 from sia_pipeline.gen.generate import DEFAULT_OUT, DEFAULT_PER_CATEGORY
-from sia_pipeline.gen.lease import DEFAULT_TTL
-from sia_pipeline.gen.raycluster import DEFAULT_RAY_TIMEOUT_S
+from sia_pipeline.io.lease import DEFAULT_TTL
+from sia_pipeline.io.raycluster import DEFAULT_RAY_TIMEOUT_S
 
 
 @click.command(
@@ -162,8 +162,8 @@ def main(no_progress: bool, verbose: bool, **kwargs) -> None:
     skipped, and a finished dataset is left untouched.
     """
     setup_logging(verbose)
-    from sia_pipeline.dataset.storage import StorageError
     from sia_pipeline.gen.generate import GenError, GenFailed, generate
+    from sia_pipeline.io.storage import StorageError
 
     try:
         report = generate(progress=not no_progress, **kwargs)

@@ -75,10 +75,10 @@ def main(
 ) -> None:
     """Rows: category x strength; columns: the same seeds, so a row differs only by s."""
     setup_logging(verbose)
-    from sia_pipeline.dataset.preview import make_grid
     from sia_pipeline.diffusion.guidance import GuidanceError, check_scale, load_guidance
     from sia_pipeline.diffusion.model import ModelError, load_model
     from sia_pipeline.diffusion.sampler import Sampler
+    from sia_pipeline.format.preview import make_grid
 
     try:
         values = [float(s) for s in parse_list(strengths)]

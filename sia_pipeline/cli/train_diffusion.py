@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from sia_pipeline.cli._common import SiaCommand, die, parse_list, s3_endpoint_option, setup_logging
-from sia_pipeline.dataset.storage import StorageError
 from sia_pipeline.diffusion.model import PRESETS
+from sia_pipeline.io.storage import StorageError
 
 
 @click.command(

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from sia_pipeline.dataset.format import check_category
-from sia_pipeline.dataset.storage import iter_files, open_storage
+from sia_pipeline.format.v1 import check_category
+from sia_pipeline.io.storage import iter_files, open_storage
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from sia_pipeline.dataset.storage import StorageError, is_s3, open_storage
 from sia_pipeline.diffusion.adm import MVTEC_UNET, unet_config
+from sia_pipeline.io.storage import StorageError, is_s3, open_storage
 
 log = logging.getLogger(__name__)
 

@@ -15,20 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sia_pipeline.dataset.card import write_card
-from sia_pipeline.dataset.format import (
+from sia_pipeline.format.card import write_card
+from sia_pipeline.format.manifest import rebuild_from_stats
+from sia_pipeline.format.spec import write_spec
+from sia_pipeline.format.v1 import (
     FormatError,
 )
-from sia_pipeline.dataset.manifest import rebuild_from_stats
-from sia_pipeline.dataset.spec import write_spec
-from sia_pipeline.dataset.storage import (
-    LocalStorage,
-    Storage,
-    StorageError,
-    open_storage,
-)
 from sia_pipeline.gen.extend import earlier_hashes, layered_spec, restamp
-from sia_pipeline.gen.lease import DEFAULT_TTL, LeaseHeld, LeaseLost, LeaseSlot
 from sia_pipeline.gen.plan import (
     PlanError,
     ShardTasks,
@@ -38,13 +31,20 @@ from sia_pipeline.gen.plan import (
     parse_strengths,
 )
 from sia_pipeline.gen.provenance import command_line, model_record
-from sia_pipeline.gen.raycluster import (
+from sia_pipeline.gen.root import RootState, check_creatable, clear_root, scan_root
+from sia_pipeline.io.lease import DEFAULT_TTL, LeaseHeld, LeaseLost, LeaseSlot
+from sia_pipeline.io.raycluster import (
     DEFAULT_RAY_TIMEOUT_S,
     ActorPlan,
     ClusterError,
     connect_pool,
 )
-from sia_pipeline.gen.root import RootState, check_creatable, clear_root, scan_root
+from sia_pipeline.io.storage import (
+    LocalStorage,
+    Storage,
+    StorageError,
+    open_storage,
+)
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, overload
 
-from sia_pipeline.dataset.format import (
+from sia_pipeline.format.spec import shard_range, shards_in_layers
+from sia_pipeline.format.v1 import (
     FORMAT_VERSION,
     IMAGE_EXTS,
     check_category,
@@ -25,7 +26,6 @@ from sia_pipeline.dataset.format import (
     shard_stats_name,
     shard_tar_name,
 )
-from sia_pipeline.dataset.spec import shard_range, shards_in_layers
 
 StrengthKind = Literal["uniform", "grid", "list"]
 MAX_SHARD_SIZE = 999_999  # the in-shard index of a key has six digits

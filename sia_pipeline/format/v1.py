@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from sia_pipeline.dataset.storage import Storage, open_storage
+from sia_pipeline.io.storage import Storage, open_storage
 
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
@@ -226,7 +226,7 @@ def open_url_stream(url: str, endpoint_url: str | None = None):
     """A readable byte stream for one shard URL (S3 streams; nothing is downloaded first).
 
     On S3 the stream survives throttling, 5xx and connections cut mid-body: it resumes with a
-    ranged GET at the byte reached (see :class:`sia_pipeline.dataset.s3_retry.ResumableBody`);
+    ranged GET at the byte reached (see :class:`sia_pipeline.io.s3_retry.ResumableBody`);
     what still fails after the retries is a one-line ``StorageError``.
     """
     base, _, name = url.rpartition("/")

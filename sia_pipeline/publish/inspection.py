@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from sia_pipeline.dataset.format import (
+from sia_pipeline.format.v1 import (
     IMAGE_EXTS,
     MANIFEST_NAME,
     FormatError,
@@ -26,8 +26,8 @@ from sia_pipeline.dataset.format import (
     read_index,
     shard_tar_name,
 )
-from sia_pipeline.dataset.storage import Storage, join_url
 from sia_pipeline.gen.plan import GenSpec, StrengthSpec, human_bytes, make_tasks
+from sia_pipeline.io.storage import Storage, join_url
 
 DEFAULT_BATCH_SIZE = 16  # sia-gen's default, for datasets whose command is not recorded
 
@@ -76,7 +76,7 @@ def summarize(storage: Storage) -> tuple[dict[str, Any], list[CategoryRow]]:
         r.strength_min = min(r.strength_min, float(s["strength_min"]))
         r.strength_max = max(r.strength_max, float(s["strength_max"]))
     if storage.exists(MANIFEST_NAME):
-        from sia_pipeline.dataset.manifest import read_manifest
+        from sia_pipeline.format.manifest import read_manifest
 
         table = read_manifest(storage)
         cats = np.asarray(table.column("category").to_pylist())
@@ -279,9 +279,9 @@ def regenerate(
     The key is sampled inside the same batch positions it had in its shard (``batch_size``
     from the recorded command), as sia-gen did.
     """
-    from sia_pipeline.dataset.writer import encode_image, sample_json
     from sia_pipeline.diffusion.model import ModelError, load_model
     from sia_pipeline.diffusion.sampler import Sampler
+    from sia_pipeline.format.writer import encode_image, sample_json
 
     index = load_index(storage)
     spec = spec_from_index(index)

@@ -23,9 +23,9 @@ import numpy as np
 from tqdm import tqdm
 
 from sia_pipeline.compose import CHOICES, choose_rule, letterbox
-from sia_pipeline.dataset.export_layouts import LAYOUTS, read_pair, rows_json
-from sia_pipeline.dataset.export_units import Job, Output, Unit, read_marker, run_local, run_ray
-from sia_pipeline.dataset.format import (
+from sia_pipeline.export.export_layouts import LAYOUTS, read_pair, rows_json
+from sia_pipeline.export.export_units import Job, Output, Unit, read_marker, run_local, run_ray
+from sia_pipeline.format.v1 import (
     FormatError,
     ShardStats,
     check_category,
@@ -33,7 +33,7 @@ from sia_pipeline.dataset.format import (
     iter_shard_samples,
     list_shards,
 )
-from sia_pipeline.dataset.storage import (
+from sia_pipeline.io.storage import (
     StorageError,
     can_create_in,
     is_s3,
@@ -353,7 +353,7 @@ def export(
 
 def write_preview(storage, layout: str, rows: Sequence[dict[str, Any]], n: int = 8) -> None:
     """``preview.png``: the first ``n`` outputs as image | mask pairs, two pairs per row."""
-    from sia_pipeline.dataset.preview import make_grid, png_bytes
+    from sia_pipeline.format.preview import make_grid, png_bytes
 
     tiles = []
     for row in rows[:n]:

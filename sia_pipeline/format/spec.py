@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sia_pipeline.dataset.format import FORMAT_VERSION, FormatError
-from sia_pipeline.dataset.storage import Storage
+from sia_pipeline.format.v1 import FORMAT_VERSION, FormatError
+from sia_pipeline.io.storage import Storage
 
 SPEC_NAME = "spec.json"
 

@@ -283,7 +283,8 @@ def _spec(**kw):
 
 
 def test_spec_records_guidance_and_precision_only_when_used():
-    from sia_pipeline.gen.plan import PlanError, make_tasks, sample_params
+    from sia_pipeline.format.genspec import PlanError, sample_params
+    from sia_pipeline.gen.plan import make_tasks
 
     plain = _spec()
     d = plain.to_dict()

@@ -80,6 +80,7 @@ def main(
     2 bad root, key or model.
     """
     setup_logging(verbose)
+    from sia_pipeline.gen import regenerate as regen
     from sia_pipeline.io.storage import StorageError, open_storage
     from sia_pipeline.publish import inspection
 
@@ -88,7 +89,7 @@ def main(
     try:
         storage = open_storage(root, s3_endpoint_url)
         if regenerate:
-            result = inspection.regenerate(
+            result = regen.regenerate(
                 storage, regenerate, model, device, batch_size, s3_endpoint_url
             )
         elif key:

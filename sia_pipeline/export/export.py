@@ -312,7 +312,7 @@ def export(
     if todo and workers == 0:
         run_local(job, todo, on_done)
     elif todo:
-        from sia_pipeline.gen.runner import init_ray
+        from sia_pipeline.io.raycluster import init_ray
 
         started = init_ray(ray_address)
         try:

@@ -16,20 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from sia_pipeline.format.card import write_card
+from sia_pipeline.format.genspec import PlanError, parse_strengths
 from sia_pipeline.format.manifest import rebuild_from_stats
 from sia_pipeline.format.spec import write_spec
 from sia_pipeline.format.v1 import (
     FormatError,
 )
 from sia_pipeline.gen.extend import earlier_hashes, layered_spec, restamp
-from sia_pipeline.gen.plan import (
-    PlanError,
-    ShardTasks,
-    describe_plan,
-    make_spec,
-    make_tasks,
-    parse_strengths,
-)
+from sia_pipeline.gen.plan import ShardTasks, describe_plan, make_spec, make_tasks
 from sia_pipeline.gen.provenance import command_line, model_record
 from sia_pipeline.gen.root import RootState, check_creatable, clear_root, scan_root
 from sia_pipeline.io.lease import DEFAULT_TTL, LeaseHeld, LeaseLost, LeaseSlot

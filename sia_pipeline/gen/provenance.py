@@ -6,7 +6,7 @@ from __future__ import annotations
 import shlex
 from typing import Any
 
-from sia_pipeline.gen.plan import GenSpec
+from sia_pipeline.format.genspec import GenSpec
 
 
 def command_line(

@@ -26,7 +26,7 @@ from realnet_train.cli_common import (
     die,
     setup_logging,
 )
-from realnet_train.model.realnet import RealNetConfig
+from realnet_train.model.config import RealNetConfig
 from realnet_train.presets import DEFAULT_PRESET, LR_SCHEDULES, PRESETS, help_text, resolve
 from sia_pipeline.compose.foreground import CHOICES as FOREGROUND_CHOICES
 from sia_pipeline.compose.resize import FITS

@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from realnet_train.model.backbone import DEFAULT_BACKBONE
-from realnet_train.model.realnet import PAPER_BACKBONE, RealNetConfig
+from realnet_train.model.config import DEFAULT_BACKBONE, PAPER_BACKBONE, RealNetConfig
 
 LR_SCHEDULES = ("constant", "cosine")  # see realnet_train.train.learning_rate
 

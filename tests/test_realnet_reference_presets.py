@@ -15,7 +15,7 @@ from PIL import Image
 
 from realnet_train.cli import train_main
 from realnet_train.data.mvtec import decode_mask, decode_rgb
-from realnet_train.model.realnet import RealNetConfig
+from realnet_train.model.config import RealNetConfig
 from realnet_train.presets import CPU, CPU_DEPARTURES, PAPER, resolve
 from realnet_train.train import TrainConfig
 

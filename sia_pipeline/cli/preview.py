@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from sia_pipeline.cli._common import SiaCommand, die, parse_list, setup_logging
-from sia_pipeline.diffusion.sampler import SAMPLERS
+from sia_pipeline.format.genspec import PRECISIONS, SAMPLERS
 
 PREVIEW_FILE = "preview.png"
 
@@ -46,7 +46,7 @@ def default_out(model: str | None) -> str:
 @click.option(
     "--classifier-scale", type=float, default=1.0, help="Guidance scale (with --classifier)."
 )
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32")
 @click.option("--compile", is_flag=True, help="torch.compile the UNet.")
 @click.option("--device", default=None, help="Torch device [default: cuda if present, else cpu].")
 @click.option(

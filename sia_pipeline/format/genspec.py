@@ -17,6 +17,8 @@ from typing import Any, Literal
 from sia_pipeline.format.spec import shard_range, shards_in_layers
 
 StrengthKind = Literal["uniform", "grid", "list"]
+SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")  # the sampler's autocast dtypes
 MAX_GRID_VALUES = 10_000
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any, overload
 
 from sia_pipeline.format.genspec import (
+    PRECISIONS,
+    SAMPLERS,
     GenSpec,
     PlanError,
     human_bytes,
@@ -35,7 +37,6 @@ MAX_SHARD_SIZE = 999_999  # the in-shard index of a key has six digits
 # Rough compressed size of one image as a fraction of its raw RGB bytes (for --dry-run).
 _COMPRESSION = {"png": 0.75, "jpg": 0.15}
 _PER_SAMPLE_OVERHEAD = 2 * 512 + 512 + 900  # tar headers + padding, .json member, stats row
-PRECISIONS = ("fp32", "bf16", "fp16")  # sampler.PRECISIONS, without importing torch here
 
 
 def make_spec(
@@ -89,7 +90,7 @@ def make_spec(
             f"--shard-size must be in [1, {MAX_SHARD_SIZE}], got {shard_size}",
         ),
         (seed >= 0, f"--seed must be >= 0, got {seed}"),
-        (sampler in ("ddpm", "ddim"), f"--sampler must be ddpm or ddim, got {sampler!r}"),
+        (sampler in SAMPLERS, f"--sampler must be {' or '.join(SAMPLERS)}, got {sampler!r}"),
         (1 <= steps <= max_steps, f"--steps must be in [1, {max_steps}], got {steps}"),
         (math.isfinite(eta) and eta >= 0, f"--eta must be >= 0, got {eta}"),
         (

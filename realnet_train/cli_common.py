@@ -89,6 +89,16 @@ class Number(click.ParamType):
         return self.kind(v)
 
 
+def s3_endpoint_option():
+    """``--s3-endpoint-url`` (or ``AWS_ENDPOINT_URL``), the same on every realnet command."""
+    return click.option(
+        "--s3-endpoint-url",
+        default=None,
+        envvar="AWS_ENDPOINT_URL",
+        help="S3 endpoint (MinIO, R2).",
+    )
+
+
 POSITIVE_INT = Number(int, 1)
 NON_NEGATIVE_INT = Number(int, 0)
 POSITIVE_FLOAT = Number(float, 0, lo_open=True)

@@ -44,6 +44,7 @@ from realnet_train.cli_common import (
     Number,
     OneLineCommand,
     die,
+    s3_endpoint_option,
     setup_logging,
 )
 from realnet_train.data.mvtec import IMAGE_SUFFIXES, decode_rgb
@@ -258,9 +259,7 @@ def predict_images(
 @click.option("--overlays/--no-overlays", default=True, help="Write overlay PNGs.")
 @click.option("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu")
-@click.option(
-    "--s3-endpoint-url", default=None, envvar="AWS_ENDPOINT_URL", help="S3 endpoint (MinIO, R2)."
-)
+@s3_endpoint_option()
 @click.option("-v", "--verbose", is_flag=True)
 def main(inputs, checkpoint, out, threshold, target_fpr, batch_size, overlays, threads,
          device, s3_endpoint_url, verbose) -> None:  # fmt: skip

@@ -122,12 +122,34 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
+def _show(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, tuple | list):
+        return ",".join(_show(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def preset_values(field_name: str, none: str = "none") -> str:
+    """``(preset) 128 / 256``: a setting's value in each preset (once if they agree), for
+    the help of the option that overrides it."""
+    values = [
+        p.train[field_name] if field_name in p.train else p.model[field_name]
+        for p in PRESETS.values()
+    ]
+    shown = [none if v is None else _show(v) for v in values]
+    return "(preset) " + (shown[0] if len(set(shown)) == 1 else " / ".join(shown))
+
+
 def help_text() -> str:
     """The presets and every departure of ``cpu`` from ``paper``, for ``--help``."""
+    t, m = PAPER.train, PAPER.model
     lines = [
-        "Presets: 'paper' = the RealNet authors' MVTec AD settings (WideResNet-50, weights "
-        "from --backbone-weights FILE, 256 px squares, batch 16, Adam 1e-4, AFS 256/512/512/256, "
-        "RRS 256+256). 'cpu' (default) departs from it in:",
+        f"Presets ({' / '.join(PRESETS)} in the option help below): 'paper' = the RealNet "
+        f"authors' MVTec AD settings ({m['backbone']}, weights from --backbone-weights FILE, "
+        f"{t['image_size']} px squares, batch {t['batch_size']}, Adam {t['lr']:g}, "
+        f"AFS {'/'.join(map(str, m['afs_keep']))}, RRS {'+'.join(map(str, m['rrs_counts']))}). "
+        f"'{DEFAULT_PRESET}' (default) departs from it in:",
         "",
         "\b",  # click: keep the list's line breaks
         *(f"- {d}" for d in CPU_DEPARTURES),

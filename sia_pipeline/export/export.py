@@ -34,6 +34,7 @@ from sia_pipeline.format.v1 import (
     list_shards,
 )
 from sia_pipeline.io.storage import (
+    IMAGE_SUFFIXES,
     StorageError,
     can_create_in,
     is_s3,
@@ -46,7 +47,6 @@ from sia_pipeline.io.storage import (
 log = logging.getLogger(__name__)
 
 SOURCES = ("sia", "texture", "both")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 UNIT_OUTPUTS = 64
 UNIT_NORMALS = 256
 SPEC_NAME = ".export/spec.json"

@@ -32,6 +32,7 @@ from sia_pipeline.format.v1 import (
     shard_stats_name,
     shard_tar_name,
 )
+from sia_pipeline.gen.options import DATASET, RUN
 
 MAX_SHARD_SIZE = 999_999  # the in-shard index of a key has six digits
 # Rough compressed size of one image as a fraction of its raw RGB bytes (for --dry-run).
@@ -44,19 +45,19 @@ def make_spec(
     model_id: str,
     model_categories: dict[str, int],
     resolution: int,
-    categories: str | list[str] = "all",
-    strengths: str = "0.1:0.5",
-    per_category: int = 128,
-    shard_size: int = 1000,
-    seed: int = 0,
-    sampler: str = "ddpm",
-    steps: int = 20,
-    eta: float = 0.0,
-    image_format: str = "png",
+    categories: str | list[str] = DATASET.categories,
+    strengths: str = DATASET.strengths,
+    per_category: int = DATASET.per_category,
+    shard_size: int = DATASET.shard_size,
+    seed: int = DATASET.seed,
+    sampler: str = DATASET.sampler,
+    steps: int = DATASET.steps,
+    eta: float = DATASET.eta,
+    image_format: str = DATASET.image_format,
     max_steps: int = 1000,
     classifier_id: str = "",
-    classifier_scale: float = 1.0,
-    precision: str = "fp32",
+    classifier_scale: float = DATASET.classifier_scale,
+    precision: str = DATASET.precision,
 ) -> GenSpec:
     """Validate user input against the model; every problem is a one-line :class:`PlanError`."""
     if isinstance(categories, str):
@@ -152,7 +153,7 @@ class ShardTask:
     model_id: str
     resolution: int
     spec_hash: str
-    batch_size: int = 16
+    batch_size: int = RUN.batch_size
     classifier_id: str = ""
     classifier_scale: float = 0.0
     precision: str = "fp32"
@@ -208,7 +209,9 @@ class ShardTask:
         return d
 
 
-def make_task(spec: GenSpec, category_index: int, shard: int, batch_size: int = 16) -> ShardTask:
+def make_task(
+    spec: GenSpec, category_index: int, shard: int, batch_size: int = RUN.batch_size
+) -> ShardTask:
     """The task of shard ``shard`` of the ``category_index``-th category (O(shard size))."""
     category, class_id = spec.categories[category_index], spec.class_ids[category_index]
     start, stop = spec.shard_range(shard)
@@ -242,7 +245,7 @@ class ShardTasks(Sequence[ShardTask]):
     """
 
     def __init__(
-        self, spec: GenSpec, batch_size: int = 16, indices: Sequence[int] | None = None
+        self, spec: GenSpec, batch_size: int = RUN.batch_size, indices: Sequence[int] | None = None
     ) -> None:
         self.spec = spec
         self.batch_size = batch_size
@@ -296,7 +299,7 @@ class ShardTasks(Sequence[ShardTask]):
         return stop - start
 
 
-def make_tasks(spec: GenSpec, batch_size: int = 16) -> ShardTasks:
+def make_tasks(spec: GenSpec, batch_size: int = RUN.batch_size) -> ShardTasks:
     """One task per shard, category by category, in shard order (built lazily)."""
     if batch_size < 1:
         msg = f"--batch-size must be >= 1, got {batch_size}"

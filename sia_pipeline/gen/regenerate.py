@@ -17,11 +17,10 @@ import numpy as np
 
 from sia_pipeline.format.genspec import GenSpec, StrengthSpec
 from sia_pipeline.format.v1 import decode_image, parse_key
+from sia_pipeline.gen.options import RUN
 from sia_pipeline.gen.plan import make_tasks
 from sia_pipeline.io.storage import Storage
 from sia_pipeline.publish.inspection import InspectError, find_sample, load_index
-
-DEFAULT_BATCH_SIZE = 16  # sia-gen's default, for datasets whose command is not recorded
 
 
 def spec_from_index(index: dict[str, Any]) -> GenSpec:
@@ -47,7 +46,7 @@ def recorded_batch_size(index: dict[str, Any]) -> int:
     for arg in shlex.split(index.get("command", "")):
         if arg.startswith("--batch-size="):
             return int(arg.split("=", 1)[1])
-    return DEFAULT_BATCH_SIZE
+    return RUN.batch_size  # sia-gen's default, for datasets whose command is not recorded
 
 
 def recorded_model(index: dict[str, Any]) -> str | None:

@@ -30,6 +30,8 @@ from sia_pipeline.io.s3_retry import (
 log = logging.getLogger(__name__)
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
+# Image files the readers list in a folder (MVTec layouts, textures, predict inputs).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 def _default_file_mode() -> int:

@@ -10,6 +10,7 @@ import click
 
 from sia_pipeline.cli._common import SiaCommand, die, parse_list, setup_logging
 from sia_pipeline.format.genspec import PRECISIONS, SAMPLERS
+from sia_pipeline.gen.options import DATASET
 
 PREVIEW_FILE = "preview.png"
 
@@ -36,17 +37,22 @@ def default_out(model: str | None) -> str:
     help="Comma-separated anomaly strengths, one grid block each.",
 )
 @click.option("--per-strength", type=int, default=6, help="Samples per category and strength.")
-@click.option("--sampler", type=click.Choice(SAMPLERS), default="ddpm")
-@click.option("--steps", type=int, default=20, help="Respaced sampling steps (of T = 1000).")
+@click.option("--sampler", type=click.Choice(SAMPLERS), default=DATASET.sampler)
+@click.option(
+    "--steps", type=int, default=DATASET.steps, help="Respaced sampling steps (of T = 1000)."
+)
 @click.option(
     "--seed", type=int, default=0, help="First seed; sample j uses seed + j, at every strength."
 )
 @click.option("--scale", type=int, default=3, help="Upscale factor of the tiles in the PNG.")
 @click.option("--classifier", default=None, help="Noisy classifier folder for guidance.")
 @click.option(
-    "--classifier-scale", type=float, default=1.0, help="Guidance scale (with --classifier)."
+    "--classifier-scale",
+    type=float,
+    default=DATASET.classifier_scale,
+    help="Guidance scale (with --classifier).",
 )
-@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=DATASET.precision)
 @click.option("--compile", is_flag=True, help="torch.compile the UNet.")
 @click.option("--device", default=None, help="Torch device [default: cuda if present, else cpu].")
 @click.option(

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sia_pipeline.gen.options import RUN
 from sia_pipeline.gen.plan import ShardTask
 from sia_pipeline.gen.progress import BoardSink, ProgressBoard, ProgressView
 from sia_pipeline.gen.worker import SamplerWorker, ShardResult
@@ -100,7 +101,7 @@ class ShardRunner:
         self,
         worker_kwargs: dict[str, Any],
         actors: ActorPlan,
-        max_in_flight: int = 2,
+        max_in_flight: int = RUN.max_in_flight,
         max_attempts: int = 3,
         max_uploads: int = 5,
         max_actor_deaths: int | None = None,

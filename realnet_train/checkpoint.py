@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from realnet_train.model.realnet import RealNet, RealNetConfig
-from sia_pipeline.dataset.schema import REALNET_CHECKPOINT, validate
+from sia_pipeline.format.schema import REALNET_CHECKPOINT, validate
 
 log = logging.getLogger(__name__)
 

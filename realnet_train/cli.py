@@ -24,10 +24,18 @@ from realnet_train.cli_common import (
     Number,
     OneLineCommand,
     die,
+    s3_endpoint_option,
     setup_logging,
 )
-from realnet_train.model.realnet import RealNetConfig
-from realnet_train.presets import DEFAULT_PRESET, LR_SCHEDULES, PRESETS, help_text, resolve
+from realnet_train.model.config import RealNetConfig
+from realnet_train.presets import (
+    DEFAULT_PRESET,
+    LR_SCHEDULES,
+    PRESETS,
+    help_text,
+    preset_values,
+    resolve,
+)
 from sia_pipeline.compose.foreground import CHOICES as FOREGROUND_CHOICES
 from sia_pipeline.compose.resize import FITS
 
@@ -232,13 +240,15 @@ def train_config(kw: dict):
     default=DEFAULT_PRESET,
     help="Named settings (see below); the options marked (preset) default to its values.",
 )
-@click.option("--image-size", type=Number(int, 32, 4096), default=None, help="(preset) 128 / 256")
+@click.option(
+    "--image-size", type=Number(int, 32, 4096), default=None, help=preset_values("image_size")
+)
 @click.option(
     "--crop-size",
     type=Number(int, 32, 4096),
     default=None,
     help="Train on random N x N crops of the --image-size images (a composite's crop holds "
-    "part of its anomaly); evaluate on whole images. (preset) none",
+    f"part of its anomaly); evaluate on whole images. {preset_values('crop_size')}",
 )
 @click.option(
     "--resize",
@@ -247,23 +257,29 @@ def train_config(kw: dict):
     help="How non-square images fit the --image-size square: 'squash' resizes them to it (as "
     "the authors and PatchCore do; the short side keeps the most pixels, shapes stretch), "
     "'letterbox' keeps the aspect ratio and edge-pads the short side (fewer pixels across "
-    "it). Square images are the same either way. (preset) squash",
+    f"it). Square images are the same either way. {preset_values('resize')}",
 )
-@click.option("--batch-size", type=POSITIVE_INT, default=None, help="(preset) 8 / 16")
-@click.option("--steps", type=POSITIVE_INT, default=None, help="(preset) 1500 / 13000")
+@click.option("--batch-size", type=POSITIVE_INT, default=None, help=preset_values("batch_size"))
+@click.option("--steps", type=POSITIVE_INT, default=None, help=preset_values("steps"))
 @click.option(
-    "--time-budget", type=POSITIVE_FLOAT, default=None, help="Stop after N seconds (preset) 1200"
+    "--time-budget",
+    type=POSITIVE_FLOAT,
+    default=None,
+    help=f"Stop after N seconds {preset_values('time_budget_s')}",
 )
-@click.option("--lr", type=POSITIVE_FLOAT, default=None, help="Adam (preset) 1e-3 / 1e-4")
+@click.option("--lr", type=POSITIVE_FLOAT, default=None, help=f"Adam {preset_values('lr')}")
 @click.option(
     "--lr-schedule",
     type=click.Choice(LR_SCHEDULES),
     default=None,
     help="Keep the lr, or decay it to 0 along a cosine over the steps (or the time budget, "
-    "if that runs out first). (preset) constant",
+    f"if that runs out first). {preset_values('lr_schedule')}",
 )
 @click.option(
-    "--afs-batches", type=POSITIVE_INT, default=None, help="Batches AFS is fitted on (preset) 64"
+    "--afs-batches",
+    type=POSITIVE_INT,
+    default=None,
+    help=f"Batches AFS is fitted on {preset_values('afs_batches')}",
 )
 @click.option("--workers", type=NON_NEGATIVE_INT, default=1, help="DataLoader worker processes.")
 @click.option("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads.")
@@ -291,23 +307,25 @@ def train_config(kw: dict):
     "--device", type=click.Choice(["cpu", "cuda"]), default=None, help="[default: cuda if any]"
 )
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
-@click.option(
-    "--backbone", default=None, help="timm name (preset) tf_efficientnet_lite0 / wide_resnet50_2"
-)
+@click.option("--backbone", default=None, help=f"timm name {preset_values('backbone')}")
 @click.option(
     "--backbone-weights",
     default=None,
     help="Local ImageNet weights file; required by --preset paper (nothing is downloaded).",
 )
-@click.option("--levels", default=None, help="Backbone feature levels (preset) 1,2,3,4")
-@click.option("--afs-keep", default=None, help="Channels AFS keeps per level (preset) 24,40,56,40")
+@click.option("--levels", default=None, help=f"Backbone feature levels {preset_values('levels')}")
+@click.option(
+    "--afs-keep", default=None, help=f"Channels AFS keeps per level {preset_values('afs_keep')}"
+)
 @click.option(
     "--recon-width",
     type=POSITIVE_INT,
     default=None,
-    help="UNet base width (preset) 32 / 0.5 x kept",
+    help=f"UNet base width {preset_values('recon_width', none='0.5 x kept')}",
 )
-@click.option("--rrs-counts", default=None, help="RRS channels by MAX,MEAN (preset) 32,32")
+@click.option(
+    "--rrs-counts", default=None, help=f"RRS channels by MAX,MEAN {preset_values('rrs_counts')}"
+)
 @click.option(
     "--foreground",
     type=click.Choice(FOREGROUND_CHOICES),
@@ -315,9 +333,7 @@ def train_config(kw: dict):
     help="Where anomalies go: default the authors' rule for a known category, else auto "
     "(Otsu if the image has a plain background, else everywhere); logged and in train_log.json.",
 )
-@click.option(
-    "--s3-endpoint-url", default=None, envvar="AWS_ENDPOINT_URL", help="S3 endpoint (MinIO, R2)."
-)
+@s3_endpoint_option()
 @click.option("-v", "--verbose", is_flag=True)
 def train_main(**kw) -> None:
     """Train RealNet on one category with SIA (and/or texture) anomalies.
@@ -348,9 +364,7 @@ def train_main(**kw) -> None:
 @click.option("--panels", type=NON_NEGATIVE_INT, default=8, help="PNG panels to write.")
 @click.option("--batch-size", type=POSITIVE_INT, default=16)
 @click.option("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads.")
-@click.option(
-    "--s3-endpoint-url", default=None, envvar="AWS_ENDPOINT_URL", help="S3 endpoint (MinIO, R2)."
-)
+@s3_endpoint_option()
 @click.option("-v", "--verbose", is_flag=True)
 def eval_main(**kw) -> None:
     """Evaluate a checkpoint: Image AUROC (overall, per defect type), Pixel AUROC, PRO, panels.

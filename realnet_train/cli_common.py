@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 
 import click
 
-from sia_pipeline.dataset.inputs import (  # noqa: F401 - the one input layer, re-exported
+from sia_pipeline.io.inputs import (  # noqa: F401 - the one input layer, re-exported
     NON_NEGATIVE_INT,
     POSITIVE_FLOAT,
     POSITIVE_INT,
@@ -56,6 +56,16 @@ class OneLineCommand(click.Command):
             click.echo("Aborted!", err=True)
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def s3_endpoint_option():
+    """``--s3-endpoint-url`` (or ``AWS_ENDPOINT_URL``), the same on every realnet command."""
+    return click.option(
+        "--s3-endpoint-url",
+        default=None,
+        envvar="AWS_ENDPOINT_URL",
+        help="S3 endpoint (MinIO, R2).",
+    )
 
 
 def setup_logging(verbose: bool) -> None:

@@ -23,16 +23,16 @@ banner with the decision (red: anomalous, green: normal), score and threshold.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import cv2
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from realnet_train.calibration import threshold_at_fpr
@@ -44,11 +44,15 @@ from realnet_train.cli_common import (
     Number,
     OneLineCommand,
     die,
+    s3_endpoint_option,
     setup_logging,
 )
 from realnet_train.data.mvtec import IMAGE_SUFFIXES, decode_rgb
 from sia_pipeline.compose.resize import content_box, fit_square
-from sia_pipeline.dataset.storage import Storage, is_s3, iter_files, open_storage
+from sia_pipeline.io.storage import Storage, is_s3, iter_files, open_storage
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +158,20 @@ def overlay(image: np.ndarray, amap: np.ndarray, threshold: float, score: float)
     return np.concatenate([bar, out], axis=0)
 
 
-@torch.no_grad()
+def _no_grad(fn):
+    """``torch.no_grad()`` as a decorator, importing torch only when ``fn`` runs (fast --help)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_no_grad
 def predict_images(
     model: torch.nn.Module,
     refs: list[ImageRef],
@@ -170,6 +187,8 @@ def predict_images(
 
     Images are fitted to ``size`` as the model was trained (``fit``: letterbox or squash).
     """
+    import torch
+
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     model.eval().to(device)
     n_anom = n_err = 0
@@ -240,9 +259,7 @@ def predict_images(
 @click.option("--overlays/--no-overlays", default=True, help="Write overlay PNGs.")
 @click.option("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu")
-@click.option(
-    "--s3-endpoint-url", default=None, envvar="AWS_ENDPOINT_URL", help="S3 endpoint (MinIO, R2)."
-)
+@s3_endpoint_option()
 @click.option("-v", "--verbose", is_flag=True)
 def main(inputs, checkpoint, out, threshold, target_fpr, batch_size, overlays, threads,
          device, s3_endpoint_url, verbose) -> None:  # fmt: skip
@@ -252,6 +269,8 @@ def main(inputs, checkpoint, out, threshold, target_fpr, batch_size, overlays, t
     held-out good images unless --threshold or --target-fpr says otherwise.
     """
     setup_logging(verbose)
+    import torch
+
     from realnet_train import preflight
     from realnet_train.checkpoint import checkpoint_fit, load_model
 

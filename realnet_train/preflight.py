@@ -16,9 +16,9 @@ from realnet_train.checkpoint import CheckpointError, read_checkpoint
 from realnet_train.cli_common import InputError
 from realnet_train.data.mvtec import MVTecCategory
 from realnet_train.data.train_stream import TextureSource, parse_mix
-from sia_pipeline.dataset.format import FormatError, list_shards
-from sia_pipeline.dataset.inputs import check_input, check_output, local_path, parse_strength_range
-from sia_pipeline.dataset.storage import (
+from sia_pipeline.format.v1 import FormatError, list_shards
+from sia_pipeline.io.inputs import check_input, check_output, local_path, parse_strength_range
+from sia_pipeline.io.storage import (
     StorageError,
     can_create_in,
     is_s3,

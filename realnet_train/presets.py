@@ -10,7 +10,7 @@ bottle's 209 images at batch 16) and nothing is selected on the test split.
 
 ``cpu`` keeps that structure and scales it to 2 CPU cores and at most 20 minutes of
 training: every change from ``paper`` is listed in :data:`CPU_DEPARTURES` (and in
-``realnet-train --help`` and README.md).
+``realnet-train --help`` and docs/realnet.md).
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from realnet_train.model.backbone import DEFAULT_BACKBONE
-from realnet_train.model.realnet import PAPER_BACKBONE, RealNetConfig
+from realnet_train.model.config import DEFAULT_BACKBONE, PAPER_BACKBONE, RealNetConfig
 
 LR_SCHEDULES = ("constant", "cosine")  # see realnet_train.train.learning_rate
 
@@ -123,12 +122,34 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
+def _show(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, tuple | list):
+        return ",".join(_show(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def preset_values(field_name: str, none: str = "none") -> str:
+    """``(preset) 128 / 256``: a setting's value in each preset (once if they agree), for
+    the help of the option that overrides it."""
+    values = [
+        p.train[field_name] if field_name in p.train else p.model[field_name]
+        for p in PRESETS.values()
+    ]
+    shown = [none if v is None else _show(v) for v in values]
+    return "(preset) " + (shown[0] if len(set(shown)) == 1 else " / ".join(shown))
+
+
 def help_text() -> str:
     """The presets and every departure of ``cpu`` from ``paper``, for ``--help``."""
+    t, m = PAPER.train, PAPER.model
     lines = [
-        "Presets: 'paper' = the RealNet authors' MVTec AD settings (WideResNet-50, weights "
-        "from --backbone-weights FILE, 256 px squares, batch 16, Adam 1e-4, AFS 256/512/512/256, "
-        "RRS 256+256). 'cpu' (default) departs from it in:",
+        f"Presets ({' / '.join(PRESETS)} in the option help below): 'paper' = the RealNet "
+        f"authors' MVTec AD settings ({m['backbone']}, weights from --backbone-weights FILE, "
+        f"{t['image_size']} px squares, batch {t['batch_size']}, Adam {t['lr']:g}, "
+        f"AFS {'/'.join(map(str, m['afs_keep']))}, RRS {'+'.join(map(str, m['rrs_counts']))}). "
+        f"'{DEFAULT_PRESET}' (default) departs from it in:",
         "",
         "\b",  # click: keep the list's line breaks
         *(f"- {d}" for d in CPU_DEPARTURES),

@@ -131,7 +131,7 @@ def write_tiny_sia(
     import webdataset as wds
     from PIL import Image
 
-    from sia_pipeline.dataset.format import FORMAT_VERSION, ShardStats, sample_key, shard_tar_name
+    from sia_pipeline.format.v1 import FORMAT_VERSION, ShardStats, sample_key, shard_tar_name
 
     sources = {
         "bottle": shared / "mvtec_ad" / "bottle" / "train" / "good",

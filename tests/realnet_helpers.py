@@ -16,7 +16,7 @@ TINY_MODEL = ["--levels", "1,2", "--afs-keep", "8,8", "--rrs-counts", "4,4", "--
 
 def tiny_model_config():
     """:data:`TINY_MODEL` as a ``RealNetConfig`` (the cpu preset's structure, shrunk)."""
-    from realnet_train.model.realnet import RealNetConfig
+    from realnet_train.model.config import RealNetConfig
     from realnet_train.presets import CPU
 
     return RealNetConfig(

@@ -17,7 +17,7 @@ from PIL import Image
 
 from sia_pipeline.cli.export import main
 from sia_pipeline.compose import CATEGORY_RULES, content_mask, foreground_mask, letterbox
-from sia_pipeline.dataset.export import ExportSpec, export, output_seed
+from sia_pipeline.export.export import ExportSpec, export, output_seed
 
 SIZE = 128
 

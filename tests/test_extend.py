@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from sia_pipeline.dataset.format import ShardStats
-from sia_pipeline.dataset.publish import publish
-from sia_pipeline.dataset.spec import shard_ranges
+from sia_pipeline.format.spec import shard_ranges
+from sia_pipeline.format.v1 import ShardStats
 from sia_pipeline.gen.generate import GenError, generate
+from sia_pipeline.publish.publish import publish
 
 ARGS = dict(categories="bottle", shard_size=3, steps=2, batch_size=2, workers=1, progress=False)
 

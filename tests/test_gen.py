@@ -22,10 +22,10 @@ import webdataset as wds
 from click.testing import CliRunner
 
 from sia_pipeline.cli.gen import main
-from sia_pipeline.dataset.format import ShardStats, iter_shard_samples, list_shards, read_index
-from sia_pipeline.dataset.manifest import read_manifest
-from sia_pipeline.dataset.storage import open_storage
+from sia_pipeline.format.manifest import read_manifest
+from sia_pipeline.format.v1 import ShardStats, iter_shard_samples, list_shards, read_index
 from sia_pipeline.gen.generate import GenError, generate
+from sia_pipeline.io.storage import open_storage
 
 SECRET = os.environ["AWS_SECRET_ACCESS_KEY"]
 SMALL = {"per_category": 6, "shard_size": 4, "batch_size": 2}
@@ -279,7 +279,7 @@ def test_bad_input_exits_2_and_writes_nothing(tiny_model, tmp_path, extra, needl
 
 def test_missing_model(tmp_path):
     out = tmp_path / "out"
-    assert_refused(["--model", str(tmp_path / "nope"), "--out", str(out)], "model folder not found")
+    assert_refused(["--model", str(tmp_path / "nope"), "--out", str(out)], "no such folder")
     assert not out.exists()
 
 

@@ -19,15 +19,15 @@ import pytest
 from click.testing import CliRunner
 
 from sia_pipeline.cli.gen import main
-from sia_pipeline.dataset.format import ShardStats
+from sia_pipeline.format.v1 import ShardStats
 from sia_pipeline.gen import runner as runner_mod
 from sia_pipeline.gen.generate import generate
 from sia_pipeline.gen.plan import make_spec, make_tasks
 from sia_pipeline.gen.progress import ProgressView
-from sia_pipeline.gen.raycluster import ActorPlan
 from sia_pipeline.gen.runner import RayWorker, ShardRunner
 from sia_pipeline.gen.spill import Spill
 from sia_pipeline.gen.worker import SamplerWorker
+from sia_pipeline.io.raycluster import ActorPlan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,7 @@ def worker(tiny_model):
 
 def clean_shas(worker, tasks, out: Path) -> dict[str, str]:
     """sha256 of each shard as a plain, fault-free worker writes it."""
-    from sia_pipeline.dataset.storage import open_storage
+    from sia_pipeline.io.storage import open_storage
 
     storage, spill = worker.storage, worker.spill
     worker.storage, worker.spill = open_storage(str(out)), Spill(out / "spill")
@@ -109,7 +109,7 @@ def files_under(path: Path) -> list[str]:
 
 
 def test_failed_upload_is_spilled_and_retried_without_sampling(worker, tmp_path):
-    from sia_pipeline.dataset.storage import open_storage
+    from sia_pipeline.io.storage import open_storage
 
     task = tasks_for(worker.model.model_id)[0]
     clean = clean_shas(worker, [task], tmp_path / "clean")
@@ -140,7 +140,7 @@ def test_failed_upload_is_spilled_and_retried_without_sampling(worker, tmp_path)
 
 
 def test_spill_is_bounded(worker, tmp_path):
-    from sia_pipeline.dataset.storage import open_storage
+    from sia_pipeline.io.storage import open_storage
 
     task = tasks_for(worker.model.model_id)[1]
     worker.storage = FailingUploads(open_storage(str(tmp_path / "out")), str(tmp_path), 1)

@@ -283,7 +283,8 @@ def _spec(**kw):
 
 
 def test_spec_records_guidance_and_precision_only_when_used():
-    from sia_pipeline.gen.plan import PlanError, make_tasks, sample_params
+    from sia_pipeline.format.genspec import PlanError, sample_params
+    from sia_pipeline.gen.plan import make_tasks
 
     plain = _spec()
     d = plain.to_dict()
@@ -350,7 +351,7 @@ def _bad_guidance_cases(tiny_classifier, wrong_classifiers, tmp_path):
     return [
         (["--classifier", str(wrong_classifiers / "other")], "missing magnetic_tile; extra screw"),
         (["--classifier", str(wrong_classifiers / "swapped")], "other class ids"),
-        (["--classifier", str(tmp_path / "nope")], "classifier folder not found"),
+        (["--classifier", str(tmp_path / "nope")], "nope: no such folder"),
         (["--classifier", str(tiny_classifier), "--classifier-scale=-1"], "--classifier-scale"),
         (["--classifier", str(tiny_classifier), "--classifier-scale", "nan"], "--classifier-scale"),
         (["--precision", "fp8"], "fp8"),
@@ -407,12 +408,12 @@ def test_sia_gen_guided_end_to_end_and_regenerate(tiny_model, tiny_classifier, t
     unguided ones of the same seeds, and sia-inspect --regenerate re-makes a key exactly."""
     from sia_pipeline.cli.gen import main as gen_main
     from sia_pipeline.cli.inspect import main as inspect_main
-    from sia_pipeline.dataset.format import decode_image
-    from sia_pipeline.dataset.inspection import find_sample
-    from sia_pipeline.dataset.storage import open_storage
     from sia_pipeline.diffusion.classifier import load_classifier
     from sia_pipeline.diffusion.model import load_model
     from sia_pipeline.diffusion.sampler import Sampler
+    from sia_pipeline.format.v1 import decode_image
+    from sia_pipeline.io.storage import open_storage
+    from sia_pipeline.publish.inspection import find_sample
 
     out = tmp_path / "guided"
     args = ["--model", str(tiny_model), "--out", str(out), "--categories", "bottle"]

@@ -1,7 +1,7 @@
 """Issue 25's probes as regression tests: every bad input is one line, exit 2, nothing written.
 
-The shared checks (:mod:`sia_pipeline.dataset.inputs`), the metadata validator
-(:mod:`sia_pipeline.dataset.schema`), and each command's answer to the examples the issue
+The shared checks (:mod:`sia_pipeline.io.inputs`), the metadata validator
+(:mod:`sia_pipeline.format.schema`), and each command's answer to the examples the issue
 lists. A few run as real processes, to measure their peak memory (``os.wait4``).
 """
 
@@ -21,15 +21,15 @@ import pytest
 from click.testing import CliRunner
 from conftest import mvtec_subset
 
-from sia_pipeline.dataset.format import FormatError, list_shards
-from sia_pipeline.dataset.inputs import (
+from sia_pipeline.format.schema import INDEX, SPEC, load_json, validate
+from sia_pipeline.format.v1 import FormatError, list_shards
+from sia_pipeline.io.inputs import (
     InputError,
     check_input,
     check_memory,
     check_output,
     parse_strength_range,
 )
-from sia_pipeline.dataset.schema import INDEX, SPEC, load_json, validate
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

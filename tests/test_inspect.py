@@ -20,8 +20,8 @@ from generated_dataset import (
 from PIL import Image
 
 from sia_pipeline.cli.inspect import main as inspect_main
-from sia_pipeline.dataset.format import iter_shard_samples
-from sia_pipeline.dataset.writer import ShardTarWriter, encode_image
+from sia_pipeline.format.v1 import iter_shard_samples
+from sia_pipeline.format.writer import ShardTarWriter, encode_image
 
 TOTAL = PER_CATEGORY * len(CATEGORIES)
 

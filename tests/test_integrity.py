@@ -101,9 +101,9 @@ def _gen_same(root, model):
 
 
 def test_spec_json_records_the_spec(local_root):
-    from sia_pipeline.dataset.format import read_index
-    from sia_pipeline.dataset.spec import read_spec
-    from sia_pipeline.dataset.storage import open_storage
+    from sia_pipeline.format.spec import read_spec
+    from sia_pipeline.format.v1 import read_index
+    from sia_pipeline.io.storage import open_storage
 
     storage = open_storage(local_root)
     doc, index = read_spec(storage), read_index(storage)
@@ -116,8 +116,8 @@ def test_spec_json_records_the_spec(local_root):
 def test_publish_rebuilds_a_lost_index_exactly(where, local_root, s3_root, s3_endpoint):
     from generated_dataset import upload
 
-    from sia_pipeline.dataset.publish import publish
-    from sia_pipeline.dataset.storage import open_storage
+    from sia_pipeline.io.storage import open_storage
+    from sia_pipeline.publish.publish import publish
 
     root = str(local_root)
     if where == "s3":
@@ -136,7 +136,7 @@ def test_publish_rebuilds_a_lost_index_exactly(where, local_root, s3_root, s3_en
 
 
 def test_publish_without_spec_or_index_says_unknown(local_root):
-    from sia_pipeline.dataset.publish import publish
+    from sia_pipeline.publish.publish import publish
 
     for name in ("index.json", "spec.json"):
         (local_root / name).unlink()
@@ -146,8 +146,8 @@ def test_publish_without_spec_or_index_says_unknown(local_root):
 
 
 def test_gen_repairs_an_index_rebuilt_without_its_spec(local_root, tiny_model):
-    from sia_pipeline.dataset.manifest import rebuild_from_stats
-    from sia_pipeline.dataset.storage import open_storage
+    from sia_pipeline.format.manifest import rebuild_from_stats
+    from sia_pipeline.io.storage import open_storage
 
     original = (local_root / "index.json").read_bytes()
     # What an older sia-publish left behind on a root that had lost index.json.

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from sia_pipeline.dataset.format import SAMPLE_SCHEMA, read_index
-from sia_pipeline.dataset.interchange import CROISSANT_CONFORMS_TO, CROISSANT_NAME, WIDS_NAME
-from sia_pipeline.dataset.manifest import read_manifest
-from sia_pipeline.dataset.publish import publish
-from sia_pipeline.dataset.storage import open_storage
+from sia_pipeline.format.interchange import CROISSANT_CONFORMS_TO, CROISSANT_NAME, WIDS_NAME
+from sia_pipeline.format.manifest import read_manifest
+from sia_pipeline.format.v1 import SAMPLE_SCHEMA, read_index
+from sia_pipeline.io.storage import open_storage
+from sia_pipeline.publish.publish import publish
 
 
 def _load(storage, name: str) -> dict:

@@ -148,8 +148,27 @@ def test_submission_id_is_derived_from_the_spec_only():
     )
     assert other_root["submission_id"] != a["submission_id"]
     # Stable: the same id as computed in this process from the same spec.
-    spec = sub.GenSpec("all", "0.1:0.2", 100, 50, "s3://bucket/sia", 0)
+    spec = sub.JobSpec(sub.DATASET.categories, sub.DATASET.strengths, 100, 50, "s3://bucket/sia", 0)
     assert sub.submission_id(spec) == a["submission_id"]
+
+
+def test_submission_id_changes_exactly_when_the_dataset_would():
+    """sia-gen's own scheduling options never change the id; the spelling of the strengths
+    does not either (the spec hash uses their canonical form)."""
+    base = ["--out", "s3://bucket/sia", "--strengths", "0.1:0.5"]
+    a = _dry_run(*base)
+    for how in (
+        ["--max-in-flight", "4"],
+        ["--threads-per-worker", "2"],
+        ["--no-progress"],
+        ["--batch-size", "8"],
+        ["--ray-timeout", "60", "--lease-ttl", "300"],
+    ):
+        assert _dry_run(*base, "--", *how)["submission_id"] == a["submission_id"], how
+    respelled = _dry_run("--out", "s3://bucket/sia", "--strengths", "0.10:0.50")
+    assert respelled["submission_id"] == a["submission_id"]
+    assert _dry_run(*base, "--", "--steps", "30")["submission_id"] != a["submission_id"]
+    assert _submit_cli("--out", "s3://b/p", "--dry-run", "--strengths", "0.5:0.1").returncode == 2
 
 
 def test_entrypoint_carries_spec_and_scheduling():

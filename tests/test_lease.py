@@ -17,8 +17,8 @@ import pytest
 from click.testing import CliRunner
 
 from sia_pipeline.cli.gen import main as gen_cli
-from sia_pipeline.dataset.storage import open_storage
-from sia_pipeline.gen.lease import LEASE_NAME, Lease, LeaseHeld, LeaseInfo, LeaseLost, LeaseSlot
+from sia_pipeline.io.lease import LEASE_NAME, Lease, LeaseHeld, LeaseInfo, LeaseLost, LeaseSlot
+from sia_pipeline.io.storage import open_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,17 +9,17 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from sia_pipeline.dataset.card import count_table, render_card, strength_bins, write_card
-from sia_pipeline.dataset.format import SAMPLE_SCHEMA, FormatError, list_shards, read_index
-from sia_pipeline.dataset.manifest import (
+from sia_pipeline.format.card import count_table, render_card, strength_bins, write_card
+from sia_pipeline.format.manifest import (
     manifest_table,
     read_all_stats,
     read_manifest,
     rebuild_from_stats,
 )
-from sia_pipeline.dataset.storage import open_storage
+from sia_pipeline.format.v1 import SAMPLE_SCHEMA, FormatError, list_shards, read_index
 from sia_pipeline.gen.plan import make_spec, make_tasks
 from sia_pipeline.gen.worker import SamplerWorker
+from sia_pipeline.io.storage import open_storage
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_card_names_a_stated_licence():
 
 
 def test_licence_follows_the_training_data_the_model_names():
-    from sia_pipeline.dataset.card import licence_text
+    from sia_pipeline.format.card import licence_text
 
     text = licence_text({"model": {"data": ["../shared/data/mvtec_ad", "/d/magnetic_tile"]}})
     assert "CC BY-NC-SA 4.0" in text and "Magnetic-tile" in text

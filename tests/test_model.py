@@ -124,7 +124,7 @@ def test_preview_cli_bad_strengths(tiny_model, tmp_path, bad):
 
 def test_preview_cli_missing_model(tmp_path):
     res = CliRunner().invoke(preview_cli, ["--model", str(tmp_path / "none")])
-    assert res.exit_code == 2 and "model folder not found" in res.output
+    assert res.exit_code == 2 and "no such folder" in res.output
 
 
 def test_loading_the_bundled_model_says_nothing_about_accelerate(tmp_path):

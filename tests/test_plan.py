@@ -6,16 +6,9 @@ from collections import Counter
 
 import pytest
 
-from sia_pipeline.dataset.format import parse_key
-from sia_pipeline.gen.plan import (
-    PlanError,
-    describe_plan,
-    estimate_bytes,
-    make_spec,
-    make_tasks,
-    parse_strengths,
-    sample_params,
-)
+from sia_pipeline.format.genspec import PlanError, parse_strengths, sample_params
+from sia_pipeline.format.v1 import parse_key
+from sia_pipeline.gen.plan import describe_plan, estimate_bytes, make_spec, make_tasks
 
 CATS = {"bottle": 0, "magnetic_tile": 1}
 

@@ -239,7 +239,7 @@ def test_sample_without_metadata_is_named(local_root):
     """A tar that matches its stats byte for byte can still break the format: named too."""
     import webdataset as wds
 
-    from sia_pipeline.dataset.format import iter_shard_samples
+    from sia_pipeline.format.v1 import iter_shard_samples
 
     shard = SHARDS[2]
     tar = local_root / tar_rel(shard)
@@ -265,8 +265,8 @@ def test_sample_without_metadata_is_named(local_root):
 
 
 def test_publish_refused_while_sia_gen_holds_the_lease(local_root):
-    from sia_pipeline.dataset.storage import open_storage
-    from sia_pipeline.gen.lease import LEASE_NAME, Lease, LeaseHeld
+    from sia_pipeline.io.lease import LEASE_NAME, Lease, LeaseHeld
+    from sia_pipeline.io.storage import open_storage
 
     storage = open_storage(str(local_root))
     with Lease(storage, "spec-of-a-running-sia-gen", ttl=60):

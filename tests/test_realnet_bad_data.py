@@ -12,7 +12,7 @@ from realnet_helpers import damaged_sia, small_mvtec, tiny_model_config
 
 from realnet_train.data.sia_stream import BAD, is_bad, sia_pipeline
 from realnet_train.train import TooManyBadSamples, TrainConfig, train
-from sia_pipeline.dataset.format import FormatError
+from sia_pipeline.format.v1 import FormatError
 
 
 @pytest.fixture(scope="module")

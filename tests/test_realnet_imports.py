@@ -12,10 +12,10 @@ from pathlib import Path
 import realnet_train
 
 ALLOWED = {
-    "sia_pipeline.dataset.format",
-    "sia_pipeline.dataset.storage",
-    "sia_pipeline.dataset.inputs",  # the input checks every command shares
-    "sia_pipeline.dataset.schema",  # the validator of untrusted metadata
+    "sia_pipeline.format.v1",
+    "sia_pipeline.io.storage",
+    "sia_pipeline.io.inputs",  # the input checks every command shares
+    "sia_pipeline.format.schema",  # the validator of untrusted metadata
 }
 ALLOWED_PACKAGES = ("sia_pipeline.compose",)  # the package and its modules
 
@@ -43,4 +43,4 @@ def test_realnet_train_imports_only_the_format_contract():
     bad = {n: {m for m in mods if not allowed(m)} for n, mods in used.items()}
     bad = {n: mods for n, mods in bad.items() if mods}
     assert not bad, f"realnet_train imports sia_pipeline internals: {bad}"
-    assert "sia_pipeline.dataset.format" in set().union(*used.values())
+    assert "sia_pipeline.format.v1" in set().union(*used.values())

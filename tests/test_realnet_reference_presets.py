@@ -15,7 +15,7 @@ from PIL import Image
 
 from realnet_train.cli import train_main
 from realnet_train.data.mvtec import decode_mask, decode_rgb
-from realnet_train.model.realnet import RealNetConfig
+from realnet_train.model.config import RealNetConfig
 from realnet_train.presets import CPU, CPU_DEPARTURES, PAPER, resolve
 from realnet_train.train import TrainConfig
 
@@ -69,12 +69,12 @@ def test_cpu_preset_is_the_default_and_differs_only_where_listed():
         assert word in text, word
 
 
-def test_help_and_readme_list_every_departure():
+def test_help_and_docs_list_every_departure():
     out = CliRunner().invoke(train_main, ["--help"]).output
-    readme = (ROOT / "README.md").read_text()
+    doc = (ROOT / "docs" / "realnet.md").read_text()
     for line in CPU_DEPARTURES:
         assert line in " ".join(out.split()), line
-        assert line in " ".join(readme.split()), line
+        assert line in " ".join(doc.split()), line
 
 
 def test_paper_preset_refuses_a_missing_weights_file(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from torch.utils.data import DataLoader
 
 from realnet_train.data.sia_stream import sia_pipeline
-from sia_pipeline.dataset.format import FormatError
+from sia_pipeline.format.v1 import FormatError
 
 
 def upload_tree(local: Path, s3_root: str, s3_client) -> None:

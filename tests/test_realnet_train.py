@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from realnet_train.evaluate import evaluate
-from realnet_train.model.realnet import RealNetConfig
+from realnet_train.model.config import RealNetConfig
 from realnet_train.train import TrainConfig, load_model, make_optimizer, train
 
 # The cpu preset's structure, shrunk: 3 Lite0 levels, 8 channels each, 2-resolution UNets.

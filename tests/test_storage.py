@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from sia_pipeline.dataset.storage import StorageError, open_storage
+from sia_pipeline.io.storage import StorageError, open_storage
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -20,8 +20,8 @@ from botocore.exceptions import ResponseStreamingError
 from click.testing import CliRunner
 from generated_dataset import BATCH_SIZE, CATEGORIES, PER_CATEGORY, SHARD_SIZE, upload
 
-from sia_pipeline.dataset.s3_retry import ResumableBody, RetryPolicy
-from sia_pipeline.dataset.storage import StorageError, open_storage
+from sia_pipeline.io.s3_retry import ResumableBody, RetryPolicy
+from sia_pipeline.io.storage import StorageError, open_storage
 
 SECRET = "testing-secret"  # conftest's loopback secret key: must never be printed
 FAST = RetryPolicy(max_attempts=4, backoff_s=0.0)
@@ -126,7 +126,7 @@ def test_call_with_retry_covers_only_what_botocore_does_not():
     import urllib3.exceptions
     from botocore.exceptions import ClientError
 
-    from sia_pipeline.dataset.s3_retry import call_with_retry
+    from sia_pipeline.io.s3_retry import call_with_retry
 
     calls = []
 

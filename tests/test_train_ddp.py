@@ -130,7 +130,7 @@ def test_cli_fine_tunes_from_a_model(small_root, tmp_path):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--init-from", "nowhere"], "model folder not found"),
+        (["--init-from", "nowhere"], "no such folder"),
         (["--init-from", "SRC", "--learn-sigma"], "has fixed sigma"),
         (["--init-from", "SRC", "--resolution", "64"], "is 32 px"),
         (["--grad-accumulation", "0"], "must be >= 1"),

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from sia_pipeline.dataset.format import ShardStats, decode_image
-from sia_pipeline.dataset.writer import ShardTarWriter, encode_image
+from sia_pipeline.format.v1 import ShardStats, decode_image
+from sia_pipeline.format.writer import ShardTarWriter, encode_image
 from sia_pipeline.gen.plan import make_spec, make_tasks
 from sia_pipeline.gen.worker import SamplerWorker
 

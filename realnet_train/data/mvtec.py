@@ -17,11 +17,16 @@ import numpy as np
 from PIL import Image
 
 from sia_pipeline.compose.resize import Fit, content_mask, fit_square
-from sia_pipeline.dataset.storage import Storage, iter_files, join_url, open_storage
+from sia_pipeline.io.storage import (
+    IMAGE_SUFFIXES,
+    Storage,
+    iter_files,
+    join_url,
+    open_storage,
+)
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 GOOD = "good"
 
 

@@ -1,7 +1,7 @@
 """Streaming reader of SIA shards (format v1) with WebDataset's pipeline stages.
 
 Shards are listed from ``index.json`` (filtered by category and strength range), opened
-through :func:`sia_pipeline.dataset.format.open_url_stream` (S3 streams through boto3's
+through :func:`sia_pipeline.format.v1.open_url_stream` (S3 streams through boto3's
 ``get_object`` body: nothing is downloaded first), and expanded by WebDataset's tar reader.
 
 Training reads epochs: each epoch shuffles the shard list with the same seed on every rank,
@@ -31,7 +31,7 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 from webdataset.utils import pytorch_worker_info
 
-from sia_pipeline.dataset.format import (
+from sia_pipeline.format.v1 import (
     FormatError,
     ShardRef,
     decode_sample,

@@ -40,7 +40,7 @@ from sia_pipeline.compose import (
     foreground_mask,
     texture_source,
 )
-from sia_pipeline.dataset.storage import iter_files, open_storage
+from sia_pipeline.io.storage import iter_files, open_storage
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ import timm
 import torch
 from torch import nn
 
+from realnet_train.model.config import DEFAULT_BACKBONE, DEFAULT_LEVELS
+
 log = logging.getLogger(__name__)
 
-DEFAULT_BACKBONE = "tf_efficientnet_lite0"
-DEFAULT_LEVELS = (1, 2, 3, 4)
 
 _EFFNET_BLOCK_RE = re.compile(r"^_blocks\.(\d+)\.(\w+)\.(\w+)$")
 # EfficientNet-PyTorch block parts -> timm names, for blocks with and without expansion.

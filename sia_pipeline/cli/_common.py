@@ -104,7 +104,7 @@ def die(message: str, status: int = 2) -> None:
 
 
 def storage_failure(err: Exception) -> None:
-    """Exit for a :class:`~sia_pipeline.dataset.storage.StorageError`: 1 with a rerun hint when
+    """Exit for a :class:`~sia_pipeline.io.storage.StorageError`: 1 with a rerun hint when
     the failure is transient (throttling, 5xx, resets: it was retried already), else 2."""
     if getattr(err, "transient", False):
         die(f"{err}; rerun the same command once the storage recovers", 1)

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from sia_pipeline.cli._common import SiaCommand, die, parse_list, setup_logging
-from sia_pipeline.dataset.inputs import (
+from sia_pipeline.io.inputs import (
     MAX_SIDE,
     InputError,
     Number,

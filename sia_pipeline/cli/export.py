@@ -1,6 +1,6 @@
 """``sia-export``: anomaly image + mask pairs in MVTec AD, anomalib Folder or WebDataset layout.
 
-Thin: parses options and calls :func:`sia_pipeline.dataset.export.export`. Bad input exits 2
+Thin: parses options and calls :func:`sia_pipeline.export.export.export`. Bad input exits 2
 with one line before anything is written; units that keep failing exit 1 (rerun to finish).
 """
 
@@ -12,9 +12,9 @@ import click
 
 from sia_pipeline.cli._common import SiaCommand, die, s3_endpoint_option, setup_logging
 from sia_pipeline.compose.foreground import CHOICES
-from sia_pipeline.dataset.export import HOLDOUT
-from sia_pipeline.dataset.export_layouts import LAYOUTS
-from sia_pipeline.dataset.inputs import (
+from sia_pipeline.export.export import HOLDOUT
+from sia_pipeline.export.export_layouts import LAYOUTS
+from sia_pipeline.io.inputs import (
     MAX_COUNT,
     MAX_SIDE,
     MAX_WORKERS,
@@ -69,8 +69,7 @@ def _check_inputs(kw: dict) -> tuple[float, float] | None:
 def _count_normals(data: str, category: str, endpoint_url: str | None) -> int:
     """Normal images of ``category`` under a local ``data`` root (0 when remote or absent:
     the export itself then says what is missing)."""
-    from sia_pipeline.dataset.export import IMAGE_SUFFIXES
-    from sia_pipeline.dataset.storage import iter_files, join_url, open_storage
+    from sia_pipeline.io.storage import IMAGE_SUFFIXES, iter_files, join_url, open_storage
 
     if local_path(data) is None or not category or "/" in category:
         return 0
@@ -149,8 +148,8 @@ def main(**kw) -> None:
     write each anomaly image with its 0/255 mask, a metadata.jsonl row per output and
     export.json. Deterministic: the same command gives the same bytes; a rerun resumes."""
     setup_logging(kw["verbose"])
-    from sia_pipeline.dataset.export import ExportError, ExportFailed, ExportSpec, export
-    from sia_pipeline.dataset.format import FormatError
+    from sia_pipeline.export.export import ExportError, ExportFailed, ExportSpec, export
+    from sia_pipeline.format.v1 import FormatError
 
     if not 0 < kw["holdout"] < 1:
         die(f"--holdout must be in (0, 1), got {kw['holdout']}")

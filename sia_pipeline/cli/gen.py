@@ -15,11 +15,11 @@ from sia_pipeline.cli._common import (
     setup_logging,
     storage_failure,
 )
-from sia_pipeline.dataset.inputs import BATCH, MAX_COUNT, MAX_WORKERS, SEED, STEPS, Number
-from sia_pipeline.gen.generate import DEFAULT_OUT, DEFAULT_PER_CATEGORY
-from sia_pipeline.gen.lease import DEFAULT_TTL
-from sia_pipeline.gen.plan import MAX_SHARD_SIZE, PlanError, parse_strengths
-from sia_pipeline.gen.raycluster import DEFAULT_RAY_TIMEOUT_S
+from sia_pipeline.format.genspec import PRECISIONS, SAMPLERS, PlanError, parse_strengths
+from sia_pipeline.format.v1 import IMAGE_EXTS
+from sia_pipeline.gen.options import DATASET, RUN
+from sia_pipeline.gen.plan import MAX_SHARD_SIZE
+from sia_pipeline.io.inputs import BATCH, MAX_COUNT, MAX_WORKERS, SEED, STEPS, Number
 
 
 @click.command(
@@ -35,100 +35,115 @@ from sia_pipeline.gen.raycluster import DEFAULT_RAY_TIMEOUT_S
 )
 @click.option(
     "--categories",
-    default="all",
+    default=DATASET.categories,
     help="Comma-separated category names, or 'all' for every category of the model.",
 )
 @click.option(
     "--strengths",
-    default="0.1:0.5",
+    default=DATASET.strengths,
     help="Anomaly strengths s: 'a:b' uniform per sample, 'a:b:step' a grid (each value "
     "equally often), 'a,b,c' a list (round-robin). All >= 0.",
 )
 @click.option(
     "--per-category",
     type=Number(int, 1, MAX_COUNT),
-    default=DEFAULT_PER_CATEGORY,
-    help="Images per category (the default is demo-sized: about a minute on 2 CPU cores "
+    default=DATASET.per_category,
+    help="Images per category (the default is demo-sized: a few minutes on 2 CPU cores "
     "with the bundled model; the paper used 10000).",
 )
 @click.option(
-    "--shard-size", type=Number(int, 1, MAX_SHARD_SIZE), default=1000, help="Images per tar shard."
+    "--shard-size",
+    type=Number(int, 1, MAX_SHARD_SIZE),
+    default=DATASET.shard_size,
+    help="Images per tar shard.",
 )
 @click.option(
-    "--seed", type=SEED, default=0, help="Global seed; per-sample seeds are hashed from it."
+    "--seed",
+    type=SEED,
+    default=DATASET.seed,
+    help="Global seed; per-sample seeds are hashed from it.",
 )
 @click.option(
-    "--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm", help="SDAS sampler."
+    "--sampler", type=click.Choice(SAMPLERS), default=DATASET.sampler, help="SDAS sampler."
 )
-@click.option("--steps", type=STEPS, default=20, help="Respaced sampling steps (of the model's T).")
-@click.option("--eta", type=Number(float, 0, 1), default=0.0, help="DDIM eta (ignored by ddpm).")
-@click.option("--batch-size", type=BATCH, default=16, help="Images sampled together per worker.")
 @click.option(
-    "--image-format", type=click.Choice(["png", "jpg"]), default="png", help="Image encoding."
+    "--steps", type=STEPS, default=DATASET.steps, help="Respaced sampling steps (of the model's T)."
+)
+@click.option(
+    "--eta", type=Number(float, 0, 1), default=DATASET.eta, help="DDIM eta (ignored by ddpm)."
+)
+@click.option(
+    "--batch-size", type=BATCH, default=RUN.batch_size, help="Images sampled together per worker."
+)
+@click.option(
+    "--image-format",
+    type=click.Choice(IMAGE_EXTS),
+    default=DATASET.image_format,
+    help="Image encoding.",
 )
 @click.option(
     "--model",
-    default=None,
+    default=DATASET.model,
     help="SDAS model folder, file:// or s3:// URL [default: the bundled demo model].",
 )
 @click.option(
     "--classifier",
-    default=None,
+    default=DATASET.classifier,
     help="Noisy classifier folder (file:// or s3://) for classifier guidance [default: none].",
 )
 @click.option(
     "--classifier-scale",
     type=Number(float),
-    default=1.0,
+    default=DATASET.classifier_scale,
     help="Guidance scale (the authors' classifier_scale); with --classifier only.",
 )
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "bf16", "fp16"]),
-    default="fp32",
+    type=click.Choice(PRECISIONS),
+    default=DATASET.precision,
     help="UNet autocast precision (part of the spec: it changes the images).",
 )
 @click.option("--compile", is_flag=True, help="torch.compile the UNet in every actor (GPU speed).")
 @click.option(
     "--out",
-    default=DEFAULT_OUT,
+    default=DATASET.out,
     help="Dataset root: a local folder, file:// or s3://bucket/prefix.",
 )
 @s3_endpoint_option()
 @click.option(
     "--workers",
     type=Number(int, 1, MAX_WORKERS),
-    default=None,
+    default=RUN.workers,
     help="Sampling actors. CPU: default one per CPU (with --threads-per-worker 1); "
     "GPU: default one per --gpus-per-worker GPUs (this caps it).",
 )
 @click.option(
     "--gpus-per-worker",
     type=float,
-    default=1.0,
+    default=RUN.gpus_per_worker,
     help="GPUs per actor where the cluster has GPUs (fractional shares a GPU).",
 )
 @click.option(
     "--threads-per-worker",
     type=Number(int, 1, 1024),
-    default=None,
+    default=RUN.threads_per_worker,
     help="Torch threads (and CPUs reserved) per CPU actor [default: 1, or CPUs / --workers].",
 )
 @click.option(
     "--ray-address",
-    default=None,
+    default=RUN.ray_address,
     help="Join this Ray cluster ('auto' or ray://host:10001) [default: start a local Ray].",
 )
 @click.option(
     "--ray-timeout",
     type=Number(float, 0, 86400, lo_open=True),
-    default=DEFAULT_RAY_TIMEOUT_S,
+    default=RUN.ray_timeout,
     help="Seconds to wait for --ray-address to answer before giving up (exit 2).",
 )
 @click.option(
     "--max-in-flight",
     type=Number(int, 1, 64),
-    default=2,
+    default=RUN.max_in_flight,
     help="Shard tasks queued per actor at a time.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace a dataset of a different spec at --out.")
@@ -141,7 +156,7 @@ from sia_pipeline.gen.raycluster import DEFAULT_RAY_TIMEOUT_S
 @click.option(
     "--lease-ttl",
     type=Number(float, 0, 7 * 86400),
-    default=DEFAULT_TTL,
+    default=RUN.lease_ttl,
     help="Seconds the root's lease (one writer per root) outlives a driver that stops "
     "renewing it: how long a crashed run can block a rerun from another host.",
 )
@@ -157,7 +172,7 @@ from sia_pipeline.gen.raycluster import DEFAULT_RAY_TIMEOUT_S
 @click.option(
     "--progress-interval",
     type=Number(float, 0.1, 86400),
-    default=10.0,
+    default=RUN.progress_interval,
     help="Seconds between progress log lines when there is no bar.",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
@@ -169,9 +184,9 @@ def main(no_progress: bool, verbose: bool, **kwargs) -> None:
     skipped, and a finished dataset is left untouched.
     """
     setup_logging(verbose)
-    from sia_pipeline.dataset.inputs import InputError, check_input, check_output
-    from sia_pipeline.dataset.storage import StorageError
     from sia_pipeline.gen.generate import GenError, GenFailed, generate
+    from sia_pipeline.io.inputs import InputError, check_input, check_output
+    from sia_pipeline.io.storage import StorageError
 
     try:
         check_input(kwargs["model"], "--model")

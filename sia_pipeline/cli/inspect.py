@@ -1,5 +1,5 @@
 """``sia-inspect ROOT``: summary table, one sample (``--key``), or a re-sampling check
-(``--regenerate``). Thin: the work is in :mod:`sia_pipeline.dataset.inspection`.
+(``--regenerate``). Thin: the work is in :mod:`sia_pipeline.publish.inspection`.
 
 Exit status: 0 done (and, with --regenerate, bit-identical), 1 not identical, 2 bad root,
 key or model.
@@ -20,7 +20,7 @@ from sia_pipeline.cli._common import (
     setup_logging,
     storage_failure,
 )
-from sia_pipeline.dataset.inputs import BATCH
+from sia_pipeline.io.inputs import BATCH
 
 
 @click.command(
@@ -81,12 +81,13 @@ def main(
     2 bad root, key or model.
     """
     setup_logging(verbose)
-    from sia_pipeline.dataset import inspection
-    from sia_pipeline.dataset.storage import StorageError, open_storage
+    from sia_pipeline.gen import regenerate as regen
+    from sia_pipeline.io.storage import StorageError, open_storage
+    from sia_pipeline.publish import inspection
 
     if key and regenerate:
         die("give --key or --regenerate, not both")
-    from sia_pipeline.dataset.inputs import InputError, check_input, check_output
+    from sia_pipeline.io.inputs import InputError, check_input, check_output
 
     try:
         check_input(root, "ROOT")
@@ -98,7 +99,7 @@ def main(
     try:
         storage = open_storage(root, s3_endpoint_url)
         if regenerate:
-            result = inspection.regenerate(
+            result = regen.regenerate(
                 storage, regenerate, model, device, batch_size, s3_endpoint_url
             )
         elif key:
@@ -112,7 +113,7 @@ def main(
     if regenerate:
         click.echo(result.describe())
         if result.image is not None and out_dir != Path("."):
-            from sia_pipeline.dataset.writer import encode_image
+            from sia_pipeline.format.writer import encode_image
 
             out_dir.mkdir(parents=True, exist_ok=True)
             path = out_dir / f"{regenerate}.regenerated.png"

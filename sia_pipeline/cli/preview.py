@@ -9,7 +9,9 @@ from pathlib import Path
 import click
 
 from sia_pipeline.cli._common import SiaCommand, die, parse_list, setup_logging
-from sia_pipeline.dataset.inputs import (
+from sia_pipeline.format.genspec import MAX_STRENGTH, PRECISIONS, SAMPLERS
+from sia_pipeline.gen.options import DATASET
+from sia_pipeline.io.inputs import (
     MAX_SEED,
     STEPS,
     InputError,
@@ -18,10 +20,8 @@ from sia_pipeline.dataset.inputs import (
     check_memory,
     check_output,
 )
-from sia_pipeline.gen.plan import MAX_STRENGTH
 
 PREVIEW_FILE = "preview.png"
-SAMPLERS = ("ddpm", "ddim")  # diffusion.sampler.SAMPLERS, without importing torch to parse
 
 
 def default_out(model: str | None) -> str:
@@ -48,8 +48,10 @@ def default_out(model: str | None) -> str:
 @click.option(
     "--per-strength", type=Number(int, 1, 64), default=6, help="Samples per category and strength."
 )
-@click.option("--sampler", type=click.Choice(SAMPLERS), default="ddpm")
-@click.option("--steps", type=STEPS, default=20, help="Respaced sampling steps (of T = 1000).")
+@click.option("--sampler", type=click.Choice(SAMPLERS), default=DATASET.sampler)
+@click.option(
+    "--steps", type=STEPS, default=DATASET.steps, help="Respaced sampling steps (of T = 1000)."
+)
 @click.option(
     "--seed",
     type=Number(int, 0, MAX_SEED - 64),
@@ -63,10 +65,10 @@ def default_out(model: str | None) -> str:
 @click.option(
     "--classifier-scale",
     type=Number(float),
-    default=1.0,
+    default=DATASET.classifier_scale,
     help="Guidance scale (with --classifier).",
 )
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=DATASET.precision)
 @click.option("--compile", is_flag=True, help="torch.compile the UNet.")
 @click.option("--device", default=None, help="Torch device [default: cuda if present, else cpu].")
 @click.option(
@@ -95,10 +97,10 @@ def main(
 ) -> None:
     """Rows: category x strength; columns: the same seeds, so a row differs only by s."""
     setup_logging(verbose)
-    from sia_pipeline.dataset.preview import make_grid
     from sia_pipeline.diffusion.guidance import GuidanceError, check_scale, load_guidance
     from sia_pipeline.diffusion.model import ModelError, load_model
     from sia_pipeline.diffusion.sampler import Sampler
+    from sia_pipeline.format.preview import make_grid
 
     try:
         values = [float(s) for s in parse_list(strengths)]

@@ -1,6 +1,6 @@
 """``sia-publish ROOT``: verify every shard in full, then write the published dataset card.
 
-Thin: parses options and calls :func:`sia_pipeline.dataset.publish.publish`. Exit status: 0
+Thin: parses options and calls :func:`sia_pipeline.publish.publish.publish`. Exit status: 0
 published, 1 bad shards (each named on stderr, nothing written), 2 unusable root.
 """
 
@@ -55,10 +55,10 @@ def main(
     being written by sia-gen.
     """
     setup_logging(verbose)
-    from sia_pipeline.dataset.inputs import InputError, check_input
-    from sia_pipeline.dataset.publish import PublishError, publish
-    from sia_pipeline.dataset.storage import StorageError
-    from sia_pipeline.gen.lease import LeaseLost
+    from sia_pipeline.io.inputs import InputError, check_input
+    from sia_pipeline.io.lease import LeaseLost
+    from sia_pipeline.io.storage import StorageError
+    from sia_pipeline.publish.publish import PublishError, publish
 
     try:
         check_input(root, "ROOT")

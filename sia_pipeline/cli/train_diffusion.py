@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from sia_pipeline.cli._common import SiaCommand, die, parse_list, s3_endpoint_option, setup_logging
-from sia_pipeline.dataset.inputs import (
+from sia_pipeline.diffusion.presets import DEFAULT_PRESET, PRESETS
+from sia_pipeline.io.inputs import (
     BATCH,
     MAX_SIDE,
     SEED,
@@ -14,8 +15,7 @@ from sia_pipeline.dataset.inputs import (
     check_input,
     check_output,
 )
-from sia_pipeline.dataset.storage import StorageError
-from sia_pipeline.diffusion.model import PRESETS
+from sia_pipeline.io.storage import StorageError
 
 
 @click.command(
@@ -43,7 +43,7 @@ from sia_pipeline.diffusion.model import PRESETS
 @click.option(
     "--preset",
     type=click.Choice(sorted(PRESETS)),
-    default="small-cpu",
+    default=DEFAULT_PRESET,
     help="UNet size and defaults: small-cpu (the bundled model's recipe: 128 px, learned "
     "variance, 7200 steps, about 3 h on 2 CPU cores), tiny-cpu (32 px, minutes), paper-gpu "
     "(the authors' 256 px ADM).",

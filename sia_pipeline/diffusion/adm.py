@@ -18,9 +18,10 @@ import hashlib
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # The authors' category order per data set (their utils/categories.py): class id = position.
 DATASET_CATEGORIES: dict[str, tuple[str, ...]] = {
@@ -368,6 +369,8 @@ def file_sha256(path: Path) -> str:
 
 
 def _torch_load(path: Path) -> Any:
+    import torch
+
     with torch.serialization.safe_globals(_SAFE_STAND_INS):
         try:  # memory-mapped: a 2 GB checkpoint is not read into memory twice
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -408,6 +411,8 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not obj:
         msg = f"{path} holds no state dict"
         raise CheckpointError(msg)
+    import torch
+
     sd = {str(k).removeprefix("module."): v for k, v in obj.items()}
     if not all(isinstance(v, torch.Tensor) for v in sd.values()):
         msg = f"{path} is not a state dict (it holds non-tensor values)"

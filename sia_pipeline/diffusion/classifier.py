@@ -29,8 +29,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block
 from torch import nn
 
-from sia_pipeline.dataset.storage import StorageError, is_s3, open_storage
 from sia_pipeline.diffusion.model import ModelError
+from sia_pipeline.io.storage import StorageError, is_s3, open_storage
 
 CARD_NAME = "classifier_card.json"
 _HASHED_FILES = ("config.json", "diffusion_pytorch_model.safetensors")

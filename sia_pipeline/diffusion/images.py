@@ -20,12 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from sia_pipeline.dataset.format import check_category
-from sia_pipeline.dataset.storage import iter_files, open_storage
+from sia_pipeline.format.v1 import check_category
+from sia_pipeline.io.storage import IMAGE_SUFFIXES, iter_files, open_storage
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MAX_ASPECT = 4.0  # a longer side is centre-cropped to this multiple of the short one
 _GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 

@@ -22,9 +22,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from sia_pipeline.diffusion.guidance import ClassifierGuidance
 from sia_pipeline.diffusion.model import SDASModel
 from sia_pipeline.diffusion.sdas import SDASDDIMScheduler, SDASDDPMScheduler
+from sia_pipeline.format.genspec import SAMPLERS
 
 SamplerName = Literal["ddpm", "ddim"]
-SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
 Precision = Literal["fp32", "bf16", "fp16"]
 # autocast dtype of each --precision (None: plain float32)
 PRECISIONS: dict[str, torch.dtype | None] = {

@@ -13,10 +13,10 @@ import dataclasses
 import logging
 from typing import Any
 
-from sia_pipeline.dataset.format import FormatError, ShardStats, read_index, shard_stats_name
-from sia_pipeline.dataset.spec import read_spec
-from sia_pipeline.dataset.storage import Storage
-from sia_pipeline.gen.plan import GenSpec, PlanError
+from sia_pipeline.format.genspec import GenSpec, PlanError
+from sia_pipeline.format.spec import read_spec
+from sia_pipeline.format.v1 import FormatError, ShardStats, read_index, shard_stats_name
+from sia_pipeline.io.storage import Storage
 
 log = logging.getLogger(__name__)
 

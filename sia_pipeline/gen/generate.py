@@ -7,6 +7,7 @@ already holds) before Ray starts; then sample only the shards not yet done; then
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -15,45 +16,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sia_pipeline.dataset.card import write_card
-from sia_pipeline.dataset.format import (
+from sia_pipeline.format.card import write_card
+from sia_pipeline.format.genspec import GenSpec, PlanError, parse_strengths
+from sia_pipeline.format.manifest import rebuild_from_stats
+from sia_pipeline.format.spec import write_spec
+from sia_pipeline.format.v1 import (
     FormatError,
 )
-from sia_pipeline.dataset.inputs import MAX_SHARDS_PER_CATEGORY, InputError, check_disk
-from sia_pipeline.dataset.manifest import rebuild_from_stats
-from sia_pipeline.dataset.spec import write_spec
-from sia_pipeline.dataset.storage import (
-    LocalStorage,
-    Storage,
-    StorageError,
-    open_storage,
-)
 from sia_pipeline.gen.extend import earlier_hashes, layered_spec, restamp
-from sia_pipeline.gen.lease import DEFAULT_TTL, LeaseHeld, LeaseLost, LeaseSlot
+from sia_pipeline.gen.options import DatasetOptions, GenRequest, RunOptions
 from sia_pipeline.gen.plan import (
-    GenSpec,
-    PlanError,
     ShardTasks,
     describe_plan,
     estimate_bytes,
     make_spec,
     make_tasks,
-    parse_strengths,
 )
 from sia_pipeline.gen.provenance import command_line, model_record, model_url
-from sia_pipeline.gen.raycluster import (
-    DEFAULT_RAY_TIMEOUT_S,
+from sia_pipeline.gen.root import RootState, check_creatable, clear_root, scan_root
+from sia_pipeline.io.inputs import MAX_SHARDS_PER_CATEGORY, InputError, check_disk
+from sia_pipeline.io.lease import LeaseHeld, LeaseLost, LeaseSlot
+from sia_pipeline.io.raycluster import (
     ActorPlan,
     ClusterError,
     connect_pool,
 )
-from sia_pipeline.gen.root import RootState, check_creatable, clear_root, scan_root
+from sia_pipeline.io.storage import (
+    LocalStorage,
+    Storage,
+    StorageError,
+    open_storage,
+)
 
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
-DEFAULT_OUT = "./sia-data"
-DEFAULT_PER_CATEGORY = 128
 
 
 class GenError(ValueError):
@@ -170,24 +167,33 @@ def _check_local_cpus(workers: int, threads: int) -> None:
         raise GenError(msg)
 
 
-def generate(*, lease_ttl: float = DEFAULT_TTL, **kwargs: Any) -> GenReport:
+def generate(**kwargs: Any) -> GenReport:
     """Generate (or finish) an SIA dataset under ``out``; see ``sia-gen --help``.
 
-    The keyword arguments are :func:`_generate`'s; the run holds the root's lease
-    (``_lease.json``, one writer per root) from just before its first write to its end,
-    renewed every ``lease_ttl / 3`` seconds, so a crashed run blocks a rerun for at most
-    ``lease_ttl`` seconds (not at all on the same host).
+    The keyword arguments are the fields of :mod:`sia_pipeline.gen.options` (defaults
+    there). ``progress`` draws a bar on a terminal; without one (or with ``progress=False``)
+    a log line every ``progress_interval`` seconds. ``device`` overrides the actors' torch
+    device (tests run the model on CPU on logical GPUs); ``spill_dir`` the node-local spill
+    for failed uploads. The run holds the root's lease (``_lease.json``, one writer per
+    root) from just before its first write to its end, renewed every ``lease_ttl / 3``
+    seconds, so a crashed run blocks a rerun for at most ``lease_ttl`` seconds (not at all
+    on the same host).
 
     Raises:
-        GenError: as :func:`_generate`, or another live driver holds the root's lease.
-        GenFailed: as :func:`_generate`, or this run lost its lease.
+        GenError: bad input, model, endpoint, bucket or credentials, a root holding a
+            dataset of another spec (without ``overwrite``), a Ray cluster that does not
+            answer within ``ray_timeout`` or cannot place the actors, or another live
+            driver holding the root's lease. Nothing was written.
+        GenFailed: shards still failing after their retries, or this run lost its lease.
+        StorageError: a transient storage outage outlasted its retries (``.transient``).
     """
+    req = _from_environment(GenRequest.from_kwargs(**kwargs))
     try:
-        slot = LeaseSlot(lease_ttl)
+        slot = LeaseSlot(req.run.lease_ttl)
     except ValueError as e:
         raise GenError(str(e)) from None
     try:
-        return _generate(slot=slot, **kwargs)
+        return _generate(req, slot)
     except LeaseHeld as e:
         raise GenError(str(e)) from None
     except LeaseLost as e:
@@ -196,131 +202,87 @@ def generate(*, lease_ttl: float = DEFAULT_TTL, **kwargs: Any) -> GenReport:
         slot.release()
 
 
-def _generate(
-    *,
-    slot: LeaseSlot,
-    categories: str = "all",
-    strengths: str = "0.1:0.5",
-    per_category: int = DEFAULT_PER_CATEGORY,
-    shard_size: int = 1000,
-    seed: int = 0,
-    sampler: str = "ddpm",
-    steps: int = 20,
-    eta: float = 0.0,
-    batch_size: int = 16,
-    image_format: str = "png",
-    model: str | None = None,
-    classifier: str | None = None,
-    classifier_scale: float = 1.0,
-    precision: str = "fp32",
-    compile: bool = False,
-    out: str = DEFAULT_OUT,
-    s3_endpoint_url: str | None = None,
-    workers: int | None = None,
-    gpus_per_worker: float = 1.0,
-    threads_per_worker: int | None = None,
-    ray_address: str | None = None,
-    ray_timeout: float = DEFAULT_RAY_TIMEOUT_S,
-    max_in_flight: int = 2,
-    max_attempts: int = 3,
-    max_uploads: int = 5,
-    overwrite: bool = False,
-    extend: bool = False,
-    dry_run: bool = False,
-    progress: bool = True,
-    progress_interval: float = 10.0,
-    device: str | None = None,
-    spill_dir: str | None = None,
-    on_result: Callable | None = None,
-) -> GenReport:
-    """Generate (or finish) an SIA dataset under ``out``; see ``sia-gen --help``.
-
-    ``progress`` draws a bar on a terminal; without one (or with ``progress=False``)
-    a log line every ``progress_interval`` seconds. ``device`` overrides the actors'
-    torch device (tests run the model on CPU on logical GPUs); ``spill_dir`` the
-    node-local spill for failed uploads.
-
-    Raises:
-        GenError: bad input, model, endpoint, bucket or credentials, a root holding a
-            dataset of another spec (without ``overwrite``), a Ray cluster that does not
-            answer within ``ray_timeout`` or cannot place the actors. Nothing was written.
-        GenFailed: shards still failing after their retries.
-        StorageError: a transient storage outage outlasted its retries (``.transient``).
-    """
-    from sia_pipeline.diffusion.guidance import GuidanceError, check_scale, load_guidance
-    from sia_pipeline.diffusion.model import ModelError, load_model
-
-    t0 = time.perf_counter()
+def _from_environment(req: GenRequest) -> GenRequest:
+    """The endpoint and Ray address the environment gives when the options do not."""
     # Resolved here so that actors on any node use the driver's endpoint (never credentials:
     # those come from each node's own AWS chain).
-    s3_endpoint_url = s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+    endpoint = req.run.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
     # Inside a Ray job (or with RAY_ADDRESS set) join that cluster, as ray.init() would.
-    ray_address = ray_address or os.environ.get("RAY_ADDRESS") or None
-    if ray_address == "local":  # Ray's own spelling of "start one here"
-        ray_address = None
+    address = req.run.ray_address or os.environ.get("RAY_ADDRESS") or None
+    if address == "local":  # Ray's own spelling of "start one here"
+        address = None
+    run = dataclasses.replace(req.run, s3_endpoint_url=endpoint, ray_address=address)
+    return dataclasses.replace(req, run=run)
+
+
+@dataclass
+class _Plan:
+    """What validation found: the model, the spec, its tasks and the root's state."""
+
+    loaded: Any  # diffusion.model.SDASModel
+    classifier_card: dict[str, Any] | None
+    spec: GenSpec
+    tasks: ShardTasks
+    storage: Storage
+    state: RootState
+    earlier: frozenset[str]
+
+
+def _generate(req: GenRequest, slot: LeaseSlot) -> GenReport:
+    """Validate, prepare the root, sample the missing shards, index (see :func:`generate`)."""
+    t0 = time.perf_counter()
+    plan = _validate(req, slot)
+    spec, tasks, storage, state = plan.spec, plan.tasks, plan.storage, plan.state
+    report = GenReport(
+        out=storage.url,
+        spec_hash=spec.spec_hash,
+        plan=describe_plan(spec, tasks, done=len(state.done)),
+        shards_total=len(tasks),
+    )
+    _refuse_other_spec(storage, state, spec.spec_hash, req.actions.overwrite)
+    if req.actions.dry_run:
+        report.dry_run = True
+        if state.other_spec:
+            report.plan += f"\n--overwrite would first delete the dataset at {storage.url}"
+        return report
+    done = {} if state.other_spec else state.done
+    pending = tasks.only(skip=set(done))  # lazy: each task is built when an actor needs it
+    report.shards_skipped = len(tasks) - len(pending)
+    cluster = _connect(req.run) if pending else None  # a cluster that cannot run us is bad input
     try:
-        parse_strengths(strengths)
-        _check_numbers(
-            batch_size=batch_size,
-            workers=workers,
-            threads_per_worker=threads_per_worker,
-            max_in_flight=max_in_flight,
-            gpus_per_worker=gpus_per_worker,
-        )
-        if not ray_timeout > 0:
-            msg = f"--ray-timeout must be > 0, got {ray_timeout}"
-            raise GenError(msg)
-        if not ray_address and threads_per_worker and workers:
-            _check_local_cpus(workers, threads_per_worker)
-        if classifier:
-            check_scale(classifier_scale)
-        loaded = load_model(model, device="cpu", endpoint_url=s3_endpoint_url)
-        guidance, classifier_card = (
-            load_guidance(
-                classifier,
-                classifier_scale,
-                loaded.categories,
-                loaded.resolution,
-                endpoint_url=s3_endpoint_url,
-            )
-            if classifier
-            else (None, None)
-        )
-        spec = make_spec(
-            model_id=loaded.model_id,
-            model_categories=loaded.categories,
-            resolution=loaded.resolution,
-            categories=categories,
-            strengths=strengths,
-            per_category=per_category,
-            shard_size=shard_size,
-            seed=seed,
-            sampler=sampler,
-            steps=steps,
-            eta=eta,
-            image_format=image_format,
-            max_steps=int(loaded.scheduler_config.get("num_train_timesteps", 1000)),
-            classifier_id=guidance.classifier_id if guidance else "",
-            classifier_scale=classifier_scale,
-            precision=precision,
-        )
-        _check_size(spec, out, dry_run)
-        tasks = make_tasks(spec, batch_size)
-        storage = open_storage(out, s3_endpoint_url)
-        if isinstance(storage, LocalStorage):  # actors may run in another directory
-            storage = LocalStorage(storage.root.resolve())
-            if ray_address:
-                log.warning("a local --out with --ray-address needs a folder every node shares")
-            if not dry_run:
-                check_creatable(storage.root)  # created only once Ray has placed the actors
-        elif not dry_run:
-            storage.check_writable()
-        spec = layered_spec(storage, spec, extend)
-        if spec.extends:  # the shard layout of a grown dataset
-            tasks = make_tasks(spec, batch_size)
+        extra, index_current = _prepare_root(req, plan, slot, done)
+        if pending:
+            on_result = slot.checked(req.hooks.on_result)
+            _run(pending, report, _worker_kwargs(req, storage), cluster[1], req, on_result)
+    finally:
+        if cluster is not None and cluster[0]:
+            import ray
+
+            ray.shutdown()
+    if pending or not index_current:
+        slot.check()
+        _index(storage, spec, extra)
+        report.indexed = True
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _validate(req: GenRequest, slot: LeaseSlot) -> _Plan:
+    """Every check before Ray starts or anything is written; bad input is a GenError."""
+    from sia_pipeline.diffusion.guidance import GuidanceError
+    from sia_pipeline.diffusion.model import ModelError
+
+    try:
+        _check_options(req)
+        loaded, guidance, classifier_card = _load_model(req)
+        spec = _make_spec(req.dataset, loaded, guidance)
+        _check_size(spec, req.dataset.out, req.actions.dry_run)
+        storage = _open_root(req, spec)
+        spec = layered_spec(storage, spec, req.actions.extend)
+        tasks = make_tasks(spec, req.run.batch_size)  # after --extend: the grown layout
         earlier = earlier_hashes(spec)
         state = scan_root(storage, spec.spec_hash, spec.to_dict(), earlier)
-        if not dry_run:
+        if not req.actions.dry_run:
             slot.refuse_if_held(storage, spec.spec_hash)  # names the holder, before all else
     except StorageError as e:
         if e.transient:  # an outage, not bad input: already retried, so exit 1
@@ -328,101 +290,159 @@ def _generate(
         raise GenError(str(e).splitlines()[0]) from None
     except (PlanError, ModelError, GuidanceError, FormatError) as e:
         raise GenError(str(e).splitlines()[0]) from None
+    return _Plan(loaded, classifier_card, spec, tasks, storage, state, earlier)
 
-    plan = describe_plan(spec, tasks, done=len(state.done))
-    report = GenReport(
-        out=storage.url, spec_hash=spec.spec_hash, plan=plan, shards_total=len(tasks)
+
+def _check_options(req: GenRequest) -> None:
+    """The options that need no model: strengths, counts, the Ray timeout, local CPUs."""
+    from sia_pipeline.diffusion.guidance import check_scale
+
+    run = req.run
+    parse_strengths(req.dataset.strengths)
+    _check_numbers(
+        batch_size=run.batch_size,
+        workers=run.workers,
+        threads_per_worker=run.threads_per_worker,
+        max_in_flight=run.max_in_flight,
+        gpus_per_worker=run.gpus_per_worker,
     )
-    _refuse_other_spec(storage, state, spec.spec_hash, overwrite)
-    if dry_run:
-        report.dry_run = True
-        if state.other_spec:
-            report.plan += f"\n--overwrite would first delete the dataset at {storage.url}"
-        return report
+    if not run.ray_timeout > 0:
+        msg = f"--ray-timeout must be > 0, got {run.ray_timeout}"
+        raise GenError(msg)
+    if not run.ray_address and run.threads_per_worker and run.workers:
+        _check_local_cpus(run.workers, run.threads_per_worker)
+    if req.dataset.classifier:
+        check_scale(req.dataset.classifier_scale)
 
-    done = {} if state.other_spec else state.done
-    pending = tasks.only(skip=set(done))  # lazy: each task is built when an actor needs it
-    report.shards_skipped = len(tasks) - len(pending)
-    cluster = None
-    if pending:  # before anything is written: a cluster that cannot run us is bad input
-        try:
-            verbose = logging.getLogger("sia_pipeline").isEnabledFor(logging.DEBUG)
-            cluster = connect_pool(
-                ray_address,
-                ray_timeout,
-                workers,
-                gpus_per_worker,
-                threads_per_worker,
-                verbose=verbose,
-            )
-        except ClusterError as e:
-            raise GenError(str(e)) from None
+
+def _load_model(req: GenRequest) -> tuple[Any, Any, dict[str, Any] | None]:
+    """(the model on CPU, the classifier guidance or None, the classifier's card or None)."""
+    from sia_pipeline.diffusion.guidance import load_guidance
+    from sia_pipeline.diffusion.model import load_model
+
+    opts, endpoint = req.dataset, req.run.s3_endpoint_url
+    loaded = load_model(opts.model, device="cpu", endpoint_url=endpoint)
+    if not opts.classifier:
+        return loaded, None, None
+    guidance, card = load_guidance(
+        opts.classifier,
+        opts.classifier_scale,
+        loaded.categories,
+        loaded.resolution,
+        endpoint_url=endpoint,
+    )
+    return loaded, guidance, card
+
+
+def _make_spec(opts: DatasetOptions, loaded: Any, guidance: Any) -> GenSpec:
+    """The spec of these options on this model (and classifier)."""
+    return make_spec(
+        model_id=loaded.model_id,
+        model_categories=loaded.categories,
+        resolution=loaded.resolution,
+        max_steps=int(loaded.scheduler_config.get("num_train_timesteps", 1000)),
+        classifier_id=guidance.classifier_id if guidance else "",
+        **dataclasses.asdict(opts),
+    )
+
+
+def _open_root(req: GenRequest, spec: GenSpec) -> Storage:
+    """The root's storage, checked writable (a local root: creatable) unless a dry run."""
+    storage = open_storage(req.dataset.out, req.run.s3_endpoint_url)
+    dry_run = req.actions.dry_run
+    if isinstance(storage, LocalStorage):  # actors may run in another directory
+        storage = LocalStorage(storage.root.resolve())
+        if req.run.ray_address:
+            log.warning("a local --out with --ray-address needs a folder every node shares")
+        if not dry_run:
+            check_creatable(storage.root)  # created only once Ray has placed the actors
+    elif not dry_run:
+        storage.check_writable()
+    return storage
+
+
+def _connect(run: RunOptions) -> tuple[bool, ActorPlan]:
+    """Join or start Ray and size the actor pool (a GenError if it cannot be placed)."""
     try:
-        try:
-            storage.check_writable()
-        except StorageError as e:
-            raise GenError(str(e).splitlines()[0]) from None
-        slot.take(storage, spec.spec_hash)  # one writer per root from here to the end
-        again = scan_root(storage, spec.spec_hash, spec.to_dict(), earlier)
-        if bool(again.other_spec) != bool(state.other_spec):
-            msg = f"{storage.url} changed while this run started (another driver?): rerun"
-            raise GenFailed(msg)
-        restamp(storage, done, spec.spec_hash)  # --extend: earlier shards join this spec
-        on_result = slot.checked(on_result)
-        if state.other_spec:
-            log.warning(
-                "--overwrite: deleting the dataset at %s (%s)", storage.url, state.other_spec
-            )
-            clear_root(storage)
-            state = RootState({}, None, False)
-        extra = {
-            "model": model_record(loaded, model),
-            "created_by": f"sia-gen {VERSION}",
-            "command": command_line(spec, out, model, batch_size, classifier, compile),
-        }
-        if classifier_card is not None:
-            extra["classifier"] = {
-                "id": classifier_card["classifier_id"],
-                "source": model_url(str(classifier)),
-                "categories": classifier_card["categories"],
-                "image_size": classifier_card["image_size"],
-            }
-        # Before the first shard: a root that loses its index can still be rebuilt exactly.
-        write_spec(storage, spec.to_dict(), spec.spec_hash, extra)
-        if pending:
-            worker_kwargs = {
-                "model_url": _absolute(model),
-                "out_url": storage.url,
-                "endpoint_url": s3_endpoint_url,
-                "spill_dir": spill_dir,
-                "classifier_url": _absolute(classifier),
-                "compile": compile,
-            }
-            _run(
-                pending,
-                report,
-                worker_kwargs,
-                cluster[1],
-                max_in_flight=max_in_flight,
-                max_attempts=max_attempts,
-                max_uploads=max_uploads,
-                device=device,
-                progress=progress,
-                progress_interval=progress_interval,
-                on_result=on_result,
-            )
-    finally:
-        if cluster is not None and cluster[0]:
-            import ray
+        verbose = logging.getLogger("sia_pipeline").isEnabledFor(logging.DEBUG)
+        return connect_pool(
+            run.ray_address,
+            run.ray_timeout,
+            run.workers,
+            run.gpus_per_worker,
+            run.threads_per_worker,
+            verbose=verbose,
+        )
+    except ClusterError as e:
+        raise GenError(str(e)) from None
 
-            ray.shutdown()
-    if pending or not state.index_current:
-        slot.check()
-        table, index = rebuild_from_stats(storage, spec.to_dict(), extra)
-        write_card(storage, index, table)
-        report.indexed = True
-    report.seconds = time.perf_counter() - t0
-    return report
+
+def _prepare_root(
+    req: GenRequest, plan: _Plan, slot: LeaseSlot, done: dict[str, Any]
+) -> tuple[dict[str, Any], bool]:
+    """Take the lease, clear another spec's dataset (``--overwrite``), write ``spec.json``.
+
+    Returns the index's extra fields and whether the root's index is current.
+    """
+    storage, spec, state = plan.storage, plan.spec, plan.state
+    try:
+        storage.check_writable()
+    except StorageError as e:
+        raise GenError(str(e).splitlines()[0]) from None
+    slot.take(storage, spec.spec_hash)  # one writer per root from here to the end
+    again = scan_root(storage, spec.spec_hash, spec.to_dict(), plan.earlier)
+    if bool(again.other_spec) != bool(state.other_spec):
+        msg = f"{storage.url} changed while this run started (another driver?): rerun"
+        raise GenFailed(msg)
+    restamp(storage, done, spec.spec_hash)  # --extend: earlier shards join this spec
+    index_current = state.index_current
+    if state.other_spec:
+        log.warning("--overwrite: deleting the dataset at %s (%s)", storage.url, state.other_spec)
+        clear_root(storage)
+        index_current = False
+    extra = _index_fields(req, plan)
+    # Before the first shard: a root that loses its index can still be rebuilt exactly.
+    write_spec(storage, spec.to_dict(), spec.spec_hash, extra)
+    return extra, index_current
+
+
+def _index_fields(req: GenRequest, plan: _Plan) -> dict[str, Any]:
+    """What ``index.json`` records besides the spec: model, command, classifier."""
+    opts = req.dataset
+    extra: dict[str, Any] = {
+        "model": model_record(plan.loaded, opts.model),
+        "created_by": f"sia-gen {VERSION}",
+        "command": command_line(
+            plan.spec, opts.out, opts.model, req.run.batch_size, opts.classifier, req.run.compile
+        ),
+    }
+    card = plan.classifier_card
+    if card is not None:
+        extra["classifier"] = {
+            "id": card["classifier_id"],
+            "source": model_url(str(opts.classifier)),
+            "categories": card["categories"],
+            "image_size": card["image_size"],
+        }
+    return extra
+
+
+def _worker_kwargs(req: GenRequest, storage: Storage) -> dict[str, Any]:
+    """What every sampling actor is built with."""
+    return {
+        "model_url": _absolute(req.dataset.model),
+        "out_url": storage.url,
+        "endpoint_url": req.run.s3_endpoint_url,
+        "spill_dir": req.hooks.spill_dir,
+        "classifier_url": _absolute(req.dataset.classifier),
+        "compile": req.run.compile,
+    }
+
+
+def _index(storage: Storage, spec: GenSpec, extra: dict[str, Any]) -> None:
+    """``manifest.parquet`` and ``index.json`` from the shards' stats, then the card."""
+    table, index = rebuild_from_stats(storage, spec.to_dict(), extra)
+    write_card(storage, index, table)
 
 
 def _run(
@@ -430,13 +450,7 @@ def _run(
     report: GenReport,
     worker_kwargs: dict[str, Any],
     actors: ActorPlan,
-    *,
-    max_in_flight: int,
-    max_attempts: int,
-    max_uploads: int,
-    device: str | None,
-    progress: bool,
-    progress_interval: float,
+    req: GenRequest,
     on_result: Callable | None,
 ) -> None:
     """Sample ``pending`` shards on Ray actors; fills ``report``; raises GenFailed."""
@@ -447,14 +461,17 @@ def _run(
     log.info(
         "%d shards to write (%d done) with %s", len(pending), report.shards_skipped, report.workers
     )
-    view = ProgressView(pending.images(), len(pending), bar=progress, interval=progress_interval)
+    opts, hooks = req.run, req.hooks
+    view = ProgressView(
+        pending.images(), len(pending), bar=opts.progress, interval=opts.progress_interval
+    )
     runner = ShardRunner(
         worker_kwargs,
         actors,
-        max_in_flight=max_in_flight,
-        max_attempts=max_attempts,
-        max_uploads=max_uploads,
-        device=device,
+        max_in_flight=opts.max_in_flight,
+        max_attempts=hooks.max_attempts,
+        max_uploads=hooks.max_uploads,
+        device=hooks.device,
         view=view,
         on_result=on_result,
     )

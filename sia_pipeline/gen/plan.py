@@ -1,22 +1,29 @@
-"""The generation plan: a validated spec, turned into one :class:`ShardTask` per shard.
+"""The generation plan: user input validated into a :class:`GenSpec`, one :class:`ShardTask`
+per shard, and the ``--dry-run`` text.
 
-Every sample's seed and strength are a hash of (model id, category, sample index, global
-seed, strength spec, sampler config), never of worker order, so any shard can be rerun
-alone and comes out the same. Guidance and precision change the images (so the spec hash)
-but not the seeds: a guided dataset and its unguided twin start from the same noise.
-Nothing here touches Ray, storage or the model weights.
+Seeds and strengths come from :func:`sia_pipeline.format.genspec.sample_params`. Guidance
+and precision change the images (so the spec hash) but not the seeds: a guided dataset and
+its unguided twin start from the same noise. Nothing here touches Ray, storage or the
+model weights.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any, Literal, overload
+from dataclasses import dataclass
+from typing import Any, overload
 
-from sia_pipeline.dataset.format import (
+from sia_pipeline.format.genspec import (
+    PRECISIONS,
+    SAMPLERS,
+    GenSpec,
+    PlanError,
+    human_bytes,
+    parse_strengths,
+    sample_params,
+)
+from sia_pipeline.format.v1 import (
     FORMAT_VERSION,
     IMAGE_EXTS,
     check_category,
@@ -25,176 +32,12 @@ from sia_pipeline.dataset.format import (
     shard_stats_name,
     shard_tar_name,
 )
-from sia_pipeline.dataset.spec import shard_range, shards_in_layers
+from sia_pipeline.gen.options import RUN, DatasetOptions
 
-StrengthKind = Literal["uniform", "grid", "list"]
 MAX_SHARD_SIZE = 999_999  # the in-shard index of a key has six digits
-MAX_GRID_VALUES = 10_000
-# The paper's range of SDAS strengths (the authors sampled 0.1-0.2; DDIM 0.01-0.03): above
-# 1 the reverse noise is more than doubled in variance and samples are noise, not defects.
-MAX_STRENGTH = 1.0
 # Rough compressed size of one image as a fraction of its raw RGB bytes (for --dry-run).
 _COMPRESSION = {"png": 0.75, "jpg": 0.15}
 _PER_SAMPLE_OVERHEAD = 2 * 512 + 512 + 900  # tar headers + padding, .json member, stats row
-PRECISIONS = ("fp32", "bf16", "fp16")  # sampler.PRECISIONS, without importing torch here
-
-
-class PlanError(ValueError):
-    """Bad generation input; the message is one line naming the value and what is allowed."""
-
-
-@dataclass(frozen=True)
-class StrengthSpec:
-    """Parsed ``--strengths``: ``a:b`` uniform, ``a:b:step`` a grid, ``a,b,c`` a list.
-
-    ``values`` holds (lo, hi) for ``uniform`` and every value otherwise; ``text`` is the
-    canonical spelling, so ``0.10:0.5`` and ``0.1:0.50`` are the same spec.
-    """
-
-    kind: StrengthKind
-    values: tuple[float, ...]
-    text: str
-
-    def value(self, u: float, index: int) -> float:
-        """Strength of sample ``index`` given its hash-derived uniform ``u`` in [0, 1).
-
-        Grid and list values go round-robin over the sample index, so each value occurs
-        equally often (to within one per category).
-        """
-        if self.kind == "uniform":
-            lo, hi = self.values
-            return lo + (hi - lo) * u
-        return self.values[index % len(self.values)]
-
-    @property
-    def low(self) -> float:
-        return min(self.values)
-
-    @property
-    def high(self) -> float:
-        return max(self.values)
-
-    def describe(self) -> str:
-        if self.kind == "uniform":
-            return f"uniform in [{self.values[0]:g}, {self.values[1]:g})"
-        vals = ", ".join(f"{v:g}" for v in self.values[:8])
-        more = f", ... ({len(self.values)} values)" if len(self.values) > 8 else ""
-        return f"{self.kind} of {vals}{more}, round-robin"
-
-
-def _number(part: str, text: str) -> float:
-    try:
-        v = float(part)
-    except ValueError:
-        msg = f"--strengths {text!r}: {part.strip()!r} is not a number"
-        raise PlanError(msg) from None
-    if not math.isfinite(v):
-        msg = f"--strengths {text!r}: {part.strip()!r} is not finite"
-        raise PlanError(msg)
-    if not 0 <= v <= MAX_STRENGTH:
-        msg = f"--strengths {text!r}: strengths must be >= 0 and <= {MAX_STRENGTH:g}, got {v:g}"
-        raise PlanError(msg)
-    return v
-
-
-def parse_strengths(text: str) -> StrengthSpec:
-    """Parse ``a:b`` (uniform per sample), ``a:b:step`` (grid) or ``a,b,c`` (list).
-
-    Raises:
-        PlanError: empty, not numbers, negative, not finite, or a reversed/empty range.
-    """
-    text = (text or "").strip()
-    usage = "use a:b (uniform), a:b:step (grid) or a,b,c (list)"
-    if not text:
-        msg = f"--strengths is empty: {usage}"
-        raise PlanError(msg)
-    if ":" in text and "," in text:
-        msg = f"--strengths {text!r} mixes ':' and ',': {usage}"
-        raise PlanError(msg)
-    if ":" in text:
-        parts = text.split(":")
-        if len(parts) not in (2, 3):
-            msg = f"--strengths {text!r} has {len(parts)} ':'-parts: {usage}"
-            raise PlanError(msg)
-        lo, hi = _number(parts[0], text), _number(parts[1], text)
-        if lo >= hi:
-            msg = f"--strengths {text!r}: start {lo:g} must be below end {hi:g}"
-            raise PlanError(msg)
-        if len(parts) == 2:
-            return StrengthSpec("uniform", (lo, hi), f"{lo!r}:{hi!r}")
-        step = _number(parts[2], text)
-        if step <= 0:
-            msg = f"--strengths {text!r}: step must be > 0"
-            raise PlanError(msg)
-        n = math.floor((hi - lo) / step + 1e-9) + 1
-        if n > MAX_GRID_VALUES:
-            msg = f"--strengths {text!r} gives {n} grid values (at most {MAX_GRID_VALUES})"
-            raise PlanError(msg)
-        values = tuple(round(lo + i * step, 12) for i in range(n))
-        return StrengthSpec("grid", values, f"{lo!r}:{hi!r}:{step!r}")
-    values = tuple(_number(p, text) for p in text.split(","))
-    return StrengthSpec("list", values, ",".join(repr(v) for v in values))
-
-
-@dataclass(frozen=True)
-class GenSpec:
-    """Everything that decides the images of a dataset; its hash names "the same spec"."""
-
-    model_id: str
-    categories: tuple[str, ...]
-    class_ids: tuple[int, ...]
-    strengths: StrengthSpec
-    per_category: int
-    shard_size: int
-    seed: int
-    sampler: str
-    steps: int
-    eta: float
-    image_format: str
-    resolution: int
-    # Optional parts: in the dict (and so in the hash) only when used, so that specs
-    # without guidance in fp32 keep the hashes they had before these existed.
-    classifier_id: str = ""
-    classifier_scale: float = 0.0
-    precision: str = "fp32"
-    # Earlier --per-category values of a dataset grown by --extend (its shard layers).
-    extends: tuple[int, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        if not self.classifier_id:
-            del d["classifier_id"], d["classifier_scale"]
-        if self.precision == "fp32":
-            del d["precision"]
-        d["categories"] = list(self.categories)
-        d["class_ids"] = list(self.class_ids)
-        if self.extends:
-            d["extends"] = list(self.extends)
-        else:
-            del d["extends"]  # specs never extended hash as before
-        d["strengths"] = {
-            "kind": self.strengths.kind,
-            "spec": self.strengths.text,
-            "values": list(self.strengths.values),
-        }
-        return d
-
-    @property
-    def spec_hash(self) -> str:
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    def shards_per_category(self) -> int:
-        return shards_in_layers(self.per_category, self.shard_size, self.extends)
-
-    def shard_range(self, shard: int) -> tuple[int, int]:
-        """Sample-index range [start, stop) of a category's shard ``shard`` (the layers of
-        an ``--extend``-ed dataset keep their own shards)."""
-        return shard_range(self.per_category, self.shard_size, self.extends, shard)
-
-    @property
-    def total_images(self) -> int:
-        return self.per_category * len(self.categories)
 
 
 def make_spec(
@@ -202,21 +45,40 @@ def make_spec(
     model_id: str,
     model_categories: dict[str, int],
     resolution: int,
-    categories: str | list[str] = "all",
-    strengths: str = "0.1:0.5",
-    per_category: int = 128,
-    shard_size: int = 1000,
-    seed: int = 0,
-    sampler: str = "ddpm",
-    steps: int = 20,
-    eta: float = 0.0,
-    image_format: str = "png",
     max_steps: int = 1000,
     classifier_id: str = "",
-    classifier_scale: float = 1.0,
-    precision: str = "fp32",
+    **options: Any,
 ) -> GenSpec:
-    """Validate user input against the model; every problem is a one-line :class:`PlanError`."""
+    """Validate user input against the model; every problem is a one-line :class:`PlanError`.
+
+    ``options`` are :class:`~sia_pipeline.gen.options.DatasetOptions` fields (categories,
+    strengths, per_category, ...; defaults there); ``classifier_id`` is the loaded
+    classifier's, "" for none.
+    """
+    opts = DatasetOptions(**options)
+    names = _category_names(opts.categories, model_categories)
+    _check_values(opts, max_steps)
+    return GenSpec(
+        model_id=model_id,
+        categories=tuple(names),
+        class_ids=tuple(model_categories[n] for n in names),
+        strengths=parse_strengths(opts.strengths),
+        per_category=opts.per_category,
+        shard_size=opts.shard_size,
+        seed=opts.seed,
+        sampler=opts.sampler,
+        steps=opts.steps,
+        eta=float(opts.eta) if opts.sampler == "ddim" else 0.0,
+        image_format=opts.image_format,
+        resolution=resolution,
+        classifier_id=classifier_id,
+        classifier_scale=float(opts.classifier_scale) if classifier_id else 0.0,
+        precision=opts.precision,
+    )
+
+
+def _category_names(categories: str | list[str], model_categories: dict[str, int]) -> list[str]:
+    """``--categories`` (``all``, ``a,b`` or a list) as names the model knows, each once."""
     if isinstance(categories, str):
         names = (
             list(model_categories)
@@ -241,6 +103,24 @@ def make_spec(
     if dupes:
         msg = f"--categories names {', '.join(dupes)} more than once"
         raise PlanError(msg)
+    return names
+
+
+def _check_values(opts: DatasetOptions, max_steps: int) -> None:
+    """The numbers and choices of the options, each against its bounds."""
+    per_category, shard_size, seed, sampler, steps = (
+        opts.per_category,
+        opts.shard_size,
+        opts.seed,
+        opts.sampler,
+        opts.steps,
+    )
+    eta, image_format, precision, classifier_scale = (
+        opts.eta,
+        opts.image_format,
+        opts.precision,
+        opts.classifier_scale,
+    )
     checks = [
         (per_category >= 1, f"--per-category must be >= 1, got {per_category}"),
         (
@@ -248,7 +128,7 @@ def make_spec(
             f"--shard-size must be in [1, {MAX_SHARD_SIZE}], got {shard_size}",
         ),
         (seed >= 0, f"--seed must be >= 0, got {seed}"),
-        (sampler in ("ddpm", "ddim"), f"--sampler must be ddpm or ddim, got {sampler!r}"),
+        (sampler in SAMPLERS, f"--sampler must be {' or '.join(SAMPLERS)}, got {sampler!r}"),
         (1 <= steps <= max_steps, f"--steps must be in [1, {max_steps}], got {steps}"),
         (math.isfinite(eta) and eta >= 0, f"--eta must be >= 0, got {eta}"),
         (
@@ -270,42 +150,6 @@ def make_spec(
     if math.ceil(per_category / shard_size) > MAX_SHARD_SIZE:
         msg = f"--per-category {per_category} needs more than {MAX_SHARD_SIZE} shards"
         raise PlanError(msg)
-    return GenSpec(
-        model_id=model_id,
-        categories=tuple(names),
-        class_ids=tuple(model_categories[n] for n in names),
-        strengths=parse_strengths(strengths),
-        per_category=per_category,
-        shard_size=shard_size,
-        seed=seed,
-        sampler=sampler,
-        steps=steps,
-        eta=float(eta) if sampler == "ddim" else 0.0,
-        image_format=image_format,
-        resolution=resolution,
-        classifier_id=classifier_id,
-        classifier_scale=float(classifier_scale) if classifier_id else 0.0,
-        precision=precision,
-    )
-
-
-def sample_params(spec: GenSpec, category: str, index: int) -> tuple[int, float]:
-    """(seed, strength) of sample ``index`` of ``category``: a pure function of the spec."""
-    parts = [
-        spec.model_id,
-        category,
-        index,
-        spec.seed,
-        spec.strengths.text,
-        spec.sampler,
-        spec.steps,
-        spec.eta,
-    ]
-    blob = json.dumps(parts, separators=(",", ":")).encode()
-    digest = hashlib.blake2b(blob, digest_size=16).digest()
-    seed = int.from_bytes(digest[:8], "big") & (2**63 - 1)
-    u = int.from_bytes(digest[8:], "big") / 2**64
-    return seed, spec.strengths.value(u, index)
 
 
 @dataclass(frozen=True)
@@ -329,7 +173,7 @@ class ShardTask:
     model_id: str
     resolution: int
     spec_hash: str
-    batch_size: int = 16
+    batch_size: int = RUN.batch_size
     classifier_id: str = ""
     classifier_scale: float = 0.0
     precision: str = "fp32"
@@ -385,7 +229,9 @@ class ShardTask:
         return d
 
 
-def make_task(spec: GenSpec, category_index: int, shard: int, batch_size: int = 16) -> ShardTask:
+def make_task(
+    spec: GenSpec, category_index: int, shard: int, batch_size: int = RUN.batch_size
+) -> ShardTask:
     """The task of shard ``shard`` of the ``category_index``-th category (O(shard size))."""
     category, class_id = spec.categories[category_index], spec.class_ids[category_index]
     start, stop = spec.shard_range(shard)
@@ -419,7 +265,7 @@ class ShardTasks(Sequence[ShardTask]):
     """
 
     def __init__(
-        self, spec: GenSpec, batch_size: int = 16, indices: Sequence[int] | None = None
+        self, spec: GenSpec, batch_size: int = RUN.batch_size, indices: Sequence[int] | None = None
     ) -> None:
         self.spec = spec
         self.batch_size = batch_size
@@ -473,7 +319,7 @@ class ShardTasks(Sequence[ShardTask]):
         return stop - start
 
 
-def make_tasks(spec: GenSpec, batch_size: int = 16) -> ShardTasks:
+def make_tasks(spec: GenSpec, batch_size: int = RUN.batch_size) -> ShardTasks:
     """One task per shard, category by category, in shard order (built lazily)."""
     if batch_size < 1:
         msg = f"--batch-size must be >= 1, got {batch_size}"
@@ -486,14 +332,6 @@ def estimate_bytes(spec: GenSpec) -> int:
     raw = spec.resolution * spec.resolution * 3
     per_image = int(raw * _COMPRESSION[spec.image_format]) + _PER_SAMPLE_OVERHEAD
     return per_image * spec.total_images
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def describe_plan(spec: GenSpec, tasks: Sequence[ShardTask], done: int = 0) -> str:

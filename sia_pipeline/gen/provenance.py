@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from sia_pipeline.gen.plan import GenSpec
+from sia_pipeline.format.genspec import GenSpec
 
 
 def command_line(

@@ -13,8 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sia_pipeline.dataset.card import PREVIEW_NAME
-from sia_pipeline.dataset.format import (
+from sia_pipeline.format.card import PREVIEW_NAME
+from sia_pipeline.format.interchange import CROISSANT_NAME, WIDS_NAME
+from sia_pipeline.format.manifest import IO_THREADS
+from sia_pipeline.format.spec import SPEC_NAME, read_spec
+from sia_pipeline.format.v1 import (
     CARD_NAME,
     INDEX_NAME,
     MANIFEST_NAME,
@@ -25,10 +28,7 @@ from sia_pipeline.dataset.format import (
     read_index,
     read_stats,
 )
-from sia_pipeline.dataset.interchange import CROISSANT_NAME, WIDS_NAME
-from sia_pipeline.dataset.manifest import IO_THREADS
-from sia_pipeline.dataset.spec import SPEC_NAME, read_spec
-from sia_pipeline.dataset.storage import Storage, StorageError, can_create_in, nearest_existing
+from sia_pipeline.io.storage import Storage, StorageError, can_create_in, nearest_existing
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Ray orchestration: long-lived sampling actors, fed shard tasks, with retries and progress.
 
-The only modules that import Ray are this one and :mod:`sia_pipeline.gen.raycluster`. The
+The only modules that import Ray are this one and :mod:`sia_pipeline.io.raycluster`. The
 driver moves :class:`ShardTask` objects and gets :class:`ShardResult` objects back; image
 bytes go from the actors straight to storage, progress through a tiny board actor.
 
@@ -21,10 +21,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sia_pipeline.gen.options import RUN
 from sia_pipeline.gen.plan import ShardTask
 from sia_pipeline.gen.progress import BoardSink, ProgressBoard, ProgressView
-from sia_pipeline.gen.raycluster import ActorPlan, fits_now, init_ray, plan_actors
 from sia_pipeline.gen.worker import SamplerWorker, ShardResult
+from sia_pipeline.io.raycluster import ActorPlan, fits_now, init_ray, plan_actors
 
 __all__ = ["ActorPlan", "RunReport", "ShardRunner", "init_ray", "plan_actors"]
 
@@ -88,7 +89,7 @@ class ShardRunner:
     Args:
         worker_kwargs: :class:`SamplerWorker` arguments except ``device``, ``threads``
             and ``progress``.
-        actors: the pool to start (see :func:`sia_pipeline.gen.raycluster.plan_actors`).
+        actors: the pool to start (see :func:`sia_pipeline.io.raycluster.plan_actors`).
         device: the actors' torch device; None: ``actors.device``.
         on_result: called as ``on_result(result, runner)`` after each finished task
             (tests use it to kill an actor or remove a node mid-run).
@@ -100,7 +101,7 @@ class ShardRunner:
         self,
         worker_kwargs: dict[str, Any],
         actors: ActorPlan,
-        max_in_flight: int = 2,
+        max_in_flight: int = RUN.max_in_flight,
         max_attempts: int = 3,
         max_uploads: int = 5,
         max_actor_deaths: int | None = None,

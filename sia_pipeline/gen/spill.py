@@ -23,7 +23,7 @@ import time
 import uuid
 from pathlib import Path
 
-from sia_pipeline.dataset.format import ShardStats
+from sia_pipeline.format.v1 import ShardStats
 from sia_pipeline.gen.plan import ShardTask
 
 log = logging.getLogger(__name__)

@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from sia_pipeline.dataset.format import ShardStats
-from sia_pipeline.dataset.storage import open_storage
-from sia_pipeline.dataset.writer import ShardTarWriter, encode_image
+from sia_pipeline.format.v1 import ShardStats
+from sia_pipeline.format.writer import ShardTarWriter, encode_image
 from sia_pipeline.gen.plan import ShardTask
 from sia_pipeline.gen.spill import DEFAULT_SPILL_BYTES, Spill
+from sia_pipeline.io.storage import open_storage
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from sia_pipeline.dataset.schema import INDEX, SPEC, STATS, load_json, validate
-from sia_pipeline.dataset.storage import Storage, open_storage
+from sia_pipeline.format.schema import INDEX, SPEC, STATS, load_json, validate
+from sia_pipeline.io.storage import Storage, open_storage
 
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
@@ -128,7 +128,7 @@ class ShardStats:
 
     @classmethod
     def from_json(cls, data: bytes | str, where: str = "shard stats") -> ShardStats:
-        """Parse and check (:data:`~sia_pipeline.dataset.schema.STATS`) a stats file.
+        """Parse and check (:data:`~sia_pipeline.format.schema.STATS`) a stats file.
 
         Raises:
             FormatError: not JSON, or a field of the wrong type or range (a ``tar`` that
@@ -163,7 +163,7 @@ def list_stats_names(storage: Storage) -> list[str]:
 
 
 def read_index(storage: Storage) -> dict[str, Any] | None:
-    """The root's ``index.json`` checked against :data:`~sia_pipeline.dataset.schema.INDEX`
+    """The root's ``index.json`` checked against :data:`~sia_pipeline.format.schema.INDEX`
     (shard ``tar`` paths stay inside the root), or None if there is none.
 
     Raises:
@@ -240,7 +240,7 @@ def open_url_stream(url: str, endpoint_url: str | None = None):
     """A readable byte stream for one shard URL (S3 streams; nothing is downloaded first).
 
     On S3 the stream survives throttling, 5xx and connections cut mid-body: it resumes with a
-    ranged GET at the byte reached (see :class:`sia_pipeline.dataset.s3_retry.ResumableBody`);
+    ranged GET at the byte reached (see :class:`sia_pipeline.io.s3_retry.ResumableBody`);
     what still fails after the retries is a one-line ``StorageError``.
     """
     base, _, name = url.rpartition("/")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO
 from urllib.parse import urlparse
 
-from sia_pipeline.dataset.s3_retry import (
+from sia_pipeline.io.s3_retry import (
     ResumableBody,
     RetryPolicy,
     attempts_made,
@@ -30,6 +30,8 @@ from sia_pipeline.dataset.s3_retry import (
 log = logging.getLogger(__name__)
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
+# Image files the readers list in a folder (MVTec layouts, textures, predict inputs).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 def _default_file_mode() -> int:
@@ -220,7 +222,7 @@ class S3Storage:
 
     Every request is retried with backoff on throttling, 5xx, timeouts and resets by
     botocore's "standard" retry mode; streamed reads also survive bodies cut mid-stream
-    (:class:`~sia_pipeline.dataset.s3_retry.ResumableBody` resumes at the byte reached).
+    (:class:`~sia_pipeline.io.s3_retry.ResumableBody` resumes at the byte reached).
     What still fails becomes a one-line :class:`StorageError` naming the URL, the S3 code and
     whether it is transient. ``SIA_S3_MAX_ATTEMPTS`` / ``SIA_S3_BACKOFF_S`` tune the retries.
     """

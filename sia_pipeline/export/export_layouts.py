@@ -27,9 +27,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from sia_pipeline.dataset.format import ShardStats, sample_key, shard_id
-from sia_pipeline.dataset.storage import Storage
-from sia_pipeline.dataset.writer import encode_image, sample_json
+from sia_pipeline.format.v1 import ShardStats, sample_key, shard_id
+from sia_pipeline.format.writer import encode_image, sample_json
+from sia_pipeline.io.storage import Storage
 
 LAYOUTS = ("mvtec", "folder", "webdataset")
 DEFECT = "synthetic"

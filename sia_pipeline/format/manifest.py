@@ -16,8 +16,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sia_pipeline.dataset.card import licence_text
-from sia_pipeline.dataset.format import (
+from sia_pipeline.format.card import licence_text
+from sia_pipeline.format.interchange import write_interchange
+from sia_pipeline.format.v1 import (
     FORMAT_VERSION,
     INDEX_NAME,
     MANIFEST_NAME,
@@ -29,8 +30,7 @@ from sia_pipeline.dataset.format import (
     read_stats,
     shard_done,
 )
-from sia_pipeline.dataset.interchange import write_interchange
-from sia_pipeline.dataset.storage import Storage
+from sia_pipeline.io.storage import Storage
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from sia_pipeline.dataset.format import CARD_NAME, MANIFEST_NAME, decode_sample
-from sia_pipeline.dataset.preview import make_grid, png_bytes
-from sia_pipeline.dataset.storage import Storage
+from sia_pipeline.format.preview import make_grid, png_bytes
+from sia_pipeline.format.v1 import CARD_NAME, MANIFEST_NAME, decode_sample
+from sia_pipeline.io.storage import Storage
 
 log = logging.getLogger(__name__)
 

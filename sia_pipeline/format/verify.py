@@ -16,15 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO
 
-from sia_pipeline.dataset.format import (
+from sia_pipeline.format.spec import shards_in_layers
+from sia_pipeline.format.v1 import (
     IMAGE_EXTS,
     SHARDS_DIR,
     FormatError,
     ShardStats,
     shard_id,
 )
-from sia_pipeline.dataset.spec import shards_in_layers
-from sia_pipeline.dataset.storage import Storage, StorageError
+from sia_pipeline.io.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-from webdataset import TarWriter
 
 PNG_COMPRESSION = 6
 JPEG_QUALITY = 95
@@ -47,6 +46,8 @@ class ShardTarWriter:
     """Append samples to one tar file; :meth:`close` returns its size and sha256."""
 
     def __init__(self, path: str | os.PathLike) -> None:
+        from webdataset import TarWriter  # webdataset's package loads torch: only when writing
+
         self.path = os.fspath(path)
         self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
         self._tar = TarWriter(

@@ -17,9 +17,9 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageDraw
 
-from sia_pipeline.dataset.card import StrengthBin, bin_of
-from sia_pipeline.dataset.format import SHARDS_DIR, decode_image
-from sia_pipeline.dataset.preview import make_grid, png_bytes
+from sia_pipeline.format.card import StrengthBin, bin_of
+from sia_pipeline.format.preview import make_grid, png_bytes
+from sia_pipeline.format.v1 import SHARDS_DIR, decode_image
 
 HISTOGRAM_NAME = "strength_histogram.png"
 PREVIEWS_DIR = "previews"

@@ -16,14 +16,22 @@ from typing import Any
 
 import pyarrow as pa
 
-from sia_pipeline.dataset.card import (
+from sia_pipeline.format.card import (
     PREVIEW_NAME,
     count_table,
     preview_png,
     render_card,
     strength_bins,
 )
-from sia_pipeline.dataset.format import (
+from sia_pipeline.format.interchange import CROISSANT_NAME, WIDS_NAME
+from sia_pipeline.format.manifest import (
+    build_index,
+    manifest_table,
+    read_manifest,
+    rebuild_from_stats,
+)
+from sia_pipeline.format.spec import SPEC_NAME, read_spec, recorded_spec
+from sia_pipeline.format.v1 import (
     CARD_NAME,
     INDEX_NAME,
     MANIFEST_NAME,
@@ -33,14 +41,16 @@ from sia_pipeline.dataset.format import (
     list_stats_names,
     read_index,
 )
-from sia_pipeline.dataset.interchange import CROISSANT_NAME, WIDS_NAME
-from sia_pipeline.dataset.manifest import (
-    build_index,
-    manifest_table,
-    read_manifest,
-    rebuild_from_stats,
+from sia_pipeline.format.verify import (
+    VERIFY_THREADS,
+    ShardCheck,
+    layout_problems,
+    load_stats,
+    verify_shards,
 )
-from sia_pipeline.dataset.publish_card import (
+from sia_pipeline.io.lease import PUBLISHER, Lease, LeaseHeld, held_elsewhere
+from sia_pipeline.io.storage import Storage, open_storage
+from sia_pipeline.publish.publish_card import (
     CHECKSUMS_NAME,
     HISTOGRAM_NAME,
     PREVIEWS_PER_BIN,
@@ -53,16 +63,6 @@ from sia_pipeline.dataset.publish_card import (
     provenance_markdown,
     strength_histogram,
 )
-from sia_pipeline.dataset.spec import SPEC_NAME, read_spec, recorded_spec
-from sia_pipeline.dataset.storage import Storage, open_storage
-from sia_pipeline.dataset.verify import (
-    VERIFY_THREADS,
-    ShardCheck,
-    layout_problems,
-    load_stats,
-    verify_shards,
-)
-from sia_pipeline.gen.lease import PUBLISHER, Lease, LeaseHeld, held_elsewhere
 
 log = logging.getLogger(__name__)
 

@@ -27,15 +27,15 @@ import numpy as np
 from tqdm import tqdm
 
 from sia_pipeline.compose import CHOICES, choose_rule, letterbox
-from sia_pipeline.dataset.export_layouts import (
+from sia_pipeline.export.export_layouts import (
     LAYOUTS,
     NORMAL_DIRS,
     normal_path,
     read_pair,
     rows_json,
 )
-from sia_pipeline.dataset.export_units import Job, Output, Unit, read_marker, run_local, run_ray
-from sia_pipeline.dataset.format import (
+from sia_pipeline.export.export_units import Job, Output, Unit, read_marker, run_local, run_ray
+from sia_pipeline.format.v1 import (
     FormatError,
     ShardStats,
     check_category,
@@ -43,7 +43,8 @@ from sia_pipeline.dataset.format import (
     iter_shard_samples,
     list_shards,
 )
-from sia_pipeline.dataset.storage import (
+from sia_pipeline.io.storage import (
+    IMAGE_SUFFIXES,
     StorageError,
     can_create_in,
     is_s3,
@@ -56,7 +57,6 @@ from sia_pipeline.dataset.storage import (
 log = logging.getLogger(__name__)
 
 SOURCES = ("sia", "texture", "both")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 UNIT_OUTPUTS = 64
 UNIT_NORMALS = 256
 HOLDOUT = 0.2  # default share of the normal images held out for testing
@@ -376,7 +376,7 @@ def export(
     if todo and workers == 0:
         run_local(job, todo, on_done)
     elif todo:
-        from sia_pipeline.gen.runner import init_ray
+        from sia_pipeline.io.raycluster import init_ray
 
         started = init_ray(ray_address)
         try:
@@ -425,7 +425,7 @@ def export(
 
 def write_preview(storage, layout: str, rows: Sequence[dict[str, Any]], n: int = 8) -> None:
     """``preview.png``: the first ``n`` outputs as image | mask pairs, two pairs per row."""
-    from sia_pipeline.dataset.preview import make_grid, png_bytes
+    from sia_pipeline.format.preview import make_grid, png_bytes
 
     tiles = []
     for row in rows[:n]:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sia_pipeline.dataset.format import FORMAT_VERSION, FormatError
-from sia_pipeline.dataset.schema import SPEC, SPEC_DOC, load_json, validate
-from sia_pipeline.dataset.storage import Storage
+from sia_pipeline.format.schema import SPEC, SPEC_DOC, load_json, validate
+from sia_pipeline.format.v1 import FORMAT_VERSION, FormatError
+from sia_pipeline.io.storage import Storage
 
 SPEC_NAME = "spec.json"
 
@@ -38,8 +38,8 @@ def read_spec(storage: Storage) -> dict[str, Any] | None:
 
     Raises:
         FormatError: the file is not JSON or does not match its schema
-            (:data:`~sia_pipeline.dataset.schema.SPEC_DOC`, and
-            :data:`~sia_pipeline.dataset.schema.SPEC` for a non-empty spec: finite
+            (:data:`~sia_pipeline.format.schema.SPEC_DOC`, and
+            :data:`~sia_pipeline.format.schema.SPEC` for a non-empty spec: finite
             strengths, a layout of at most a million shards per category...).
     """
     try:

@@ -25,7 +25,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sia_pipeline.dataset.storage import Storage, StorageError
+from sia_pipeline.io.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 

@@ -28,10 +28,10 @@ from sia_pipeline.compose import (
     letterbox,
     texture_source,
 )
-from sia_pipeline.dataset.export_layouts import normal_path, rows_json, write_pairs
-from sia_pipeline.dataset.format import decode_image, decode_sample, iter_shard_samples
-from sia_pipeline.dataset.storage import open_storage
-from sia_pipeline.dataset.writer import encode_image
+from sia_pipeline.export.export_layouts import normal_path, rows_json, write_pairs
+from sia_pipeline.format.v1 import decode_image, decode_sample, iter_shard_samples
+from sia_pipeline.format.writer import encode_image
+from sia_pipeline.io.storage import open_storage
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import hashlib
 import json
 from typing import Any
 
-from sia_pipeline.dataset.format import MANIFEST_NAME, SAMPLE_SCHEMA
-from sia_pipeline.dataset.storage import Storage, is_s3
+from sia_pipeline.format.v1 import MANIFEST_NAME, SAMPLE_SCHEMA
+from sia_pipeline.io.storage import Storage, is_s3
 
 WIDS_NAME = "index.wids.json"
 CROISSANT_NAME = "croissant.json"

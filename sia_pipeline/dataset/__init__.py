@@ -1,1 +1,0 @@
-"""Dataset stage: format v1, storage, shard writing, manifest, cards, verify, publish, inspect."""

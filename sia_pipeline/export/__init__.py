@@ -1,0 +1,1 @@
+"""Export stage: an SIA dataset composed onto normal images, in a folder layout."""

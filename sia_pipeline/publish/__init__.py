@@ -1,0 +1,1 @@
+"""Publish/inspect stage: rebuild, verify and publish an SIA dataset; look inside one."""

@@ -16,6 +16,7 @@ schedulers' own draws took, so images stay those of the per-sample generator str
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -164,12 +165,13 @@ class SDASPipeline(DiffusionPipeline):
         self.channels_last = False
 
     def enable_speedups(self, channels_last: bool = False, compile: bool = False) -> None:
-        """channels_last weights and inputs; ``torch.compile`` (compiled on the first call)."""
+        """channels_last weights and inputs; ``torch.compile`` with static shapes (compiled
+        on the first call; callers keep the batch size fixed, see ``Sampler.sample``)."""
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
             self.channels_last = True
         if compile:
-            self.denoiser = torch.compile(self.unet)
+            self.denoiser = torch.compile(self.unet, dynamic=False)
 
     def check_inputs(self, class_labels, anomaly_strength, seeds, num_inference_steps) -> None:
         n = len(seeds)
@@ -332,7 +334,8 @@ class Sampler:
         guidance: classifier guidance (its classifier must know the model's categories).
         precision: ``fp32``, or ``bf16`` / ``fp16`` autocast for the UNet and classifier.
         channels_last: channels_last weights and inputs (None: on CUDA only).
-        compile: ``torch.compile`` the UNet (the first batch of each shape compiles).
+        compile: ``torch.compile`` the UNet and the classifier with static shapes (the
+            first batch of each shape compiles: pass ``pad_to`` to :meth:`sample`).
     """
 
     def __init__(
@@ -356,6 +359,8 @@ class Sampler:
         dtype = autocast_dtype(precision)
         if guidance is not None and guidance.autocast_dtype is None:
             guidance.autocast_dtype = dtype
+        if guidance is not None and compile:
+            guidance.classifier = torch.compile(guidance.classifier, dynamic=False)
         self.pipe = SDASPipeline(model.unet, make_scheduler(model.scheduler_config, sampler))
         self.pipe.set_progress_bar_config(disable=True)
         if channels_last is None:
@@ -378,10 +383,27 @@ class Sampler:
         return cfg
 
     def sample(
-        self, categories: Sequence[str], strengths: Sequence[float], seeds: Sequence[int]
+        self,
+        categories: Sequence[str],
+        strengths: Sequence[float],
+        seeds: Sequence[int],
+        pad_to: int | None = None,
     ) -> np.ndarray:
         """(B, H, W, 3) uint8 RGB images, one per (category, strength, seed); images of the
-        model's greyscale categories are grey (R = G = B)."""
+        model's greyscale categories are grey (R = G = B).
+
+        ``pad_to``: a shorter batch is filled up to this size with throw-away samples (the
+        first sample's category and strength, seeds counting down from 2**64 - 1, above
+        every key's seed) whose images are dropped, so a compiled sampler sees one shape.
+        Each image depends only on its own seed, so the kept ones are those of an unpadded
+        batch of the same size.
+        """
+        n = len(seeds)
+        if pad_to is not None and n < pad_to:
+            fill = pad_to - n
+            categories = [*categories, *[categories[0]] * fill]
+            strengths = [*strengths, *[strengths[0]] * fill]
+            seeds = [*seeds, *[2**64 - 1 - k for k in range(fill)]]
         labels = [self.model.class_id(c) for c in categories]
         images = self.pipe(
             labels,
@@ -391,9 +413,15 @@ class Sampler:
             eta=self.eta,
             guidance=self.guidance,
             precision=self.precision,
-        ).images
-        grey = [c in self.model.grey_categories for c in categories]
+        ).images[:n]
+        grey = [c in self.model.grey_categories for c in categories[:n]]
         return to_grey(images, grey) if any(grey) else images
+
+    def warm_up(self, category: str, batch_size: int, strength: float = 0.0) -> float:
+        """Sample one throw-away batch (compiles, autotunes cuDNN); returns its seconds."""
+        t0 = time.perf_counter()
+        self.sample([category], [strength], [2**64 - 1], pad_to=batch_size)
+        return time.perf_counter() - t0
 
 
 def to_grey(images: np.ndarray, which: Sequence[bool]) -> np.ndarray:

@@ -135,8 +135,9 @@ def _check_numbers(**values: Any) -> None:
             msg = f"{flag} must be >= {low}, got {v}"
             raise GenError(msg)
     g = values.get("gpus_per_worker")
-    if g is not None and not 0 < g <= 64:
-        msg = f"--gpus-per-worker must be in (0, 64], got {g}"
+    if g is not None and not 0 < g <= 1:
+        # a worker samples on one device (cuda:0 of those Ray gives it): more would idle
+        msg = f"--gpus-per-worker must be in (0, 1] (a worker uses one GPU), got {g}"
         raise GenError(msg)
 
 
@@ -377,6 +378,7 @@ def _generate(
                 "spill_dir": spill_dir,
                 "classifier_url": _absolute(classifier),
                 "compile": compile,
+                "warmup": pending[0],
             }
             _run(
                 pending,

@@ -76,7 +76,11 @@ class SamplerWorker:
         progress: called as ``progress(tag, images_sampled, phase)`` when a task starts
             and after each batch (the runner passes a Ray-actor sink).
         classifier_url: classifier folder for guided tasks (None: unguided tasks only).
-        compile: ``torch.compile`` the UNet of every sampler.
+        compile: ``torch.compile`` the UNet (and classifier) of every sampler; every batch
+            is then padded to the task's batch size (one shape, compiled once).
+        warmup: a task whose sampler is built and run once on a throw-away batch here,
+            before the first task and outside the sampling lock (on CUDA or with
+            ``compile``; the compile and cuDNN autotuning happen then).
     """
 
     def __init__(
@@ -91,6 +95,7 @@ class SamplerWorker:
         progress: ProgressFn | None = None,
         classifier_url: str | None = None,
         compile: bool = False,
+        warmup: ShardTask | None = None,
     ) -> None:
         import torch
         from diffusers.utils import logging as dlogging
@@ -106,6 +111,8 @@ class SamplerWorker:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
+        if torch.device(device).type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: autotune once per shape
         self.model = load_model(model_url, device=device, endpoint_url=endpoint_url)
         self.storage = open_storage(out_url, endpoint_url)
         self.spill = Spill(spill_dir, spill_bytes)
@@ -120,6 +127,11 @@ class SamplerWorker:
         self._samplers: dict[tuple[str, int, float], object] = {}
         self._sample_lock = threading.Lock()
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sia-encode")
+        if warmup is not None and (compile or torch.device(device).type == "cuda"):
+            seconds = self._sampler(warmup).warm_up(
+                warmup.category, warmup.batch_size, warmup.strengths[0]
+            )
+            log.info("warmed up in %.1f s (batch %d)", seconds, warmup.batch_size)
 
     def ping(self) -> str:
         """Cheap call that returns once the model is loaded (the runner's readiness check)."""
@@ -199,6 +211,7 @@ class SamplerWorker:
                         [task.category] * (last - first),
                         task.strengths[first:last],
                         task.seeds[first:last],
+                        pad_to=task.batch_size if self.compile else None,
                     )
                     if pending is not None:
                         pending.result()  # keeps order and at most one batch queued

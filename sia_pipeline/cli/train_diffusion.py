@@ -80,6 +80,13 @@ from sia_pipeline.diffusion.model import PRESETS
     "--resume", is_flag=True, help="Continue from the latest checkpoint in OUT/checkpoints."
 )
 @click.option("--half", is_flag=True, help="Store fp16 weights (half the size; loading upcasts).")
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help="UNet autocast dtype while training (weights and optimizer stay float32).",
+)
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--threads", type=int, help="torch CPU threads [default: torch's choice].")
 @s3_endpoint_option("endpoint_url")

@@ -205,13 +205,15 @@ class SamplerWorker:
             with self._sample_lock:
                 self._report(tag, 0, "sample")
                 sampler = self._sampler(task)
+                # compiled: one shape, the tail batch filled with throw-away samples
+                pad = {"pad_to": task.batch_size} if self.compile else {}
                 for first in range(0, task.count, task.batch_size):
                     last = min(first + task.batch_size, task.count)
                     images = sampler.sample(
                         [task.category] * (last - first),
                         task.strengths[first:last],
                         task.seeds[first:last],
-                        pad_to=task.batch_size if self.compile else None,
+                        **pad,
                     )
                     if pending is not None:
                         pending.result()  # keeps order and at most one batch queued

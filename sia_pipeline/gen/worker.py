@@ -111,8 +111,6 @@ class SamplerWorker:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
-        if torch.device(device).type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed shapes: autotune once per shape
         self.model = load_model(model_url, device=device, endpoint_url=endpoint_url)
         self.storage = open_storage(out_url, endpoint_url)
         self.spill = Spill(spill_dir, spill_bytes)

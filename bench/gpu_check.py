@@ -152,11 +152,16 @@ def phase_syncs(args, device, record) -> None:
 
 
 def _run(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[int, str, float]:
+    """(exit status, the output's tail, seconds); 124 when it ran past ``timeout``."""
     t0 = time.perf_counter()
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-    )  # fmt: skip
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as e:
+        text = b"".join(x or b"" for x in (e.stdout, e.stderr)).decode(errors="replace")
+        return 124, f"timed out after {timeout:.0f} s; {text[-1800:]}", time.perf_counter() - t0
     return proc.returncode, (proc.stdout + proc.stderr)[-2000:], time.perf_counter() - t0
 
 
@@ -175,6 +180,8 @@ def phase_sia_gen(args, device, record, work: Path) -> None:
         "--no-progress",
     ]  # fmt: skip
     rc, tail, wall = _run(cmd, args.gen_timeout_s)
+    if rc:
+        record["errors"]["sia_gen"] = f"exit {rc}: {tail.strip()[-300:]}"
     found = re.findall(r"at ([0-9.]+) images/s", tail)
     rate = float(found[-1]) if found else None
     bare = next(
@@ -217,22 +224,30 @@ def _synthetic_mvtec(root: Path, size: int = 256, n: int = 16) -> Path:
 
 def phase_realnet(args, device, record, work: Path) -> None:
     import timm
+    from PIL import Image
 
-    data = _synthetic_mvtec(work / "mvtec", size=64 if args.dry else 256)
+    data = _synthetic_mvtec(work / "mvtec", size=128 if args.dry else 256)
+    textures = work / "textures"  # the anomaly source: random noise textures
+    textures.mkdir(exist_ok=True)
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        noise = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(textures / f"t{i}.png")
     weights = work / "wrn50-random.pt"
     torch.save(timm.create_model("wide_resnet50_2", pretrained=False).state_dict(), weights)
-    out = {}
+    out = record["realnet_train"] = {}
     for preset in ("cpu", "paper"):
         cmd = [
             sys.executable, "-m", "realnet_train.cli", "--category", "bottle", "--data", str(data),
             "--out", str(work / f"realnet-{preset}"), "--preset", preset,
             "--steps", str(args.realnet_steps), "--device", device.type, "--afs-batches", "2",
-            "--workers", "2", "--checkpoint-every", "1000",
+            "--workers", "2", "--checkpoint-every", "1000", "--textures", str(textures),
+            "--mix", "normal=0.5,texture=0.5",
         ]  # fmt: skip
         if preset == "paper":
             cmd += ["--backbone-weights", str(weights)]
         if args.dry:
-            cmd += ["--image-size", "64", "--batch-size", "2"]
+            cmd += ["--image-size", "128", "--batch-size", "2"]
         rc, tail, wall = _run(cmd, args.realnet_timeout_s)
         res = {"exit": rc, "wall_s": round(wall, 1), "tail": tail if rc else ""}
         log_file = work / f"realnet-{preset}" / "train_log.json"
@@ -244,8 +259,9 @@ def phase_realnet(args, device, record, work: Path) -> None:
                 samples_per_s=round(lg["trainer_samples_per_s"] or 0, 2),
             )  # fmt: skip
         out[preset] = res
+        if rc:
+            record["errors"][f"realnet {preset}"] = f"exit {rc}: {tail.strip()[-300:]}"
         log.info("realnet %s: %s", preset, {k: v for k, v in res.items() if k != "tail"})
-    record["realnet_train"] = out
 
 
 def phase_train_diffusion(args, device, record, work: Path) -> None:
@@ -259,6 +275,8 @@ def phase_train_diffusion(args, device, record, work: Path) -> None:
         "--precision", "bf16", "--device", device.type,
     ]  # fmt: skip
     rc, tail, wall = _run(cmd, args.train_timeout_s)
+    if rc:
+        record["errors"]["train_diffusion"] = f"exit {rc}: {tail.strip()[-300:]}"
     record["train_diffusion"] = {
         "exit": rc, "wall_s": round(wall, 1), "tail": tail if rc else "",
         "note": "torchrun with one process: WORLD_SIZE 1 runs without a process group",
@@ -313,7 +331,8 @@ def markdown(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-PHASES = ("sampling", "syncs", "sia_gen", "realnet", "train_diffusion", "cpu_vs_gpu")
+# by priority: a phase that would start past --deadline-s is skipped (and says so)
+PHASES = ("sampling", "syncs", "sia_gen", "cpu_vs_gpu", "realnet", "train_diffusion")
 
 
 def main() -> int:
@@ -326,11 +345,11 @@ def main() -> int:
     ap.add_argument("--batches", default="16,64")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--deadline-s", type=float, default=450, help="no phase starts after")
-    ap.add_argument("--sampling-budget-s", type=float, default=170)
+    ap.add_argument("--sampling-budget-s", type=float, default=150)
     ap.add_argument("--gen-images", type=int, default=256)
     ap.add_argument("--gen-timeout-s", type=float, default=100)
     ap.add_argument("--realnet-steps", type=int, default=50)
-    ap.add_argument("--realnet-timeout-s", type=float, default=45)
+    ap.add_argument("--realnet-timeout-s", type=float, default=60)
     ap.add_argument("--train-timeout-s", type=float, default=45)
     ap.add_argument("--out", default=None, help="[bench/results/gpu_check-<device>.json]")
     args = ap.parse_args()
@@ -341,6 +360,7 @@ def main() -> int:
         return 2
     if args.dry:
         args.image_size, args.steps, args.realnet_steps = 32, 2, 2
+        args.realnet_timeout_s = args.train_timeout_s = 300  # a loaded CPU
         args.batches = "2"
     args.batches = [int(b) for b in args.batches.split(",")]
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]

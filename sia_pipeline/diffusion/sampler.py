@@ -300,7 +300,8 @@ class SDASPipeline(DiffusionPipeline):
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timestep_list  # host ints for the scheduler maths
-        t_model = self.scheduler.timesteps.unbind()  # device 0-d tensors for the networks
+        # device 0-d tensors for the networks (copies, not views: one compiled graph for all)
+        t_model = [t.clone() for t in self.scheduler.timesteps.unbind()]
         plan: Plan = [(list(range(len(seeds))), self.unet.dtype)]
         plan += [(self.scheduler.noise_rows(t, strengths, eta), torch.float32) for t in timesteps]
         with StepNoise(generators, shape, plan, device, prefetch=prefetch) as noise:

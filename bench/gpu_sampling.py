@@ -29,14 +29,18 @@ from torch.utils.flop_counter import FlopCounterMode
 from sia_pipeline.diffusion.model import PRESETS, SDASModel, build_scheduler, build_unet, load_model
 from sia_pipeline.diffusion.sampler import Sampler
 
-# Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, from the vendors' data sheets.
+# Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, from the vendors' data sheets (half
+# the "with sparsity" figure). First match wins; a bare "H100"/"H200" is told apart by memory.
 PEAK_BF16_TFLOPS = (
-    ("H200", 989.0),
+    ("H200 NVL", 835.0),
+    ("H200", 989.0),  # SXM
+    ("H100 NVL", 835.0),
     ("H100 PCIe", 756.0),
-    ("H100", 989.0),  # SXM
+    ("H100", 989.0),  # SXM (80 GB); see peak_tflops for a 94 GB NVL named plainly
     ("A100", 312.0),
     ("L4", 121.0),
 )
+NVL_H100_MIN_GIB = 90  # the H100 NVL has 94 GB, the SXM and PCIe 80 GB
 CONFIGS = {
     "fp32": {"precision": "fp32", "compile": False},
     "bf16": {"precision": "bf16", "compile": False},
@@ -50,10 +54,19 @@ def peak_tflops(device: torch.device) -> tuple[float | None, str]:
     if device.type != "cuda":
         return None, platform.processor() or platform.machine()
     name = torch.cuda.get_device_name(device)
+    gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+    return peak_for(name, gib), name
+
+
+def peak_for(name: str, memory_gib: float) -> float | None:
+    """Dense bf16 peak of a device called ``name`` with ``memory_gib`` of memory."""
+    plain = "NVL" not in name and "PCIe" not in name
+    if "H100" in name and plain and memory_gib > NVL_H100_MIN_GIB:
+        name += " NVL"
     for key, tflops in PEAK_BF16_TFLOPS:
         if all(part in name for part in key.split()):
-            return tflops, name
-    return None, name
+            return tflops
+    return None
 
 
 def paper_model(image_size: int, device: torch.device) -> SDASModel:
@@ -137,9 +150,7 @@ def main() -> None:
     unknown = [c for c in names if c not in CONFIGS]
     if unknown:
         ap.error(f"unknown --configs {unknown}; choose from {', '.join(CONFIGS)}")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32
-        torch.backends.cudnn.allow_tf32 = False
+    # fp32 runs as production does: the Sampler turns TF32 and cudnn.benchmark on for CUDA
 
     if args.model:
         model = load_model(args.model, device=device)

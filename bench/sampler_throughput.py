@@ -30,9 +30,10 @@ def _plain_loop(unet, scheduler, batch: int, steps: int, seed: int) -> None:
     scheduler.set_timesteps(steps)
     with torch.inference_mode():
         for t in scheduler.timesteps:
-            x = scheduler.step(
-                unet(x, t, class_labels=labels).sample, t, x, generator=g
-            ).prev_sample
+            out = unet(x, t, class_labels=labels).sample
+            if isinstance(scheduler, DDIMScheduler):  # DDIM takes eps only (learned sigma)
+                out = out[:, : x.shape[1]]
+            x = scheduler.step(out, t, x, generator=g).prev_sample
 
 
 def _best_rate(fn, batch: int, repeats: int) -> float:

@@ -98,3 +98,69 @@ def gather_objects(obj: object, info: DistInfo) -> list[object]:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """A BatchNorm whose training statistics span all ranks, for CPU (gloo) ranks.
+
+    ``torch.nn.SyncBatchNorm`` (what :func:`convert_sync_batchnorm` uses on CUDA) syncs
+    CUDA batches only; this one computes the global mean and variance with two
+    autograd-aware ``all_reduce`` calls, so gradients flow through the statistics as in
+    torch's. Outside a process group, or in eval mode, it is a plain BatchNorm.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            msg = f"expected at least 2D input (got {x.dim()}D input)"
+            raise ValueError(msg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if not (self.training and world > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        self._check_input_dim(x)
+        dims = [0, *range(2, x.ndim)]
+        shape = [1, -1] + [1] * (x.ndim - 2)
+        count = all_reduce(torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype))
+        mean = all_reduce(x.sum(dims)) / count
+        var = all_reduce(((x - mean.view(shape)) ** 2).sum(dims)) / count  # biased
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1 / self.num_batches_tracked
+                unbiased = var * count / (count - 1).clamp(min=1)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(m * unbiased.detach())
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def convert_sync_batchnorm(module: nn.Module, skip: str = "backbone") -> nn.Module:
+    """Every BatchNorm of ``module`` outside submodules named ``skip`` synced across ranks,
+    as the authors convert theirs under DDP: ``torch.nn.SyncBatchNorm`` for a module on
+    CUDA, :class:`CPUSyncBatchNorm` on CPU (the frozen backbone keeps ImageNet's statistics
+    in eval mode, so it stays as it is). Returns ``module``, changed in place (parameters
+    are new objects: convert before making the optimizer)."""
+    for name, child in module.named_children():
+        if name == skip:
+            continue
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(
+            child, nn.SyncBatchNorm | CPUSyncBatchNorm
+        ):
+            held = next(iter([*child.buffers(), *child.parameters()]), None)
+            cuda = held is not None and held.device.type == "cuda"
+            cls = nn.SyncBatchNorm if cuda else CPUSyncBatchNorm
+            sync = cls(
+                child.num_features, child.eps, child.momentum, child.affine,
+                child.track_running_stats,
+            )  # fmt: skip
+            sync.load_state_dict(child.state_dict())
+            sync.train(child.training)
+            setattr(module, name, sync if held is None else sync.to(held.device))
+        else:
+            convert_sync_batchnorm(child, skip)
+    return module

@@ -258,7 +258,12 @@ def predict_images(
 @click.option("--batch-size", type=POSITIVE_INT, default=16)
 @click.option("--overlays/--no-overlays", default=True, help="Write overlay PNGs.")
 @click.option("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu")
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default=None,
+    help="Torch device [default: cuda when there is one, else cpu].",
+)
 @s3_endpoint_option()
 @click.option("-v", "--verbose", is_flag=True)
 def main(inputs, checkpoint, out, threshold, target_fpr, batch_size, overlays, threads,
@@ -287,6 +292,7 @@ def main(inputs, checkpoint, out, threshold, target_fpr, batch_size, overlays, t
             raise InputError(msg)
     except InputError as e:
         die(e)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if threads:
         torch.set_num_threads(threads)
     log.info("%d images; threshold %.4f (%s)", len(refs), thr, source)

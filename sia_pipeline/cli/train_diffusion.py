@@ -107,6 +107,13 @@ from sia_pipeline.io.storage import StorageError
     "--resume", is_flag=True, help="Continue from the latest checkpoint in OUT/checkpoints."
 )
 @click.option("--half", is_flag=True, help="Store fp16 weights (half the size; loading upcasts).")
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help="UNet autocast dtype while training (weights and optimizer stay float32).",
+)
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option(
     "--threads", type=Number(int, 1, 1024), help="torch CPU threads [default: torch's choice]."

@@ -117,6 +117,7 @@ class ClassifierGuidance:
         sample: torch.Tensor,
         labels: torch.Tensor,
         eta: float = 0.0,
+        model_timestep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """What guidance adds to ``scheduler.step(model_output, timestep, sample).prev_sample``.
 
@@ -127,17 +128,20 @@ class ClassifierGuidance:
             sample: ``x_t``, ``(B, C, H, W)``.
             labels: ``(B,)`` class ids to steer towards.
             eta: the DDIM ``eta`` of this step (DDPM ignores it).
+            model_timestep: ``timestep`` as a device tensor for the classifier (None: made
+                from ``timestep``); with an int ``timestep`` nothing is read on the host.
 
         Returns:
             ``(B, C, H, W)`` float32.
         """
-        g = self.gradient(sample, timestep, labels)
+        t = int(timestep)
+        g = self.gradient(sample, model_timestep if model_timestep is not None else t, labels)
         if isinstance(scheduler, DDIMScheduler):
-            return ddim_guidance_coefficient(scheduler, int(timestep), eta) * g
+            return ddim_guidance_coefficient(scheduler, t, eta) * g
         if isinstance(scheduler, DDPMScheduler):
             c = sample.shape[1]
             predicted = model_output[:, c:].float() if model_output.shape[1] == 2 * c else None
-            return ddpm_guidance_variance(scheduler, int(timestep), predicted) * g
+            return ddpm_guidance_variance(scheduler, t, predicted) * g
         msg = (
             f"classifier guidance supports DDPM and DDIM schedulers, not {type(scheduler).__name__}"
         )
@@ -166,7 +170,8 @@ def ddpm_guidance_variance(
     Returns:
         a scalar tensor, or ``(B, C, H, W)`` for learned variances; float32.
     """
-    timesteps = [int(x) for x in scheduler.timesteps]
+    # the SDAS schedulers keep a host copy of the schedule; others' is read here
+    timesteps = getattr(scheduler, "timestep_list", None) or [int(x) for x in scheduler.timesteps]
     i = timesteps.index(t)
     prev_t = int(scheduler.previous_timestep(t))
     ab = scheduler.alphas_cumprod

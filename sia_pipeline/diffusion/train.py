@@ -8,8 +8,12 @@ embeddings of categories it knows by name and re-initialising the others.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) it runs DDP, one process per GPU (gloo on CPU): every
 rank draws the same class-balanced global batch from the same seed and trains on its slice, so
-N processes with batch B equal one process with batch N*B; rank 0 keeps the EMA, writes
-checkpoints and the model. Reads top to bottom: config, set-up, model, loop, save.
+N processes with batch B equal one process with batch N*B; each sample's noise comes from its
+own generator (seeded by the run's seed, the micro-batch and the sample's place in the global
+batch), so a rank draws only its slice. Rank 0 keeps the EMA, writes checkpoints and the
+model. ``precision="bf16"`` runs the UNet under bf16 autocast (weights, optimizer and losses
+stay float32). The loss is read on the host only every ``LOG_EVERY_STEPS`` steps. Reads top to
+bottom: config, set-up, model, loop, save.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 LOG_EVERY_S = 60.0  # progress lines when stderr is not a terminal
+LOG_EVERY_STEPS = 50  # the loss is read on the host (a GPU sync) this often
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 MAX_NONFINITE_IN_A_ROW = 20  # skipped updates (inf/NaN gradients) before training stops
 
 
@@ -71,6 +77,7 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     half: bool = False
+    precision: str = "fp32"
     device: str = "auto"
     threads: int | None = None
     endpoint_url: str | None = None
@@ -90,6 +97,9 @@ class TrainConfig:
                 setattr(self, name, getattr(p, name))
         if self.grad_accumulation is None:
             self.grad_accumulation = p.grad_accumulation
+        if self.precision not in PRECISIONS:
+            msg = f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}"
+            raise ValueError(msg)
         if not self.categories:
             msg = "give at least one category"
             raise ValueError(msg)
@@ -200,14 +210,24 @@ def init_unet_from(
 
 def _draw(rng: np.random.Generator, gen: torch.Generator, by_class: list, n: int, cfg, steps: int):
     """One global micro-batch (alike on all ranks): class-balanced image indices, flips, crop
-    offsets in [0, 1), noise (n, 3, R, R) and t (n,)."""
+    offsets in [0, 1) and t (n,)."""
     cats = rng.integers(0, len(by_class), n)  # a category uniformly, then one of its images
     idx = np.array([rng.choice(by_class[c]) for c in cats])
     flip = rng.random(n) < 0.5 if cfg.hflip else np.zeros(n, bool)
     offset = rng.random(n)
-    noise = torch.randn((n, 3, cfg.resolution, cfg.resolution), generator=gen)
     t = torch.randint(0, steps, (n,), generator=gen)
-    return idx, flip, offset, noise, t
+    return idx, flip, offset, t
+
+
+def _noise(seed: int, micro: int, rows: range, resolution: int) -> torch.Tensor:
+    """The noise (len(rows), 3, R, R) of global-batch rows ``rows`` of micro-batch ``micro``:
+    one generator per sample, so a rank draws its slice alone and the values do not
+    depend on how the global batch is split."""
+    out = torch.empty((len(rows), 3, resolution, resolution))
+    for i, j in enumerate(rows):
+        key = np.random.SeedSequence([seed, micro, j]).generate_state(1, np.uint64)[0]
+        out[i].normal_(generator=torch.Generator().manual_seed(int(key)))
+    return out
 
 
 def train(cfg: TrainConfig) -> str:
@@ -215,6 +235,7 @@ def train(cfg: TrainConfig) -> str:
     ranks return "")."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    had_group = dist.is_available() and dist.is_initialized()
     ranks, device = _setup(cfg.device)
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
@@ -287,21 +308,29 @@ def train(cfg: TrainConfig) -> str:
     run_t0 = time.perf_counter()  # this process's start; t0 also counts earlier runs
     t0 = run_t0 - elapsed
     last_log, first_step = run_t0, step
+    autocast = PRECISIONS[cfg.precision]
+    loss_sum, loss_n = torch.zeros((), device=device), 0  # read every LOG_EVERY_STEPS steps
+    mean_loss = float("nan")
     while step < cfg.steps:
         for micro in range(cfg.grad_accumulation):
             drawn = _draw(rng, gen, by_class, n_global, cfg, num_t)
-            idx, flip, offset, noise, t = (v[mine] for v in drawn)
+            idx, flip, offset, t = (v[mine] for v in drawn)
+            rows = range(mine.start, mine.stop)
+            noise = _noise(cfg.seed, step * cfg.grad_accumulation + micro, rows, cfg.resolution)
             crops = np.stack([data.crop(i, o) for i, o in zip(idx, offset, strict=True)])
             x0 = torch.from_numpy(crops).permute(0, 3, 1, 2).to(device).float() / 127.5 - 1
             x0 = torch.where(
                 torch.from_numpy(flip).to(device)[:, None, None, None], x0.flip(-1), x0
             )
-            noise, t = noise.to(device), t.to(device)
+            noise, t = noise.to(device, non_blocking=True), t.to(device, non_blocking=True)
             a = alphas[t].view(-1, 1, 1, 1)
             xt = a.sqrt() * x0 + (1 - a).sqrt() * noise  # q(x_t | x_0), as scheduler.add_noise
             last = micro == cfg.grad_accumulation - 1
             with model.no_sync() if ranks.world > 1 and not last else nullcontext():
-                pred = model(xt, t, class_labels=labels[torch.from_numpy(idx)].to(device)).sample
+                with torch.autocast(device.type, dtype=autocast or torch.float32,
+                                    enabled=autocast is not None):  # fmt: skip
+                    y = labels[torch.from_numpy(idx)].to(device)
+                    pred = model(xt, t, class_labels=y).sample.float()
                 if cfg.learn_sigma:  # L_hybrid = L_simple + L_vlb (improved DDPM)
                     eps_pred, var_pred = pred.split(3, dim=1)
                     vlb = vlb_term(alphas, x0, xt, t, eps_pred, var_pred).mean()
@@ -328,14 +357,20 @@ def train(cfg: TrainConfig) -> str:
             if ema is not None:
                 ema.step(unet.parameters())
         step += 1
+        loss_sum += loss.detach()
+        loss_n += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % LOG_EVERY_STEPS == 0 or step == cfg.steps:
+            mean_loss, loss_sum, loss_n = loss_sum.item() / loss_n, loss_sum.zero_(), 0
+            bar.set_postfix(loss=f"{mean_loss:.4f}")
         if ranks.main and not tty and time.perf_counter() - last_log >= LOG_EVERY_S:
             last_log = time.perf_counter()
             per_step = (last_log - run_t0) / (step - first_step)
             log.info(
-                "step %d/%d, loss %.4f, %.2f s/step, %.0f min to go",
-                step, cfg.steps, loss.item(), per_step, (cfg.steps - step) * per_step / 60,
+                "step %d/%d, loss %.4f (mean of the last %d steps read), %.2f s/step, "
+                "%.0f min to go",
+                step, cfg.steps, mean_loss, LOG_EVERY_STEPS, per_step,
+                (cfg.steps - step) * per_step / 60,
             )  # fmt: skip
         if ranks.main and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
             _save_checkpoint(
@@ -359,6 +394,8 @@ def train(cfg: TrainConfig) -> str:
     wall = time.perf_counter() - t0
     if not ranks.main:
         dist.barrier()  # rank 0 writes the model folder
+        if not had_group:
+            dist.destroy_process_group()
         return ""
 
     ema.copy_to(unet.parameters())
@@ -395,4 +432,6 @@ def train(cfg: TrainConfig) -> str:
     log.info("saved %s (%s) after %d steps in %.0f s", out, model_id, step, wall)
     if ranks.world > 1:
         dist.barrier()
+        if not had_group:
+            dist.destroy_process_group()
     return model_id

@@ -135,8 +135,9 @@ def _check_numbers(**values: Any) -> None:
             msg = f"{flag} must be >= {low}, got {v}"
             raise GenError(msg)
     g = values.get("gpus_per_worker")
-    if g is not None and not 0 < g <= 64:
-        msg = f"--gpus-per-worker must be in (0, 64], got {g}"
+    if g is not None and not 0 < g <= 1:
+        # a worker samples on one device (cuda:0 of those Ray gives it): more would idle
+        msg = f"--gpus-per-worker must be in (0, 1] (a worker uses one GPU), got {g}"
         raise GenError(msg)
 
 
@@ -253,7 +254,14 @@ def _generate(req: GenRequest, slot: LeaseSlot) -> GenReport:
         extra, index_current = _prepare_root(req, plan, slot, done)
         if pending:
             on_result = slot.checked(req.hooks.on_result)
-            _run(pending, report, _worker_kwargs(req, storage), cluster[1], req, on_result)
+            _run(
+                pending,
+                report,
+                _worker_kwargs(req, storage, pending[0]),
+                cluster[1],
+                req,
+                on_result,
+            )
     finally:
         if cluster is not None and cluster[0]:
             import ray
@@ -427,8 +435,8 @@ def _index_fields(req: GenRequest, plan: _Plan) -> dict[str, Any]:
     return extra
 
 
-def _worker_kwargs(req: GenRequest, storage: Storage) -> dict[str, Any]:
-    """What every sampling actor is built with."""
+def _worker_kwargs(req: GenRequest, storage: Storage, warmup: Any) -> dict[str, Any]:
+    """What every sampling actor is built with (``warmup``: the task it compiles on first)."""
     return {
         "model_url": _absolute(req.dataset.model),
         "out_url": storage.url,
@@ -436,6 +444,7 @@ def _worker_kwargs(req: GenRequest, storage: Storage) -> dict[str, Any]:
         "spill_dir": req.hooks.spill_dir,
         "classifier_url": _absolute(req.dataset.classifier),
         "compile": req.run.compile,
+        "warmup": warmup,
     }
 
 

@@ -129,7 +129,8 @@ def regenerate(
     """Re-sample ``key`` from the recorded spec and model and compare it with the stored one.
 
     The key is sampled inside the same batch positions it had in its shard (``batch_size``
-    from the recorded command), as sia-gen did.
+    from the recorded command), as sia-gen did; a tail batch is padded to the batch size
+    with throw-away samples when the recorded command compiled (as sia-gen's workers did).
     """
     from sia_pipeline.diffusion.model import ModelError, load_model
     from sia_pipeline.diffusion.sampler import Sampler
@@ -168,8 +169,12 @@ def regenerate(
     sampler = Sampler(
         loaded, spec.sampler, spec.steps, spec.eta, guidance=guidance, precision=spec.precision
     )
+    compiled = "--compile" in shlex.split(index.get("command", ""))  # sia-gen padded its tails
     images = sampler.sample(
-        [category] * (last - first), task.strengths[first:last], task.seeds[first:last]
+        [category] * (last - first),
+        task.strengths[first:last],
+        task.seeds[first:last],
+        pad_to=bs if compiled else None,
     )
     image = images[j - first]
     expected_meta = {k: v for k, v in task.sample_row(j).items() if k not in ("key", "shard")}

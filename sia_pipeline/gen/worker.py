@@ -76,7 +76,11 @@ class SamplerWorker:
         progress: called as ``progress(tag, images_sampled, phase)`` when a task starts
             and after each batch (the runner passes a Ray-actor sink).
         classifier_url: classifier folder for guided tasks (None: unguided tasks only).
-        compile: ``torch.compile`` the UNet of every sampler.
+        compile: ``torch.compile`` the UNet (and classifier) of every sampler; every batch
+            is then padded to the task's batch size (one shape, compiled once).
+        warmup: a task whose sampler is built and run once on a throw-away batch here,
+            before the first task and outside the sampling lock (on CUDA or with
+            ``compile``; the compile and cuDNN autotuning happen then).
     """
 
     def __init__(
@@ -91,6 +95,7 @@ class SamplerWorker:
         progress: ProgressFn | None = None,
         classifier_url: str | None = None,
         compile: bool = False,
+        warmup: ShardTask | None = None,
     ) -> None:
         import torch
         from diffusers.utils import logging as dlogging
@@ -120,6 +125,11 @@ class SamplerWorker:
         self._samplers: dict[tuple[str, int, float], object] = {}
         self._sample_lock = threading.Lock()
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sia-encode")
+        if warmup is not None and (compile or torch.device(device).type == "cuda"):
+            seconds = self._sampler(warmup).warm_up(
+                warmup.category, warmup.batch_size, warmup.strengths[0]
+            )
+            log.info("warmed up in %.1f s (batch %d)", seconds, warmup.batch_size)
 
     def ping(self) -> str:
         """Cheap call that returns once the model is loaded (the runner's readiness check)."""
@@ -193,12 +203,15 @@ class SamplerWorker:
             with self._sample_lock:
                 self._report(tag, 0, "sample")
                 sampler = self._sampler(task)
+                # compiled: one shape, the tail batch filled with throw-away samples
+                pad = {"pad_to": task.batch_size} if self.compile else {}
                 for first in range(0, task.count, task.batch_size):
                     last = min(first + task.batch_size, task.count)
                     images = sampler.sample(
                         [task.category] * (last - first),
                         task.strengths[first:last],
                         task.seeds[first:last],
+                        **pad,
                     )
                     if pending is not None:
                         pending.result()  # keeps order and at most one batch queued

@@ -146,6 +146,16 @@ def test_spec_hash_unchanged_at_zero_and_changed_above():
             validate({**late.to_dict(), "strength_min_t": bad}, SPEC, "spec.json", SchemaError)
 
 
+def test_card_says_it_only_when_used():
+    from sia_pipeline.format.card import render_card, strength_bins
+
+    index = {"num_samples": 1, "num_shards": 1, "format_version": 1, "strength_min": 0.1}
+    index |= {"strength_max": 0.1, "categories": {"bottle": {}}}
+    for spec, said in (({}, False), ({"sampler": "ddpm"}, False), ({"strength_min_t": 300}, True)):
+        text = render_card({**index, "spec": spec}, {"bottle": [1]}, strength_bins([0.1]), None)
+        assert ("t >= 300 only (a departure from the paper" in text) == said, spec
+
+
 def _one_line_exit_2(result, prog: str, needle: str) -> None:
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()

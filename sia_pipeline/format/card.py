@@ -221,9 +221,9 @@ def render_card(
         f"- sampler: {spec.get('sampler')}, {spec.get('steps')} steps"
         + (f", eta {spec.get('eta')}" if spec.get("sampler") == "ddim" else "")
         + (
-            f"; the strength on timesteps t >= {spec['strength_min_t']} only (a departure "
+            f"; the strength on timesteps t >= {spec.get('strength_min_t')} only (a departure "
             "from the paper, which applies it on every step)"
-            if spec.get("strength_min_t")
+            if spec.get("strength_min_t", 0)
             else ""
         ),
         f"- strengths: `{strengths.get('spec')}` ({strengths.get('kind')})",

@@ -6,7 +6,9 @@ shared bottle and magnetic_tile) and each anomaly source, RealNet is trained wit
 and evaluated on the test split (Image AUROC, Pixel AUROC, PRO, model-only and end-to-end
 ms/image). Sources:
 
-- ``sia``: SIA images (``--sia ROOT``, else made by ``sia-gen`` from the bundled model);
+- ``sia``: SIA images (``--sia ROOT``, else made by ``sia-gen`` from the bundled model with
+  ``--sia-per-category``, ``--sia-strengths``, ``--sia-sampler``, ``--sia-steps`` and
+  ``--sia-strength-min-t``: its SIA setting);
 - ``dtd``: DTD textures (``--textures``, default the shared ``dtd/images``);
 - ``perlin``: Perlin noise only: colour Perlin-noise images (made here, seeded) as the
   texture source, so the anomaly is the noise pattern inside the Perlin mask;
@@ -31,14 +33,18 @@ and skipped, so an interrupted bench resumes; runs of other training settings (p
 not mixed in but run again, so give such a run its own ``--tag``. The one exception: rows of
 a category whose images are all square stay when only ``--resize`` differs (a square image is
 resized alike either way), and ``--reuse TAG`` takes such rows, or rows of the same settings,
-from another results file instead of training them again. The full bench (3 seeds x 3
-sources x 2 categories + PatchCore) needs hours on 2 CPU cores:
+from another results file instead of training them again. A results file holds one SIA
+setting (rows record theirs; files from before hold :data:`LEGACY_SIA`'s): a run of another
+is refused unless it has its own ``--tag``, and ``--reuse`` takes no SIA rows of another.
+The full bench (3 seeds x 3 sources x 2 categories + PatchCore) needs hours on 2 CPU cores:
 
     nice .venv/bin/python bench/realnet_quality.py --seeds 0,1,2 --sources sia,dtd,perlin
     nice .venv/bin/python bench/realnet_quality.py --data ~/my_mvtec --categories screw,pill \\
         --sources dtd,perlin --patchcore off
     nice .venv/bin/python bench/realnet_quality.py --categories magnetic_tile --sources sia \\
         --resize letterbox --tag realnet_quality-letterbox
+    nice .venv/bin/python bench/realnet_quality.py --categories magnetic_tile --sources sia \\
+        --sia-strengths 0.1:0.2 --sia-strength-min-t 500 --tag realnet_quality-sia-t500
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ from realnet_train.train import TrainConfig, train
 from sia_pipeline.compose import perlin_noise
 from sia_pipeline.compose.resize import FITS
 from sia_pipeline.diffusion.model import BUNDLED_MODEL, load_model
+from sia_pipeline.format.genspec import SAMPLERS, PlanError, parse_strengths
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SIA_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -88,6 +95,15 @@ METRICS = ("image_auroc", "pixel_auroc", "pro")
 log = logging.getLogger("realnet_quality")
 # The training settings a row depends on; rows made under others are run again.
 COMPARED = ("preset", "steps", "image_size", "crop_size", "lr_schedule", "resize")
+# The sia-gen settings of the SIA this bench makes (--sia-*), and those every results file
+# made before they were options used (their rows carry no "sia_setting").
+LEGACY_SIA = {
+    "per_category": 192,
+    "strengths": "0.1:0.5",
+    "sampler": "ddpm",
+    "steps": 20,
+    "strength_min_t": 0,
+}
 
 
 def all_square(folder: Path) -> bool:
@@ -158,25 +174,107 @@ def sia_spec(root: Path) -> dict | None:
     return None
 
 
-def make_sia(out: Path, categories: list[str], per_category: int) -> Path:
+def sia_setting(
+    per_category: int,
+    strengths: str = LEGACY_SIA["strengths"],
+    sampler: str = LEGACY_SIA["sampler"],
+    steps: int = LEGACY_SIA["steps"],
+    strength_min_t: int = LEGACY_SIA["strength_min_t"],
+) -> dict:
+    """The sia-gen settings an SIA row depends on (the strengths in canonical spelling).
+
+    Raises:
+        PlanError: strengths sia-gen would refuse.
+    """
+    return {
+        "per_category": per_category,
+        "strengths": parse_strengths(strengths).text,
+        "sampler": sampler,
+        "steps": steps,
+        "strength_min_t": strength_min_t,
+    }
+
+
+def setting_of_spec(spec: dict) -> dict:
+    """The :func:`sia_setting` an SIA dataset's spec was made with (sia-gen's defaults for
+    fields a spec leaves out: ``strength_min_t`` is only written when not 0)."""
+    strengths = spec.get("strengths", {}).get("spec", LEGACY_SIA["strengths"])
+    return sia_setting(
+        spec["per_category"],
+        strengths,
+        spec.get("sampler", LEGACY_SIA["sampler"]),
+        spec.get("steps", LEGACY_SIA["steps"]),
+        spec.get("strength_min_t", 0),
+    )
+
+
+def setting_of_row(row: dict) -> dict | None:
+    """The SIA setting of a results row (None for a row without SIA; rows from before the
+    settings were recorded were all made with :data:`LEGACY_SIA`)."""
+    if not MIXES[row["source"]][1]:
+        return None
+    return row.get("sia_setting", LEGACY_SIA)
+
+
+def describe_setting(setting: dict) -> str:
+    """The sia-gen flags of a setting, as the sources note gives them."""
+    out = f"--per-category {setting['per_category']} --strengths {setting['strengths']}"
+    if (setting["sampler"], setting["steps"]) != (LEGACY_SIA["sampler"], LEGACY_SIA["steps"]):
+        out += f" --sampler {setting['sampler']} --steps {setting['steps']}"
+    if setting["strength_min_t"]:
+        out += f" --strength-min-t {setting['strength_min_t']}"
+    return out
+
+
+def setting_slug(setting: dict) -> str:
+    """A folder-name suffix for a setting ("" for :data:`LEGACY_SIA`'s, whose folder is the
+    one earlier benches made)."""
+    if setting == LEGACY_SIA:
+        return ""
+    strengths = setting["strengths"].replace(":", "_").replace(",", "_")
+    slug = f"-{setting['sampler']}{setting['steps']}-s{strengths}-n{setting['per_category']}"
+    return slug + (f"-t{setting['strength_min_t']}" if setting["strength_min_t"] else "")
+
+
+def setting_clash(old: dict, setting: dict) -> dict | None:
+    """The SIA setting of a results file's SIA rows when it is not ``setting`` (else None).
+
+    A results file holds one SIA setting: rows of another would mix in its table.
+    """
+    for row in old.get("runs", []):
+        theirs = setting_of_row(row)
+        if theirs is not None and theirs != setting:
+            return theirs
+    return None
+
+
+def make_sia(
+    out: Path, categories: list[str], per_category: int, setting: dict | None = None
+) -> Path:
     """An SIA dataset made by the real ``sia-gen`` command (resumes if present).
 
-    A finished one made for more categories (an earlier bench over bottle and
-    magnetic_tile, say, then a run of magnetic_tile alone) is reused as it is. One of
-    another spec stays as it is too: this spec's dataset goes to a folder named after it.
+    ``setting`` (:func:`sia_setting`, default :data:`LEGACY_SIA`'s at ``per_category``)
+    gives sia-gen's strengths, sampler, steps and ``--strength-min-t``. A finished one
+    made for more categories (an earlier bench over bottle and magnetic_tile, say, then a
+    run of magnetic_tile alone) is reused as it is. One of another spec stays as it is too:
+    this spec's dataset goes to a folder named after it.
     """
+    setting = setting or sia_setting(per_category)
     spec = sia_spec(out)
-    if spec and spec["per_category"] == per_category and (out / "index.json").is_file():
+    same = spec is not None and setting_of_spec(spec) == {**setting, "per_category": per_category}
+    if same and (out / "index.json").is_file():
         if set(categories) <= set(spec["categories"]):
             log.info("reusing the SIA dataset %s (%s)", out, ", ".join(spec["categories"]))
             return out
-    if spec and (sorted(spec["categories"]), spec["per_category"]) != (
-        sorted(categories),
-        per_category,
-    ):
+    if spec and (not same or sorted(spec["categories"]) != sorted(categories)):
         out = out.with_name(f"{out.name}-{'+'.join(sorted(categories))}-{per_category}")
     cmd = [sys.executable, "-m", "sia_pipeline.cli.gen", "--categories", ",".join(categories)]
-    cmd += ["--strengths", "0.1:0.5", "--per-category", str(per_category), "--out", str(out)]
+    cmd += ["--strengths", setting["strengths"], "--per-category", str(per_category)]
+    if (setting["sampler"], setting["steps"]) != (LEGACY_SIA["sampler"], LEGACY_SIA["steps"]):
+        cmd += ["--sampler", setting["sampler"], "--steps", str(setting["steps"])]
+    if setting["strength_min_t"]:
+        cmd += ["--strength-min-t", str(setting["strength_min_t"])]
+    cmd += ["--out", str(out)]
     log.info("running %s", " ".join(cmd))
     subprocess.run([*cmd, "--no-progress"], check=True)
     return out
@@ -518,7 +616,21 @@ def main() -> None:
     p.add_argument("--backbone-weights", default=None, help="needed by --preset paper")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sia", default=None, help="existing SIA dataset root (else sia-gen)")
-    p.add_argument("--sia-per-category", type=int, default=192)
+    p.add_argument("--sia-per-category", type=int, default=LEGACY_SIA["per_category"])
+    p.add_argument(
+        "--sia-strengths",
+        default=None,
+        help=f"sia-gen --strengths of the SIA made here (default {LEGACY_SIA['strengths']})",
+    )
+    p.add_argument("--sia-sampler", choices=SAMPLERS, default=None, help="default ddpm")
+    p.add_argument("--sia-steps", type=int, default=None, help="default 20")
+    p.add_argument(
+        "--sia-strength-min-t",
+        type=int,
+        default=None,
+        help="sia-gen --strength-min-t (default 0: the strength on every step). A results "
+        "file holds one SIA setting: another needs its own --tag",
+    )
     p.add_argument("--textures", default=str(SHARED / "dtd" / "images"))
     p.add_argument("--patchcore", choices=["auto", "off"], default="auto")
     p.add_argument("--patchcore-venv", default=str(ROOT / "runs" / "patchcore-venv"))
@@ -563,6 +675,39 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     settings = training_settings(args)
     train_kw = settings[0]
+    result_json = RESULTS / f"{args.tag}.json"
+    old = json.loads(result_json.read_text()) if result_json.is_file() else {}
+    setting = None  # this run's SIA setting, when it trains with SIA
+    gen_flags = ("sia_strengths", "sia_sampler", "sia_steps", "sia_strength_min_t")
+    if any(MIXES[s][1] for s in sources):
+        if args.sia:
+            if given := [f for f in gen_flags if getattr(args, f) is not None]:
+                flag = "--" + given[0].replace("_", "-")
+                p.error(f"{flag} sets up the SIA made here; --sia {args.sia} is made already")
+            spec = sia_spec(Path(args.sia))
+            if spec is None:
+                p.error(f"--sia {args.sia}: no index.json or spec.json there")
+            setting = setting_of_spec(spec)
+        else:
+            try:
+                setting = sia_setting(
+                    args.sia_per_category,
+                    args.sia_strengths or LEGACY_SIA["strengths"],
+                    args.sia_sampler or LEGACY_SIA["sampler"],
+                    LEGACY_SIA["steps"] if args.sia_steps is None else args.sia_steps,
+                    args.sia_strength_min_t or 0,
+                )
+            except PlanError as e:
+                p.error(f"--sia-strengths: {e}")
+            if not 1 <= setting["steps"] <= 1000 or not 0 <= setting["strength_min_t"] < 1000:
+                p.error("--sia-steps must be in [1, 1000] and --sia-strength-min-t in [0, 1000)")
+        if theirs := setting_clash(old, setting):
+            slug = setting_slug(setting) or "-legacy-sia"
+            p.error(
+                f"bench/results/{args.tag}.json holds SIA rows made with "
+                f"{describe_setting(theirs)}; this run's SIA is {describe_setting(setting)}: "
+                f"give it its own --tag (e.g. --tag {args.tag}{slug})"
+            )
 
     srcs: dict[str, Path] = {"dtd": Path(args.textures)}
     notes = [f"dtd = {args.textures}"]
@@ -572,7 +717,7 @@ def main() -> None:
     if any(MIXES[s][1] for s in sources):
         if args.sia:
             srcs["sia"] = Path(args.sia)
-            notes.append(f"sia = existing dataset {args.sia}")
+            notes.append(f"sia = existing dataset {args.sia} ({describe_setting(setting)})")
         else:
             bundled = load_model(BUNDLED_MODEL)
             if unknown := sorted(set(categories) - set(bundled.categories)):
@@ -581,10 +726,10 @@ def main() -> None:
                     f"not {', '.join(unknown)}: give --sia ROOT (an SIA dataset made for them) "
                     "or leave sia out of --sources"
                 )
-            sia_root = Path(args.runs) / f"sia-{bundled.model_id}"
-            srcs["sia"] = make_sia(sia_root, categories, args.sia_per_category)
+            sia_root = Path(args.runs) / f"sia-{bundled.model_id}{setting_slug(setting)}"
+            srcs["sia"] = make_sia(sia_root, categories, args.sia_per_category, setting)
             notes.append(
-                f"sia = sia-gen --per-category {args.sia_per_category} --strengths 0.1:0.5 "
+                f"sia = sia-gen {describe_setting(setting)} "
                 f"(bundled model {bundled.model_id}, {bundled.card.get('preset')}, "
                 f"{bundled.resolution} px, resized to the training size for blending)"
             )
@@ -599,15 +744,26 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs)",
         "sources_note": "; ".join(notes),
         "sia_model_id": sia_model_id,
+        "sia_setting": setting,
     }
-    result_json = RESULTS / f"{args.tag}.json"
-    old = json.loads(result_json.read_text()) if result_json.is_file() else {}
     squares: dict[str, bool] = {}
     sia_id = meta["sia_model_id"]
+    # The one SIA setting this file's rows may hold: this run's, else the file's own, else
+    # that of the first SIA row another file gives (--reuse).
+    held = [setting_of_row(r) for r in old.get("runs", [])]
+    target = {"setting": setting or next((h for h in held if h is not None), None)}
 
     def current(row: dict) -> bool:
-        """Not an SIA row made from another SDAS model (those are run again)."""
-        return "sia" not in srcs or not MIXES[row["source"]][1] or row.get("sia_model_id") == sia_id
+        """Not an SIA row made from another SDAS model (those are run again) or with
+        another SIA setting than the one this file holds."""
+        theirs = setting_of_row(row)
+        if theirs is None:
+            return True
+        if target["setting"] is None:
+            target["setting"] = theirs
+        if theirs != target["setting"]:
+            return False
+        return "sia" not in srcs or row.get("sia_model_id") == sia_id
 
     def square(category: str) -> bool:
         root = roots.get(category) or SHARED_CATEGORIES.get(category)
@@ -646,6 +802,7 @@ def main() -> None:
     rows = with_per_type([r for r in rows if current(r)], args.tag)
     if "sia" not in srcs:
         meta["sia_model_id"] = old.get("meta", {}).get("sia_model_id")
+        meta["sia_setting"] = target["setting"] if any(setting_of_row(r) for r in rows) else None
     # The notes of sources this run does not name stay, as their rows stay.
     # A note is "<source> = ...": this run's note for a source replaces the old one.
     old_notes = [
@@ -678,6 +835,7 @@ def main() -> None:
                 row = run_realnet(category, roots[category], source, seed, args, srcs, settings)
                 if MIXES[source][1]:
                     row["sia_model_id"] = sia_id
+                    row["sia_setting"] = setting
                 rows.append(row)
                 log.info("%s", json.dumps(rows[-1]))
                 save()

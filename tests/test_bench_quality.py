@@ -196,3 +196,85 @@ def test_per_type_table_averages_seeds(quality):
     assert (
         quality.per_type_table(quality.summarise([{**runs[0], "image_auroc_per_type": {}}])) == []
     )
+
+
+def test_sia_settings_name_the_sia_and_old_rows_are_the_legacy_one(quality, tmp_path, monkeypatch):
+    import json
+
+    legacy = quality.sia_setting(192)
+    assert legacy == quality.LEGACY_SIA and quality.setting_slug(legacy) == ""
+    late = quality.sia_setting(1000, "0.10:0.20", "ddim", 20, 500)
+    assert late["strengths"] == "0.1:0.2"  # canonical, as sia-gen's spec hash
+    assert quality.setting_slug(late) == "-ddim20-s0.1_0.2-n1000-t500"
+    assert quality.describe_setting(late) == (
+        "--per-category 1000 --strengths 0.1:0.2 --sampler ddim --steps 20 --strength-min-t 500"
+    )
+    assert quality.describe_setting(legacy) == "--per-category 192 --strengths 0.1:0.5"
+    with pytest.raises(quality.PlanError):
+        quality.sia_setting(192, "0.5:0.1")
+    # A spec as sia-gen writes it (strength_min_t only when not 0).
+    spec = {"per_category": 1000, "strengths": {"spec": "0.1:0.2"}, "sampler": "ddim"}
+    assert quality.setting_of_spec({**spec, "steps": 20, "strength_min_t": 500}) == late
+    assert quality.setting_of_spec({**spec, "per_category": 192, "sampler": "ddpm"}) == {
+        **legacy,
+        "strengths": "0.1:0.2",
+    }
+    # Rows from before carry no setting: they are the legacy one; rows without SIA have none.
+    rows = [{"source": "sia", "seed": 0}, {"source": "dtd", "seed": 0}]
+    assert [quality.setting_of_row(r) for r in rows] == [legacy, None]
+    assert quality.setting_clash({"runs": rows}, legacy) is None
+    assert quality.setting_clash({"runs": rows}, late) == legacy
+    assert quality.setting_clash({"runs": [rows[1]]}, late) is None
+    assert quality.setting_clash({"runs": [{**rows[0], "sia_setting": late}]}, late) is None
+
+    # make_sia: sia-gen gets the setting's flags; a dataset of another setting is not reused.
+    calls = []
+    monkeypatch.setattr(quality.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    root = tmp_path / "sia-m"
+    root.mkdir()
+    made = {"categories": ["magnetic_tile"], "per_category": 1000, "sampler": "ddim"}
+    made |= {"steps": 20, "strengths": {"spec": "0.1:0.2"}}
+    (root / "index.json").write_text(json.dumps({"spec": made}))
+    assert quality.make_sia(root, ["magnetic_tile"], 1000, late) == tmp_path / (
+        "sia-m-magnetic_tile-1000"
+    )  # the one there lacks --strength-min-t 500
+    cmd = calls[-1]
+    assert cmd[cmd.index("--strength-min-t") + 1] == "500"
+    assert cmd[cmd.index("--sampler") + 1] == "ddim" and cmd[cmd.index("--steps") + 1] == "20"
+    assert cmd[cmd.index("--strengths") + 1] == "0.1:0.2"
+    made["strength_min_t"] = 500
+    (root / "index.json").write_text(json.dumps({"spec": made}))
+    assert quality.make_sia(root, ["magnetic_tile"], 1000, late) == root
+    assert len(calls) == 1
+
+
+def test_another_sia_setting_in_the_same_results_file_is_refused(tmp_path):
+    """bench/results/realnet_quality.json holds SIA rows of the legacy setting: a run of
+    another is refused up front (nothing made, nothing written) and told to use a --tag."""
+    import json
+    import subprocess
+
+    results = ROOT / "bench" / "results" / "realnet_quality.json"
+    if not results.is_file():
+        pytest.skip("bench/results/realnet_quality.json is absent")
+    before = results.read_bytes()
+    assert any(r["source"] == "sia" for r in json.loads(before)["runs"])
+    cmd = [sys.executable, str(ROOT / "bench" / "realnet_quality.py"), "--categories"]
+    cmd += ["magnetic_tile", "--sources", "sia", "--runs", str(tmp_path / "runs")]
+    cmd += ["--sia-strengths", "0.1:0.2", "--sia-strength-min-t", "500"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 2, res.stderr
+    last = res.stderr.splitlines()[-1]
+    assert "realnet_quality.json holds SIA rows made with --per-category 192" in last
+    assert "--tag realnet_quality-ddpm20-s0.1_0.2-n192-t500" in last
+    assert not (tmp_path / "runs").exists() and results.read_bytes() == before
+    # The SIA-making flags do not apply to a dataset given with --sia.
+    res = subprocess.run(
+        [*cmd, "--sia", str(tmp_path), "--tag", "never-written"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert res.returncode == 2 and "--sia-strengths sets up the SIA made here" in res.stderr
+    assert not (ROOT / "bench" / "results" / "never-written.json").exists()

@@ -206,6 +206,13 @@ def test_split_extra_keeps_scheduling_out_of_the_spec():
     spec, sched = sub.split_extra(("--sampler", "ddim", "--batch-size", "8", "--overwrite"))
     assert spec == ("--sampler", "ddim", "--overwrite")
     assert sched == ("--batch-size", "8")
+    # a new sia-gen option that changes the images is spec without being listed here
+    spec, sched = sub.split_extra(("--strength-min-t", "300", "--workers", "2"))
+    assert (spec, sched) == (("--strength-min-t", "300"), ("--workers", "2"))
+    base = sub.JobSpec("all", "0.1:0.2", 100, 50, "s3://b/p", 0)
+    assert sub.submission_id(base) != sub.submission_id(
+        sub.JobSpec("all", "0.1:0.2", 100, 50, "s3://b/p", 0, spec)
+    )
 
 
 def test_credentials_are_refused_not_echoed():

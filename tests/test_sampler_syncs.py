@@ -96,9 +96,14 @@ def _pipe(sampler: str, learn_sigma: bool = True, device: str = "cpu") -> SDASPi
     return pipe
 
 
-def count_syncs(pipe: SDASPipeline, steps: int, eta: float, guidance) -> HostSyncCounter:
+def count_syncs(
+    pipe: SDASPipeline, steps: int, eta: float, guidance, strength_min_t: int = 0
+) -> HostSyncCounter:
     with HostSyncCounter() as counter:
-        pipe(LABELS, STRENGTHS, SEEDS, num_inference_steps=steps, eta=eta, guidance=guidance)
+        pipe(
+            LABELS, STRENGTHS, SEEDS, num_inference_steps=steps, eta=eta, guidance=guidance,
+            strength_min_t=strength_min_t,
+        )  # fmt: skip
     return counter
 
 
@@ -113,6 +118,19 @@ def test_no_host_sync_inside_the_step_loop(case):
     print(f"{case} on {device}: {per_step:g} host syncs per step, {few.total} per batch of 3 steps")
     assert per_step == 0, (few.calls, more.calls)
     assert few.total <= 4, few.calls  # the images coming back, nothing per step
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 0.5)])
+def test_no_host_sync_with_the_strength_on_the_early_steps_only(sampler, eta):
+    """``strength_min_t`` picks each step's strength tensor by the host timestep: 3 and 6
+    steps both straddle t = 500, so steps with and without the strength are counted."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = _pipe(sampler, device=device)
+    few, more = (count_syncs(pipe, n, eta, None, strength_min_t=500) for n in (3, 6))
+    per_step = (more.total - few.total) / 3
+    print(f"{sampler} eta {eta} strength_min_t 500 on {device}: {per_step:g} syncs per step")
+    assert per_step == 0, (few.calls, more.calls)
+    assert few.total <= 4, few.calls
 
 
 def test_counter_sees_a_scalar_read():

@@ -19,7 +19,15 @@ from sia_pipeline.format.genspec import PRECISIONS, SAMPLERS, PlanError, parse_s
 from sia_pipeline.format.v1 import IMAGE_EXTS
 from sia_pipeline.gen.options import DATASET, RUN
 from sia_pipeline.gen.plan import MAX_SHARD_SIZE
-from sia_pipeline.io.inputs import BATCH, MAX_COUNT, MAX_WORKERS, SEED, STEPS, Number
+from sia_pipeline.io.inputs import (
+    BATCH,
+    MAX_COUNT,
+    MAX_WORKERS,
+    SEED,
+    STEPS,
+    TIMESTEP,
+    Number,
+)
 
 
 @click.command(
@@ -102,6 +110,15 @@ from sia_pipeline.io.inputs import BATCH, MAX_COUNT, MAX_WORKERS, SEED, STEPS, N
     type=click.Choice(PRECISIONS),
     default=DATASET.precision,
     help="UNet autocast precision (part of the spec: it changes the images).",
+)
+@click.option(
+    "--strength-min-t",
+    type=TIMESTEP,
+    default=DATASET.strength_min_t,
+    help="Apply the SDAS strength term only on steps whose timestep t >= this (of the "
+    "model's T); later, low-noise steps are plain DDPM/DDIM. 0 = every step, as the paper. "
+    "A departure from the paper (RealNet applies s on every step): on the late steps s turns "
+    "into grain, not structure (bench/results/sia_strength_structure.md). Part of the spec.",
 )
 @click.option("--compile", is_flag=True, help="torch.compile the UNet in every actor (GPU speed).")
 @click.option(

@@ -14,6 +14,7 @@ from sia_pipeline.gen.options import DATASET
 from sia_pipeline.io.inputs import (
     MAX_SEED,
     STEPS,
+    TIMESTEP,
     InputError,
     Number,
     check_input,
@@ -69,6 +70,15 @@ def default_out(model: str | None) -> str:
     help="Guidance scale (with --classifier).",
 )
 @click.option("--precision", type=click.Choice(PRECISIONS), default=DATASET.precision)
+@click.option(
+    "--strength-min-t",
+    type=TIMESTEP,
+    default=DATASET.strength_min_t,
+    help="Apply the SDAS strength term only on steps whose timestep t >= this (of the "
+    "model's T); later, low-noise steps are plain DDPM/DDIM. 0 = every step, as the paper. "
+    "A departure from the paper (RealNet applies s on every step): on the late steps s turns "
+    "into grain, not structure (bench/results/sia_strength_structure.md).",
+)
 @click.option("--compile", is_flag=True, help="torch.compile the UNet.")
 @click.option("--device", default=None, help="Torch device [default: cuda if present, else cpu].")
 @click.option(
@@ -90,6 +100,7 @@ def main(
     classifier,
     classifier_scale,
     precision,
+    strength_min_t,
     compile,
     device,
     out,
@@ -99,7 +110,7 @@ def main(
     setup_logging(verbose)
     from sia_pipeline.diffusion.guidance import GuidanceError, check_scale, load_guidance
     from sia_pipeline.diffusion.model import ModelError, load_model
-    from sia_pipeline.diffusion.sampler import Sampler
+    from sia_pipeline.diffusion.sampler import Sampler, check_strength_min_t
     from sia_pipeline.format.preview import make_grid
 
     try:
@@ -138,7 +149,19 @@ def main(
     except InputError as e:
         die(str(e))
     try:
-        smp = Sampler(m, sampler, steps, guidance=guidance, precision=precision, compile=compile)
+        check_strength_min_t(strength_min_t, m.num_train_timesteps)
+    except ValueError as e:
+        die(f"--strength-min-t {strength_min_t}: {e}")
+    try:
+        smp = Sampler(
+            m,
+            sampler,
+            steps,
+            guidance=guidance,
+            precision=precision,
+            compile=compile,
+            strength_min_t=strength_min_t,
+        )
     except ValueError as e:  # steps beyond the model's T
         die(f"--steps {steps}: {e}")
     rows, labels = [], []

@@ -102,6 +102,11 @@ class SDASModel:
         return int(self.card["resolution"])
 
     @property
+    def num_train_timesteps(self) -> int:
+        """The scheduler's T: timesteps run over ``[0, T)``."""
+        return int(self.scheduler_config.get("num_train_timesteps", 1000))
+
+    @property
     def grey_categories(self) -> frozenset[str]:
         """Categories trained on greyscale images only: their samples are made grey."""
         return frozenset(self.card.get("grey_categories", ()))

@@ -8,7 +8,9 @@ channels_last memory format and under ``torch.compile``. No Ray, storage or file
 
 The step loop never waits on the host: the strengths are checked once on the host, the
 scheduler gets Python-int timesteps from a host copy of the schedule (the UNet and the
-classifier the device tensor), and every step's noise is drawn before the loop needs it
+classifier the device tensor), a step below ``strength_min_t`` gets a zero strength tensor
+made before the loop (chosen by the host int), and every step's noise is drawn before the
+loop needs it
 (:class:`StepNoise`: on CUDA a helper thread draws from the per-sample generators into
 pinned memory, copied ``non_blocking``), each generator drawing exactly what the
 schedulers' own draws took, so images stay those of the per-sample generator streams.
@@ -182,7 +184,9 @@ class SDASPipeline(DiffusionPipeline):
         if compile:
             self.denoiser = torch.compile(self.unet, dynamic=False)
 
-    def check_inputs(self, class_labels, anomaly_strength, seeds, num_inference_steps) -> None:
+    def check_inputs(
+        self, class_labels, anomaly_strength, seeds, num_inference_steps, strength_min_t=0
+    ) -> None:
         n = len(seeds)
         if n == 0:
             msg = "empty batch: give at least one seed"
@@ -207,6 +211,7 @@ class SDASPipeline(DiffusionPipeline):
                 f"got {num_inference_steps}"
             )
             raise ValueError(msg)
+        check_strength_min_t(strength_min_t, self.scheduler.config.num_train_timesteps)
 
     def denoise_step(
         self,
@@ -279,15 +284,20 @@ class SDASPipeline(DiffusionPipeline):
         guidance: ClassifierGuidance | None = None,
         precision: Precision = "fp32",
         prefetch: bool | None = None,
+        strength_min_t: int = 0,
     ) -> SDASOutput:
         """Sample one image per (class label, anomaly strength, seed).
 
         ``guidance`` steers every step towards the sample's class (the gradient needs
         autograd, hence ``no_grad`` rather than ``inference_mode``); ``precision`` runs the
         UNet (and the classifier) under autocast; ``prefetch`` draws the noise ahead on a
-        helper thread (None: on CUDA), which changes no value.
+        helper thread (None: on CUDA), which changes no value. ``strength_min_t``: the
+        strength term only on steps whose timestep ``t >= strength_min_t``, the later ones
+        plain DDPM/DDIM (0, the default, is every step: the paper; see :class:`Sampler`).
         """
-        self.check_inputs(class_labels, anomaly_strength, seeds, num_inference_steps)
+        self.check_inputs(
+            class_labels, anomaly_strength, seeds, num_inference_steps, strength_min_t
+        )
         dtype = autocast_dtype(precision)
         device = self.unet.device
         strengths = [float(s) for s in anomaly_strength]
@@ -297,13 +307,19 @@ class SDASPipeline(DiffusionPipeline):
         shape = (len(seeds), self.unet.config.in_channels, size, size)
         labels = torch.as_tensor(list(class_labels), device=device, dtype=torch.long)
         strength = torch.as_tensor(strengths, device=device, dtype=self.unet.dtype)
+        no_strength = torch.zeros_like(strength)  # the steps below strength_min_t
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timestep_list  # host ints for the scheduler maths
         # device 0-d tensors for the networks (copies, not views: one compiled graph for all)
         t_model = [t.clone() for t in self.scheduler.timesteps.unbind()]
+        on = [t >= strength_min_t for t in timesteps]  # host bools: which steps get s
+        zeros = [0.0] * len(strengths)
         plan: Plan = [(list(range(len(seeds))), self.unet.dtype)]
-        plan += [(self.scheduler.noise_rows(t, strengths, eta), torch.float32) for t in timesteps]
+        plan += [
+            (self.scheduler.noise_rows(t, strengths if k else zeros, eta), torch.float32)
+            for t, k in zip(timesteps, on, strict=True)
+        ]
         with StepNoise(generators, shape, plan, device, prefetch=prefetch) as noise:
             image = noise.next()
             for i, t in enumerate(self.progress_bar(timesteps)):
@@ -312,7 +328,7 @@ class SDASPipeline(DiffusionPipeline):
                     t,
                     labels,
                     None,
-                    strength,
+                    strength if on[i] else no_strength,
                     eta=eta,
                     guidance=guidance,
                     dtype=dtype,
@@ -325,6 +341,21 @@ class SDASPipeline(DiffusionPipeline):
         if output_type == "np":
             image = to_uint8(image)
         return SDASOutput(images=image, strengths=strengths, seeds=[int(s) for s in seeds])
+
+
+def check_strength_min_t(strength_min_t: int, num_train_timesteps: int) -> None:
+    """``strength_min_t`` must be an int timestep of the model's schedule, ``[0, T)``.
+
+    Raises:
+        ValueError: naming the value and the allowed range.
+    """
+    ok = isinstance(strength_min_t, int) and not isinstance(strength_min_t, bool)
+    if not ok or not 0 <= strength_min_t < num_train_timesteps:
+        msg = (
+            f"strength_min_t must be an int in [0, {num_train_timesteps}) (the model's "
+            f"timesteps), got {strength_min_t!r}"
+        )
+        raise ValueError(msg)
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -347,6 +378,11 @@ class Sampler:
             production settings of :func:`configure_cuda` apply (TF32, cuDNN autotuning).
         compile: ``torch.compile`` the UNet and the classifier with static shapes (the
             first batch of each shape compiles: pass ``pad_to`` to :meth:`sample`).
+        strength_min_t: apply the SDAS strength term only on steps whose scheduler
+            timestep ``t >= strength_min_t``; the later, low-noise steps are plain
+            DDPM/DDIM. 0 (the default) is every step, as the paper. A departure from the
+            paper: on the late steps ``s`` turns into grain rather than structure
+            (``bench/results/sia_strength_structure.md``). Must be in ``[0, T)``.
     """
 
     def __init__(
@@ -360,8 +396,11 @@ class Sampler:
         precision: Precision = "fp32",
         channels_last: bool | None = None,
         compile: bool = False,
+        strength_min_t: int = 0,
     ) -> None:
+        check_strength_min_t(strength_min_t, model.num_train_timesteps)
         self.model = model
+        self.strength_min_t = strength_min_t
         self.sampler = sampler
         self.steps = steps
         self.eta = eta
@@ -382,7 +421,8 @@ class Sampler:
         self.pipe.enable_speedups(channels_last=channels_last, compile=compile)
 
     def config(self) -> dict:
-        """The sampler fields every SIA sample records (guidance and precision only when used)."""
+        """The sampler fields every SIA sample records (guidance, precision and
+        ``strength_min_t`` only when used)."""
         cfg = {
             "sampler": self.sampler,
             "steps": self.steps,
@@ -394,6 +434,8 @@ class Sampler:
             cfg["classifier_scale"] = self.guidance.scale
         if self.precision != "fp32":
             cfg["precision"] = self.precision
+        if self.strength_min_t:
+            cfg["strength_min_t"] = self.strength_min_t
         return cfg
 
     def sample(
@@ -427,6 +469,7 @@ class Sampler:
             eta=self.eta,
             guidance=self.guidance,
             precision=self.precision,
+            strength_min_t=self.strength_min_t,
         ).images[:n]
         grey = [c in self.model.grey_categories for c in categories[:n]]
         return to_grey(images, grey) if any(grey) else images

@@ -219,7 +219,13 @@ def render_card(
         + (f" ({model['resolution']} px)" if model.get("resolution") else "")
         + (f", from `{model['source']}`" if model.get("source") else ""),
         f"- sampler: {spec.get('sampler')}, {spec.get('steps')} steps"
-        + (f", eta {spec.get('eta')}" if spec.get("sampler") == "ddim" else ""),
+        + (f", eta {spec.get('eta')}" if spec.get("sampler") == "ddim" else "")
+        + (
+            f"; the strength on timesteps t >= {spec.get('strength_min_t')} only (a departure "
+            "from the paper, which applies it on every step)"
+            if spec.get("strength_min_t", 0)
+            else ""
+        ),
         f"- strengths: `{strengths.get('spec')}` ({strengths.get('kind')})",
         f"- seed: {spec.get('seed')}, spec hash `{index.get('spec_hash')}`",
         f"- {spec.get('per_category')} images per category, "

@@ -139,10 +139,13 @@ class GenSpec:
     image_format: str
     resolution: int
     # Optional parts: in the dict (and so in the hash) only when used, so that specs
-    # without guidance in fp32 keep the hashes they had before these existed.
+    # without guidance in fp32 with the strength on every step keep the hashes they had
+    # before these existed.
     classifier_id: str = ""
     classifier_scale: float = 0.0
     precision: str = "fp32"
+    # The strength term only on timesteps >= this (0: every step, the paper).
+    strength_min_t: int = 0
     # Earlier --per-category values of a dataset grown by --extend (its shard layers).
     extends: tuple[int, ...] = ()
 
@@ -152,6 +155,8 @@ class GenSpec:
             del d["classifier_id"], d["classifier_scale"]
         if self.precision == "fp32":
             del d["precision"]
+        if not self.strength_min_t:
+            del d["strength_min_t"]
         d["categories"] = list(self.categories)
         d["class_ids"] = list(self.class_ids)
         if self.extends:

@@ -30,6 +30,7 @@ MAX_SHARD_SIZE = 999_999  # six-digit sample indexes in keys
 MAX_PER_CATEGORY = MAX_SHARDS_PER_CATEGORY * 1000
 MAX_SIDE = 8192
 MAX_STEPS = 1000
+MAX_TIMESTEP = 100_000  # strength_min_t; the model's T bounds it when sampling
 INT64 = 2**63 - 1
 
 CATEGORY_RE = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -233,6 +234,7 @@ SPEC = Schema(
         "classifier_id": Field(str, required=False, hi=200),
         "classifier_scale": Field(float, required=False, lo=0.0, hi=1e6),
         "precision": Field(str, required=False, choices=("fp32", "bf16", "fp16")),
+        "strength_min_t": Field(int, required=False, lo=0, hi=MAX_TIMESTEP),
         "extends": Field(list, required=False, hi=1000, items=Field(int, lo=1, hi=INT64)),
     },
     (_shards_bounded,),

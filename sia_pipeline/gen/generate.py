@@ -348,7 +348,7 @@ def _make_spec(opts: DatasetOptions, loaded: Any, guidance: Any) -> GenSpec:
         model_id=loaded.model_id,
         model_categories=loaded.categories,
         resolution=loaded.resolution,
-        max_steps=int(loaded.scheduler_config.get("num_train_timesteps", 1000)),
+        max_steps=loaded.num_train_timesteps,
         classifier_id=guidance.classifier_id if guidance else "",
         **dataclasses.asdict(opts),
     )

@@ -35,6 +35,7 @@ class DatasetOptions:
     classifier: str | None = None
     classifier_scale: float = 1.0
     precision: str = "fp32"
+    strength_min_t: int = 0  # the strength term only on timesteps >= this; 0: every step
     out: str = "./sia-data"
 
 

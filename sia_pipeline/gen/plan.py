@@ -1,10 +1,10 @@
 """The generation plan: user input validated into a :class:`GenSpec`, one :class:`ShardTask`
 per shard, and the ``--dry-run`` text.
 
-Seeds and strengths come from :func:`sia_pipeline.format.genspec.sample_params`. Guidance
-and precision change the images (so the spec hash) but not the seeds: a guided dataset and
-its unguided twin start from the same noise. Nothing here touches Ray, storage or the
-model weights.
+Seeds and strengths come from :func:`sia_pipeline.format.genspec.sample_params`. Guidance,
+precision and ``strength_min_t`` change the images (so the spec hash) but not the seeds: a
+guided dataset and its unguided twin start from the same noise. Nothing here touches Ray,
+storage or the model weights.
 """
 
 from __future__ import annotations
@@ -51,9 +51,10 @@ def make_spec(
 ) -> GenSpec:
     """Validate user input against the model; every problem is a one-line :class:`PlanError`.
 
-    ``options`` are :class:`~sia_pipeline.gen.options.DatasetOptions` fields (categories,
-    strengths, per_category, ...; defaults there); ``classifier_id`` is the loaded
-    classifier's, "" for none.
+    ``max_steps`` is the model's T (``num_train_timesteps``): it bounds ``--steps`` and
+    ``--strength-min-t``. ``options`` are :class:`~sia_pipeline.gen.options.DatasetOptions`
+    fields (categories, strengths, per_category, ...; defaults there); ``classifier_id`` is
+    the loaded classifier's, "" for none.
     """
     opts = DatasetOptions(**options)
     names = _category_names(opts.categories, model_categories)
@@ -74,6 +75,7 @@ def make_spec(
         classifier_id=classifier_id,
         classifier_scale=float(opts.classifier_scale) if classifier_id else 0.0,
         precision=opts.precision,
+        strength_min_t=opts.strength_min_t,
     )
 
 
@@ -143,6 +145,11 @@ def _check_values(opts: DatasetOptions, max_steps: int) -> None:
             math.isfinite(classifier_scale) and classifier_scale >= 0,
             f"--classifier-scale must be finite and >= 0, got {classifier_scale}",
         ),
+        (
+            isinstance(opts.strength_min_t, int) and 0 <= opts.strength_min_t < max_steps,
+            f"--strength-min-t must be in [0, {max_steps}) (the model's timesteps), "
+            f"got {opts.strength_min_t}",
+        ),
     ]
     for ok, msg in checks:
         if not ok:
@@ -177,6 +184,7 @@ class ShardTask:
     classifier_id: str = ""
     classifier_scale: float = 0.0
     precision: str = "fp32"
+    strength_min_t: int = 0
 
     @property
     def shard_id(self) -> str:
@@ -219,13 +227,16 @@ class ShardTask:
         }
 
     def optional_fields(self) -> dict[str, Any]:
-        """Guidance and precision, recorded only when used (as in :meth:`GenSpec.to_dict`)."""
+        """Guidance, precision and ``strength_min_t``, recorded only when used (as in
+        :meth:`GenSpec.to_dict`)."""
         d: dict[str, Any] = {}
         if self.classifier_id:
             d["classifier_id"] = self.classifier_id
             d["classifier_scale"] = self.classifier_scale
         if self.precision != "fp32":
             d["precision"] = self.precision
+        if self.strength_min_t:
+            d["strength_min_t"] = self.strength_min_t
         return d
 
 
@@ -254,6 +265,7 @@ def make_task(
         classifier_id=spec.classifier_id,
         classifier_scale=spec.classifier_scale,
         precision=spec.precision,
+        strength_min_t=spec.strength_min_t,
     )
 
 
@@ -349,6 +361,14 @@ def describe_plan(spec: GenSpec, tasks: Sequence[ShardTask], done: int = 0) -> s
             else []
         ),
         *([f"precision  {spec.precision}"] if spec.precision != "fp32" else []),
+        *(
+            [
+                f"strength   on timesteps t >= {spec.strength_min_t} only "
+                "(--strength-min-t: a departure from the paper)"
+            ]
+            if spec.strength_min_t
+            else []
+        ),
         f"images     {spec.per_category} per category x {len(spec.categories)} categories"
         f" = {spec.total_images}",
         f"shards     {len(tasks)} ({per_cat} per category, up to {spec.shard_size} images each)"

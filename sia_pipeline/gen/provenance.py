@@ -40,6 +40,8 @@ def command_line(
         args += [f"--classifier={classifier}", f"--classifier-scale={spec.classifier_scale!r}"]
     if spec.precision != "fp32":
         args.append(f"--precision={spec.precision}")
+    if spec.strength_min_t:
+        args.append(f"--strength-min-t={spec.strength_min_t}")
     if compile:
         args.append("--compile")
     if spec.extends:

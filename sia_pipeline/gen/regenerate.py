@@ -166,9 +166,19 @@ def regenerate(
     guidance = _recorded_guidance(index, spec, loaded, device, endpoint_url)
     first = (j // bs) * bs
     last = min(first + bs, task.count)
-    sampler = Sampler(
-        loaded, spec.sampler, spec.steps, spec.eta, guidance=guidance, precision=spec.precision
-    )
+    try:
+        sampler = Sampler(
+            loaded,
+            spec.sampler,
+            spec.steps,
+            spec.eta,
+            guidance=guidance,
+            precision=spec.precision,
+            strength_min_t=spec.strength_min_t,
+        )
+    except ValueError as e:  # a recorded strength_min_t beyond this model's T
+        msg = f"cannot sample the recorded spec with this model: {e}"
+        raise InspectError(msg) from None
     compiled = "--compile" in shlex.split(index.get("command", ""))  # sia-gen padded its tails
     images = sampler.sample(
         [category] * (last - first),

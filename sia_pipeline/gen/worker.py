@@ -159,7 +159,14 @@ class SamplerWorker:
     def _sampler(self, task: ShardTask):
         from sia_pipeline.diffusion.sampler import Sampler
 
-        key = (task.sampler, task.steps, task.eta, task.classifier_scale, task.precision)
+        key = (
+            task.sampler,
+            task.steps,
+            task.eta,
+            task.classifier_scale,
+            task.precision,
+            task.strength_min_t,
+        )
         if key not in self._samplers:
             guidance = None
             if task.classifier_id:
@@ -179,6 +186,7 @@ class SamplerWorker:
                 guidance=guidance,
                 precision=task.precision,
                 compile=self.compile,
+                strength_min_t=task.strength_min_t,
             )
         return self._samplers[key]
 

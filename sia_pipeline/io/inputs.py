@@ -30,6 +30,7 @@ import click
 
 MAX_SIDE = 8192  # px: one float32 RGB image of this side is 800 MB
 MAX_STEPS = 1000  # the schedulers' T: respaced steps are a subset of it
+MAX_TIMESTEP = 100_000  # a timestep option's bound here; the model's T is checked at plan time
 MAX_SHARDS_PER_CATEGORY = 1_000_000  # keys hold a six-digit shard number
 MAX_COUNT = 10_000_000  # images per category, outputs per run: 1000 x the paper's 10k
 MAX_BATCH = 4096
@@ -140,6 +141,7 @@ POSITIVE_FLOAT = Number(float, 0, lo_open=True)
 PROBABILITY_OPEN = Number(float, 0, 1, lo_open=True, hi_open=True)
 SEED = Number(int, 0, MAX_SEED)
 STEPS = Number(int, 1, MAX_STEPS)
+TIMESTEP = Number(int, 0, MAX_TIMESTEP)
 BATCH = Number(int, 1, MAX_BATCH)
 
 

@@ -11,6 +11,14 @@ from typing import Any, NoReturn
 
 import click
 
+# --strength-min-t of sia-gen and sia-preview (sia-gen adds that it is part of the spec).
+STRENGTH_MIN_T_HELP = (
+    "Apply the SDAS strength term only on steps whose timestep t >= this (of the "
+    "model's T); later, low-noise steps are plain DDPM/DDIM. 0 = every step, as the paper. "
+    "A departure from the paper (RealNet applies s on every step): on the late steps s turns "
+    "into grain, not structure (bench/results/sia_strength_structure.md)."
+)
+
 
 def exit_process(code: int | str | None = 0) -> NoReturn:
     """End a command's process with ``code`` without tearing the interpreter down.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from sia_pipeline.cli._common import (
+    STRENGTH_MIN_T_HELP,
     SiaCommand,
     die,
     s3_endpoint_option,
@@ -115,10 +116,7 @@ from sia_pipeline.io.inputs import (
     "--strength-min-t",
     type=TIMESTEP,
     default=DATASET.strength_min_t,
-    help="Apply the SDAS strength term only on steps whose timestep t >= this (of the "
-    "model's T); later, low-noise steps are plain DDPM/DDIM. 0 = every step, as the paper. "
-    "A departure from the paper (RealNet applies s on every step): on the late steps s turns "
-    "into grain, not structure (bench/results/sia_strength_structure.md). Part of the spec.",
+    help=STRENGTH_MIN_T_HELP + " Part of the spec.",
 )
 @click.option("--compile", is_flag=True, help="torch.compile the UNet in every actor (GPU speed).")
 @click.option(

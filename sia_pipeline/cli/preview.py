@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from sia_pipeline.cli._common import SiaCommand, die, parse_list, setup_logging
+from sia_pipeline.cli._common import STRENGTH_MIN_T_HELP, SiaCommand, die, parse_list, setup_logging
 from sia_pipeline.format.genspec import MAX_STRENGTH, PRECISIONS, SAMPLERS
 from sia_pipeline.gen.options import DATASET
 from sia_pipeline.io.inputs import (
@@ -74,10 +74,7 @@ def default_out(model: str | None) -> str:
     "--strength-min-t",
     type=TIMESTEP,
     default=DATASET.strength_min_t,
-    help="Apply the SDAS strength term only on steps whose timestep t >= this (of the "
-    "model's T); later, low-noise steps are plain DDPM/DDIM. 0 = every step, as the paper. "
-    "A departure from the paper (RealNet applies s on every step): on the late steps s turns "
-    "into grain, not structure (bench/results/sia_strength_structure.md).",
+    help=STRENGTH_MIN_T_HELP,
 )
 @click.option("--compile", is_flag=True, help="torch.compile the UNet.")
 @click.option("--device", default=None, help="Torch device [default: cuda if present, else cpu].")

@@ -23,14 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sia_pipeline.io.inputs import MAX_SHARDS_PER_CATEGORY, MAX_SIDE, MAX_STEPS, MAX_TIMESTEP
+
 MAX_LIST = 1_000_000  # entries of one list: shards of a root, samples of a shard
 MAX_DEPTH = 32
-MAX_SHARDS_PER_CATEGORY = 1_000_000  # six-digit shard numbers in keys
 MAX_SHARD_SIZE = 999_999  # six-digit sample indexes in keys
 MAX_PER_CATEGORY = MAX_SHARDS_PER_CATEGORY * 1000
-MAX_SIDE = 8192
-MAX_STEPS = 1000
-MAX_TIMESTEP = 100_000  # strength_min_t; the model's T bounds it when sampling
 INT64 = 2**63 - 1
 
 CATEGORY_RE = r"^[A-Za-z_][A-Za-z0-9_]*$"

@@ -23,6 +23,7 @@ from sia_pipeline.format.genspec import (
     parse_strengths,
     sample_params,
 )
+from sia_pipeline.format.schema import MAX_SHARD_SIZE
 from sia_pipeline.format.v1 import (
     FORMAT_VERSION,
     IMAGE_EXTS,
@@ -34,7 +35,6 @@ from sia_pipeline.format.v1 import (
 )
 from sia_pipeline.gen.options import RUN, DatasetOptions
 
-MAX_SHARD_SIZE = 999_999  # the in-shard index of a key has six digits
 # Rough compressed size of one image as a fraction of its raw RGB bytes (for --dry-run).
 _COMPRESSION = {"png": 0.75, "jpg": 0.15}
 _PER_SAMPLE_OVERHEAD = 2 * 512 + 512 + 900  # tar headers + padding, .json member, stats row

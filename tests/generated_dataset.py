@@ -1,5 +1,6 @@
 """One small SIA dataset made by the real ``sia-gen`` code (tiny model, local Ray), shared by
-the publish and inspect tests, plus helpers to copy it to a folder or the loopback S3."""
+the publish and inspect tests, plus helpers to copy it to a folder or the loopback S3 and
+a small generation spec."""
 
 from __future__ import annotations
 
@@ -77,3 +78,21 @@ def flip_bytes(data: bytes, at: int, n: int = 16) -> bytes:
     for i in range(at, min(at + n, len(out))):
         out[i] ^= 0xFF
     return bytes(out)
+
+
+TINY_MODEL_CATEGORIES = {"bottle": 0, "magnetic_tile": 1}  # those of the tiny_model fixture
+
+
+def small_spec(**kw):
+    """A generation spec for the tiny model at 32 px (4 per category, shards of 2); ``kw``
+    overrides or adds ``make_spec`` arguments."""
+    from sia_pipeline.gen.plan import make_spec
+
+    args = {
+        "model_id": "sdas-x",
+        "model_categories": TINY_MODEL_CATEGORIES,
+        "resolution": 32,
+        "per_category": 4,
+        "shard_size": 2,
+    }
+    return make_spec(**{**args, **kw})

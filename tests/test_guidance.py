@@ -18,6 +18,7 @@ from adm_reference import REFERENCE, realistic_, reference_models
 from click.testing import CliRunner
 from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
+from generated_dataset import TINY_MODEL_CATEGORIES, small_spec
 from torch import nn
 
 from sia_pipeline.diffusion.guidance import (
@@ -266,39 +267,24 @@ def test_check_scale_and_categories():
 
 # --- the spec, sia-gen, sia-preview and sia-inspect --regenerate ------------------------
 
-MODEL_CATEGORIES = {"bottle": 0, "magnetic_tile": 1}  # those of the tiny_model fixture
-
-
-def _spec(**kw):
-    from sia_pipeline.gen.plan import make_spec
-
-    args = {
-        "model_id": "sdas-x",
-        "model_categories": MODEL_CATEGORIES,
-        "resolution": 32,
-        "per_category": 4,
-        "shard_size": 2,
-    }
-    return make_spec(**{**args, **kw})
-
 
 def test_spec_records_guidance_and_precision_only_when_used():
     from sia_pipeline.format.genspec import PlanError, sample_params
     from sia_pipeline.gen.plan import make_tasks
 
-    plain = _spec()
+    plain = small_spec()
     d = plain.to_dict()
     assert not {"classifier_id", "classifier_scale", "precision"} & set(d)
-    assert _spec(classifier_scale=7.0).spec_hash == plain.spec_hash  # no classifier: ignored
-    guided = _spec(classifier_id="cls-1", classifier_scale=2.0)
+    assert small_spec(classifier_scale=7.0).spec_hash == plain.spec_hash  # no classifier: ignored
+    guided = small_spec(classifier_id="cls-1", classifier_scale=2.0)
     assert guided.to_dict()["classifier_id"] == "cls-1"
     assert guided.to_dict()["classifier_scale"] == 2.0
     hashes = {
         plain.spec_hash,
         guided.spec_hash,
-        _spec(classifier_id="cls-1", classifier_scale=3.0).spec_hash,
-        _spec(classifier_id="cls-2", classifier_scale=2.0).spec_hash,
-        _spec(precision="bf16").spec_hash,
+        small_spec(classifier_id="cls-1", classifier_scale=3.0).spec_hash,
+        small_spec(classifier_id="cls-2", classifier_scale=2.0).spec_hash,
+        small_spec(precision="bf16").spec_hash,
     }
     assert len(hashes) == 5
     # the same noise: seeds and strengths do not depend on guidance or precision
@@ -306,14 +292,14 @@ def test_spec_records_guidance_and_precision_only_when_used():
     row = make_tasks(guided)[0].sample_row(0)
     assert (row["classifier_id"], row["classifier_scale"]) == ("cls-1", 2.0)
     assert "precision" not in row and "classifier_id" not in make_tasks(plain)[0].sample_row(0)
-    assert make_tasks(_spec(precision="bf16"))[0].sample_row(0)["precision"] == "bf16"
+    assert make_tasks(small_spec(precision="bf16"))[0].sample_row(0)["precision"] == "bf16"
     for bad, needle in (
         ({"precision": "fp8"}, "--precision"),
         ({"classifier_scale": -1.0}, "--classifier-scale"),
         ({"classifier_scale": float("nan")}, "--classifier-scale"),
     ):
         with pytest.raises(PlanError, match=needle):
-            _spec(**bad)
+            small_spec(**bad)
 
 
 def _save_classifier(folder, categories, seed=0):
@@ -335,7 +321,7 @@ def _save_classifier(folder, categories, seed=0):
 @pytest.fixture(scope="module")
 def tiny_classifier(tmp_path_factory):
     folder = tmp_path_factory.mktemp("clf") / "tiny"
-    _save_classifier(folder, MODEL_CATEGORIES)
+    _save_classifier(folder, TINY_MODEL_CATEGORIES)
     return folder
 
 

@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from generated_dataset import small_spec
 
 from sia_pipeline.diffusion.model import PRESETS, build_scheduler, build_unet, load_model
 from sia_pipeline.diffusion.sampler import Sampler, SDASPipeline, make_scheduler
@@ -20,7 +21,6 @@ from sia_pipeline.diffusion.sampler import Sampler, SDASPipeline, make_scheduler
 LABELS, STRENGTHS, SEEDS = [0, 1, 1], [0.3, 0.5, 0.2], [5, 6, 7]
 STEPS = 5  # timesteps 800, 600, 400, 200, 0
 SAMPLERS = [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 0.5)]
-MODEL_CATEGORIES = {"bottle": 0, "magnetic_tile": 1}
 
 
 @pytest.fixture(scope="module")
@@ -101,19 +101,6 @@ def test_sampler_takes_records_and_bounds_it(tiny_model):
             Sampler(m, "ddpm", 2, strength_min_t=bad)
 
 
-def _spec(**kw):
-    from sia_pipeline.gen.plan import make_spec
-
-    args = {
-        "model_id": "sdas-x",
-        "model_categories": MODEL_CATEGORIES,
-        "resolution": 32,
-        "per_category": 4,
-        "shard_size": 2,
-    }
-    return make_spec(**{**args, **kw})
-
-
 def test_spec_hash_unchanged_at_zero_and_changed_above():
     from sia_pipeline.format.genspec import PlanError, sample_params
     from sia_pipeline.format.schema import SPEC, SchemaError, validate
@@ -121,26 +108,28 @@ def test_spec_hash_unchanged_at_zero_and_changed_above():
     from sia_pipeline.gen.provenance import command_line
 
     # The hashes these specs had before the option existed (computed on the code before it).
-    assert _spec().spec_hash == _spec(strength_min_t=0).spec_hash == "48dc6265dd7f3d0c"
+    assert small_spec().spec_hash == small_spec(strength_min_t=0).spec_hash == "48dc6265dd7f3d0c"
     ddim = {"sampler": "ddim", "eta": 0.5, "precision": "bf16"}
-    assert _spec(**ddim, strength_min_t=0).spec_hash == "a72128aeca1dc78d"
-    assert "strength_min_t" not in _spec().to_dict()
-    assert "strength_min_t" not in make_tasks(_spec())[0].sample_row(0)
-    assert "--strength-min-t" not in command_line(_spec(), "out", None, 2)
+    assert small_spec(**ddim, strength_min_t=0).spec_hash == "a72128aeca1dc78d"
+    assert "strength_min_t" not in small_spec().to_dict()
+    assert "strength_min_t" not in make_tasks(small_spec())[0].sample_row(0)
+    assert "--strength-min-t" not in command_line(small_spec(), "out", None, 2)
 
-    late = _spec(strength_min_t=300)
+    late = small_spec(strength_min_t=300)
     assert late.to_dict()["strength_min_t"] == 300
-    assert len({late.spec_hash, _spec(strength_min_t=301).spec_hash, _spec().spec_hash}) == 3
+    assert (
+        len({late.spec_hash, small_spec(strength_min_t=301).spec_hash, small_spec().spec_hash}) == 3
+    )
     validate(late.to_dict(), SPEC, "spec.json", SchemaError)
     # the same noise: seeds and strengths do not depend on it
-    assert sample_params(late, "bottle", 3) == sample_params(_spec(), "bottle", 3)
+    assert sample_params(late, "bottle", 3) == sample_params(small_spec(), "bottle", 3)
     assert make_tasks(late)[0].sample_row(0)["strength_min_t"] == 300
     assert "--strength-min-t=300" in command_line(late, "out", None, 2)
     assert "t >= 300 only" in describe_plan(late, make_tasks(late))
     for bad in (-1, 1000):
         with pytest.raises(PlanError, match=r"--strength-min-t must be in \[0, 1000\)"):
-            _spec(strength_min_t=bad)
-    assert _spec(strength_min_t=3999, max_steps=4000).strength_min_t == 3999
+            small_spec(strength_min_t=bad)
+    assert small_spec(strength_min_t=3999, max_steps=4000).strength_min_t == 3999
     for bad in (-1, "300", 1.5, 10**6):
         with pytest.raises(SchemaError, match="strength_min_t"):
             validate({**late.to_dict(), "strength_min_t": bad}, SPEC, "spec.json", SchemaError)

@@ -2,8 +2,7 @@
 
 A checkpoint holds the trainable weights (never the frozen backbone's: those come from their
 package or file), AFS buffers, optimiser state, step, ``model_args`` (everything needed to
-rebuild the model), the run's config, the score baseline (the mean anomaly map of training
-normals, where the model keeps one) and the decision threshold calibrated on held-out good
+rebuild the model), the run's config, and the decision threshold calibrated on held-out good
 images. Reading uses ``torch.load(weights_only=True)``: a foreign or crafted file, e.g. a
 pickle that would run code, is refused with one line and nothing of it is executed.
 """
@@ -43,13 +42,9 @@ def checkpoint_fit(ckpt: dict[str, Any]) -> str:
 
 
 def checkpoint_dict(model: RealNet, **fields: Any) -> dict[str, Any]:
-    """Trainable weights and buffers (not the backbone's), ``model_args`` and the score
-    baseline (where the model has one), plus ``fields``."""
+    """Trainable weights and buffers (not the backbone's) and ``model_args``, plus ``fields``."""
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
-    out = {"model_args": model.config.to_dict(), "model": state}
-    if model.score_baseline is not None:
-        out["score_baseline"] = model.score_baseline.detach().cpu()
-    return {**out, **fields}
+    return {"model_args": model.config.to_dict(), "model": state, **fields}
 
 
 def read_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, Any]:
@@ -97,10 +92,4 @@ def load_model(path: str | Path, map_location: str = "cpu") -> tuple[RealNet, di
     if bad:
         msg = f"checkpoint {path} does not match its model_args: {bad[:5]}"
         raise CheckpointError(msg)
-    if ckpt.get("score_baseline") is not None:
-        try:
-            model.set_score_baseline(ckpt["score_baseline"])
-        except ValueError as e:
-            msg = f"checkpoint {path}: {e}"
-            raise CheckpointError(msg) from None
     return model, ckpt

@@ -27,7 +27,7 @@ from realnet_train.cli_common import (
     s3_endpoint_option,
     setup_logging,
 )
-from realnet_train.model.config import MAX_BASELINE_IMAGES, RealNetConfig
+from realnet_train.model.config import RealNetConfig
 from realnet_train.presets import (
     DEFAULT_PRESET,
     LR_SCHEDULES,
@@ -128,7 +128,6 @@ def preset_config(kw: dict) -> tuple[dict, RealNetConfig]:
         "afs_keep": keep,
         "recon_width": kw["recon_width"],
         "rrs_counts": counts,
-        "score_baseline_images": kw["score_baseline_images"],
     }
     train_kw = {
         "image_size": kw["image_size"],
@@ -326,15 +325,6 @@ def train_config(kw: dict):
 )
 @click.option(
     "--rrs-counts", default=None, help=f"RRS channels by MAX,MEAN {preset_values('rrs_counts')}"
-)
-@click.option(
-    "--score-baseline-images",
-    type=Number(int, 0, MAX_BASELINE_IMAGES),
-    default=None,
-    help="After training, the mean anomaly map of this many training normals becomes the "
-    "score baseline: the image score pools the map less it, so a place that glows on every "
-    "good image (a border) does not decide it; 0 pools the map itself (the authors). "
-    f"{preset_values('score_baseline_images')}",
 )
 @click.option(
     "--foreground",

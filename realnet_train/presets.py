@@ -69,7 +69,6 @@ PAPER = Preset(
         "rrs_counts": (256, 256),
         "head_residual_layers": 2,
         "score_pool": 16,
-        "score_baseline_images": 0,
     },
     needs_weights_file=True,
 )

@@ -285,23 +285,6 @@ class BadData:
 
 
 @torch.no_grad()
-def score_baseline(
-    model: RealNet, normals: np.ndarray, n: int, device: torch.device, batch_size: int = 16
-) -> torch.Tensor:
-    """The mean anomaly map (S, S) of ``n`` training normals spread over ``normals``
-    (N, S, S, 3) uint8 (all of them when there are fewer)."""
-    model.eval()
-    picked = normals[np.linspace(0, len(normals) - 1, min(n, len(normals))).round().astype(int)]
-    total = None
-    for i in range(0, len(picked), batch_size):
-        x = to_tensor(torch.from_numpy(picked[i : i + batch_size])).to(device)
-        part = model(x).anomaly_map.sum(0)
-        total = part if total is None else total + part
-    model.train()
-    return (total / len(picked)).cpu()
-
-
-@torch.no_grad()
 def calibrate(
     model: RealNet, images: np.ndarray, names: list[str], cfg: TrainConfig, device: torch.device
 ) -> dict[str, Any] | None:
@@ -480,15 +463,6 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict[str, Any]:
     if total_bad > cfg.max_bad_samples:
         stopped = f"{int(total_bad)} bad samples (limit --max-bad-samples {cfg.max_bad_samples})"
     elif dist.is_main:
-        if model.config.score_baseline_images:  # before the threshold: it scores through it
-            n = model.config.score_baseline_images
-            model.set_score_baseline(score_baseline(model, normals, n, dist.device))
-            log.info(
-                "score baseline: the mean map of %d training normals (mean %.4f, max %.4f)",
-                min(len(normals), n),
-                float(model.score_baseline.mean()),
-                float(model.score_baseline.max()),
-            )
         held_images = mvtec.load_train(cfg.image_size, held_items) if held_items else normals[:0]
         calibration = calibrate(
             model, held_images, [it.image for it in held_items], cfg, dist.device

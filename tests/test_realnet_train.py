@@ -165,37 +165,3 @@ def test_the_optimizer_is_fused_adam_with_the_loop_adams_update():
     # a checkpoint of the loop optimiser's state loads into the fused one (older runs resume)
     fused.load_state_dict(loop.state_dict())
     fused.step()
-
-
-def test_a_score_baseline_is_made_after_training_and_scores_the_threshold(
-    small_bottle, tiny_sia, tmp_path, one_thread
-):
-    from dataclasses import replace
-
-    from realnet_train.data.mvtec import MVTecCategory
-    from realnet_train.evaluate import predict
-    from realnet_train.train import score_baseline, to_tensor
-
-    out = tmp_path / "run"
-    cfg = replace(
-        small_config(small_bottle, tiny_sia, out, steps=4),
-        model=replace(TINY_MODEL, score_baseline_images=8),
-    )
-    result = train(cfg)
-    model, ckpt = load_model(out / "last.pt")
-    assert ckpt["score_baseline"].shape == (64, 64)
-    torch.testing.assert_close(model.score_baseline, ckpt["score_baseline"])
-    # the threshold is made through the baseline: the held-out images score as stored
-    cal = result["calibration"]
-    mvtec = MVTecCategory(str(small_bottle), "bottle", None, False, cfg.resize)
-    held = [it for it in mvtec.train_items if it.image in cal["images"]]
-    assert len(held) == len(cal["images"]) > 0
-    _, scores = predict(model, mvtec.load_train(64, held))
-    np.testing.assert_allclose(scores, cal["scores"], atol=1e-4)
-    model.set_score_baseline(None)
-    assert not np.allclose(predict(model, mvtec.load_train(64, held))[1], cal["scores"])
-    # fewer normals than asked for: the mean of all their maps
-    normals = torch.from_numpy(np.zeros((3, 64, 64, 3), np.uint8))
-    with torch.no_grad():
-        flat = model(to_tensor(normals)).anomaly_map.mean(0)
-    torch.testing.assert_close(score_baseline(model, normals.numpy(), 8, "cpu"), flat)

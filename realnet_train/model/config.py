@@ -8,7 +8,6 @@ from dataclasses import asdict, dataclass
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 DEFAULT_LEVELS = (1, 2, 3, 4)
 PAPER_BACKBONE = "wide_resnet50_2"
-MAX_BASELINE_IMAGES = 4096
 
 
 @dataclass
@@ -29,10 +28,6 @@ class RealNetConfig:
         rrs_counts: residual channels RRS keeps by spatial max and by spatial mean.
         head_residual_layers: residual layers at the head's input (the authors: 2).
         score_pool: image score = max of the ``score_pool`` x ``score_pool`` mean-pooled map.
-        score_baseline_images: after training, the mean anomaly map of this many training
-            normals becomes the score baseline: the image score pools the map less it, so
-            a place that glows on every good image (the border) does not decide the score.
-            The pixel map is unchanged. 0 (the authors): no baseline.
     """
 
     backbone: str = PAPER_BACKBONE
@@ -47,7 +42,6 @@ class RealNetConfig:
     rrs_counts: tuple[int, int] = (256, 256)
     head_residual_layers: int = 2
     score_pool: int = 16
-    score_baseline_images: int = 0
 
     def __post_init__(self) -> None:
         for name in (
@@ -58,10 +52,6 @@ class RealNetConfig:
             "rrs_counts",
         ):
             setattr(self, name, tuple(int(i) for i in getattr(self, name)))
-        if not 0 <= self.score_baseline_images <= MAX_BASELINE_IMAGES:
-            n = self.score_baseline_images
-            msg = f"score_baseline_images {n}: in [0, {MAX_BASELINE_IMAGES}]"
-            raise ValueError(msg)
         if len(self.afs_keep) != len(self.levels):
             msg = f"afs_keep {self.afs_keep} needs one count per level {self.levels}"
             raise ValueError(msg)

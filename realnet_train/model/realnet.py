@@ -29,8 +29,7 @@ class RealNetOutput:
     Attributes:
         logits: (B, 2, H, W) normal/anomalous logits.
         anomaly_map: (B, H, W) anomaly-class probability (the pixel score).
-        image_score: (B,) max of the mean-pooled anomaly map (less the score baseline,
-            where the model has one).
+        image_score: (B,) max of the mean-pooled anomaly map.
         features: level -> (B, K, h, w) AFS-selected features of the input.
         reconstructions: level -> (B, K, h, w) reconstructed normal features.
     """
@@ -46,25 +45,6 @@ def image_scores(anomaly_map: torch.Tensor, pool: int) -> torch.Tensor:
     """(B, H, W) -> (B,): max over the ``pool`` x ``pool`` average-pooled map (stride 1)."""
     k = min(pool, *anomaly_map.shape[-2:])
     return F.avg_pool2d(anomaly_map[:, None], k, stride=1).flatten(1).amax(1)
-
-
-def check_baseline(baseline: object, where: str = "score baseline") -> torch.Tensor:
-    """A score baseline as read from storage: a finite (H, W) float map in [0, 1], sides in
-    [1, 4096]; ``ValueError`` naming ``where`` otherwise."""
-    ok = (
-        isinstance(baseline, torch.Tensor)
-        and baseline.ndim == 2
-        and baseline.is_floating_point()
-        and all(1 <= n <= 4096 for n in baseline.shape)
-    )
-    if not ok:
-        what = tuple(baseline.shape) if isinstance(baseline, torch.Tensor) else type(baseline)
-        msg = f"{where}: an (H, W) float map with sides in [1, 4096] expected, not {what}"
-        raise ValueError(msg)
-    if not bool(torch.isfinite(baseline).all()) or baseline.min() < 0 or baseline.max() > 1:
-        msg = f"{where}: values must be finite and in [0, 1]"
-        raise ValueError(msg)
-    return baseline.float()
 
 
 class RealNet(nn.Module):
@@ -97,16 +77,6 @@ class RealNet(nn.Module):
         self.strides = {lv: self.backbone.strides[lv] for lv in keep}
         self.rrs = RRS(sum(keep.values()), config.rrs_counts)
         self.head = SegmentationHead(self.rrs.out_channels, config.head_residual_layers)
-        # (H, W) mean anomaly map of training normals (config.score_baseline_images); kept
-        # in the checkpoint beside the weights, see set_score_baseline
-        self.register_buffer("score_baseline", None, persistent=False)
-
-    def set_score_baseline(self, baseline: torch.Tensor | None) -> None:
-        """Pool the map less ``baseline`` (H, W) for the image score (resized bilinearly to
-        each input's size); ``None`` scores the map itself."""
-        if baseline is not None:
-            baseline = check_baseline(baseline).to(next(self.head.parameters()).device)
-        self.score_baseline = baseline
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -129,14 +99,8 @@ class RealNet(nn.Module):
         selected = self.rrs(stacked_residuals(residuals, self.strides))
         logits = self.head(selected, tuple(image_size))
         amap = logits.softmax(1)[:, 1]
-        scored = amap
-        if self.score_baseline is not None:
-            base = self.score_baseline[None, None]
-            if base.shape[-2:] != amap.shape[-2:]:
-                base = F.interpolate(base, size=amap.shape[-2:], mode="bilinear")
-            scored = amap - base[:, 0]
         return RealNetOutput(
-            logits, amap, image_scores(scored, self.config.score_pool), feats, recons
+            logits, amap, image_scores(amap, self.config.score_pool), feats, recons
         )
 
 

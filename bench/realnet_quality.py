@@ -8,7 +8,8 @@ ms/image). Sources:
 
 - ``sia``: SIA images (``--sia ROOT``, else made by ``sia-gen`` from the bundled model with
   ``--sia-per-category``, ``--sia-strengths``, ``--sia-sampler``, ``--sia-steps`` and
-  ``--sia-strength-min-t``: its SIA setting);
+  ``--sia-strength-min-t``: its SIA setting; default 192 per category, DDPM 20 steps, s in
+  0.1:0.5 on timesteps >= 500, :data:`DEFAULT_SIA`);
 - ``dtd``: DTD textures (``--textures``, default the shared ``dtd/images``);
 - ``perlin``: Perlin noise only: colour Perlin-noise images (made here, seeded) as the
   texture source, so the anomaly is the noise pattern inside the Perlin mask;
@@ -44,7 +45,7 @@ The full bench (3 seeds x 3 sources x 2 categories + PatchCore) needs hours on 2
     nice .venv/bin/python bench/realnet_quality.py --categories magnetic_tile --sources sia \\
         --resize letterbox --tag realnet_quality-letterbox
     nice .venv/bin/python bench/realnet_quality.py --categories magnetic_tile --sources sia \\
-        --sia-strengths 0.1:0.2 --sia-strength-min-t 500 --tag realnet_quality-sia-t500
+        --sia-strengths 0.1:0.2 --sia-strength-min-t 0 --tag realnet_quality-sdas-authors
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ from sia_pipeline.compose import perlin_noise
 from sia_pipeline.compose.resize import FITS
 from sia_pipeline.diffusion.model import BUNDLED_MODEL, load_model
 from sia_pipeline.format.genspec import SAMPLERS, PlanError, parse_strengths
+from sia_pipeline.gen.options import DATASET
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SIA_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -104,6 +106,9 @@ LEGACY_SIA = {
     "steps": 20,
     "strength_min_t": 0,
 }
+# The SIA this bench makes when not told otherwise: LEGACY_SIA's amount and strengths with
+# sia-gen's default --strength-min-t (the setting that won, realnet_quality-sia-t500.md).
+DEFAULT_SIA = {**LEGACY_SIA, "strength_min_t": DATASET.strength_min_t}
 
 
 def all_square(folder: Path) -> bool:
@@ -628,8 +633,9 @@ def main() -> None:
         "--sia-strength-min-t",
         type=int,
         default=None,
-        help="sia-gen --strength-min-t (default 0: the strength on every step). A results "
-        "file holds one SIA setting: another needs its own --tag",
+        help=f"sia-gen --strength-min-t (default {DEFAULT_SIA['strength_min_t']}, sia-gen's; 0: "
+        "the strength on every step, as the paper). A results file holds one SIA setting: "
+        "another needs its own --tag",
     )
     p.add_argument("--textures", default=str(SHARED / "dtd" / "images"))
     p.add_argument("--patchcore", choices=["auto", "off"], default="auto")
@@ -695,7 +701,9 @@ def main() -> None:
                     args.sia_strengths or LEGACY_SIA["strengths"],
                     args.sia_sampler or LEGACY_SIA["sampler"],
                     LEGACY_SIA["steps"] if args.sia_steps is None else args.sia_steps,
-                    args.sia_strength_min_t or 0,
+                    DEFAULT_SIA["strength_min_t"]
+                    if args.sia_strength_min_t is None
+                    else args.sia_strength_min_t,
                 )
             except PlanError as e:
                 p.error(f"--sia-strengths: {e}")

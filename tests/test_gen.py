@@ -191,6 +191,7 @@ def test_other_spec_is_refused_unless_overwrite(dataset_copy, tiny_model, ray_lo
     refused = CliRunner().invoke(main, [*args, "--strengths", "0.2:0.3"])
     assert refused.exit_code == 2
     assert "different spec" in refused.stderr and "--overwrite" in refused.stderr
+    assert "which differs in strengths=" in refused.stderr  # what differs, from spec.json
     assert snapshot(dataset_copy) == before
 
     done = CliRunner().invoke(main, [*args, "--strengths", "0.2:0.3", "--overwrite"])
@@ -337,3 +338,23 @@ def test_no_credentials(tiny_model, s3_root, s3_client, tmp_path):
 def test_generate_raises_gen_error_for_python_callers(tiny_model, tmp_path):
     with pytest.raises(GenError, match="unknown category"):
         generate(model=str(tiny_model), out=str(tmp_path / "o"), categories="screw")
+
+
+def test_a_dataset_of_the_old_default_is_told_how_to_resume(tmp_path):
+    """Made before --strength-min-t defaulted to 500 (its spec has no strength_min_t): the
+    refusal says that --strength-min-t 0 resumes it."""
+    from generated_dataset import small_spec
+
+    from sia_pipeline.format.spec import write_spec
+    from sia_pipeline.gen.generate import GenError, _refuse_other_spec
+    from sia_pipeline.gen.root import RootState
+
+    storage = open_storage(str(tmp_path))
+    before = small_spec(strength_min_t=0)
+    write_spec(storage, before.to_dict(), before.spec_hash, {})
+    state = RootState(done={}, other_spec=f"spec {before.spec_hash}", index_current=False)
+    now = small_spec()
+    with pytest.raises(GenError, match="--strength-min-t 0 resumes that dataset") as err:
+        _refuse_other_spec(storage, state, now, overwrite=False)
+    assert "differs in strength_min_t=None (this run: 500)" in str(err.value)
+    _refuse_other_spec(storage, state, now, overwrite=True)  # --overwrite: no refusal

@@ -104,25 +104,31 @@ def test_sampler_takes_records_and_bounds_it(tiny_model):
 def test_spec_hash_unchanged_at_zero_and_changed_above():
     from sia_pipeline.format.genspec import PlanError, sample_params
     from sia_pipeline.format.schema import SPEC, SchemaError, validate
+    from sia_pipeline.gen.options import DATASET
     from sia_pipeline.gen.plan import describe_plan, make_tasks
     from sia_pipeline.gen.provenance import command_line
 
-    # The hashes these specs had before the option existed (computed on the code before it).
-    assert small_spec().spec_hash == small_spec(strength_min_t=0).spec_hash == "48dc6265dd7f3d0c"
+    # The hashes these specs had before the option existed (computed on the code before it):
+    # 0 is the paper's sampling, and specs made so before keep their hash.
+    paper = small_spec(strength_min_t=0)
+    assert paper.spec_hash == "48dc6265dd7f3d0c"
     ddim = {"sampler": "ddim", "eta": 0.5, "precision": "bf16"}
     assert small_spec(**ddim, strength_min_t=0).spec_hash == "a72128aeca1dc78d"
-    assert "strength_min_t" not in small_spec().to_dict()
-    assert "strength_min_t" not in make_tasks(small_spec())[0].sample_row(0)
-    assert "--strength-min-t" not in command_line(small_spec(), "out", None, 2)
+    assert "strength_min_t" not in paper.to_dict()
+    assert "strength_min_t" not in make_tasks(paper)[0].sample_row(0)
+    assert "--strength-min-t" not in command_line(paper, "out", None, 2)
+    # sia-gen's default departs from it (bench/results/realnet_quality-sia-t500.md)
+    default = small_spec()
+    assert default.strength_min_t == DATASET.strength_min_t == 500
+    assert default.to_dict()["strength_min_t"] == 500
+    assert "--strength-min-t=500" in command_line(default, "out", None, 2)
 
     late = small_spec(strength_min_t=300)
     assert late.to_dict()["strength_min_t"] == 300
-    assert (
-        len({late.spec_hash, small_spec(strength_min_t=301).spec_hash, small_spec().spec_hash}) == 3
-    )
+    assert len({late.spec_hash, small_spec(strength_min_t=301).spec_hash, paper.spec_hash}) == 3
     validate(late.to_dict(), SPEC, "spec.json", SchemaError)
     # the same noise: seeds and strengths do not depend on it
-    assert sample_params(late, "bottle", 3) == sample_params(small_spec(), "bottle", 3)
+    assert sample_params(late, "bottle", 3) == sample_params(paper, "bottle", 3)
     assert make_tasks(late)[0].sample_row(0)["strength_min_t"] == 300
     assert "--strength-min-t=300" in command_line(late, "out", None, 2)
     assert "t >= 300 only" in describe_plan(late, make_tasks(late))

@@ -15,8 +15,9 @@ import click
 STRENGTH_MIN_T_HELP = (
     "Apply the SDAS strength term only on steps whose timestep t >= this (of the "
     "model's T); later, low-noise steps are plain DDPM/DDIM. 0 = every step, as the paper. "
-    "A departure from the paper (RealNet applies s on every step): on the late steps s turns "
-    "into grain, not structure (bench/results/sia_strength_structure.md)."
+    "The default departs from the paper (RealNet applies s on every step): on the late steps "
+    "s turns into grain, not structure (bench/results/sia_strength_structure.md), and RealNet "
+    "learned more from SIA made with 500 (bench/results/realnet_quality.md)."
 )
 
 

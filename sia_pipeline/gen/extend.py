@@ -31,7 +31,8 @@ def earlier_hashes(spec: GenSpec) -> frozenset[str]:
     )
 
 
-def _recorded(storage: Storage) -> dict[str, Any] | None:
+def recorded_spec(storage: Storage) -> dict[str, Any] | None:
+    """The spec the root records (``spec.json``, else ``index.json``); None if unreadable."""
     try:
         doc = read_spec(storage)
     except FormatError:
@@ -45,7 +46,8 @@ def _recorded(storage: Storage) -> dict[str, Any] | None:
     return (index or {}).get("spec") or None
 
 
-def _differences(spec: GenSpec, old: dict[str, Any]) -> list[str]:
+def spec_differences(spec: GenSpec, old: dict[str, Any]) -> list[str]:
+    """``key=old (this run: new)`` for each field but those an extension may change."""
     new = spec.to_dict()
     keys = sorted((set(new) | set(old)) - set(_MAY_CHANGE))
     return [
@@ -64,7 +66,7 @@ def layered_spec(storage: Storage, spec: GenSpec, extend: bool) -> GenSpec:
         PlanError: ``extend`` on a root with no recorded spec, a spec that differs in
             more than ``per_category``, or a smaller ``per_category``.
     """
-    old = _recorded(storage)
+    old = recorded_spec(storage)
     if not extend:
         if old and old.get("extends") and old.get("per_category") == spec.per_category:
             grown = dataclasses.replace(spec, extends=tuple(old["extends"]))
@@ -74,7 +76,7 @@ def layered_spec(storage: Storage, spec: GenSpec, extend: bool) -> GenSpec:
     if not old:
         msg = f"--extend: {storage.url} holds no dataset to extend (no spec.json or index.json)"
         raise PlanError(msg)
-    diffs = _differences(spec, old)
+    diffs = spec_differences(spec, old)
     if diffs:
         msg = (
             f"--extend: the dataset at {storage.url} was made with {'; '.join(diffs[:3])};"

@@ -23,7 +23,13 @@ from sia_pipeline.format.spec import write_spec
 from sia_pipeline.format.v1 import (
     FormatError,
 )
-from sia_pipeline.gen.extend import earlier_hashes, layered_spec, restamp
+from sia_pipeline.gen.extend import (
+    earlier_hashes,
+    layered_spec,
+    recorded_spec,
+    restamp,
+    spec_differences,
+)
 from sia_pipeline.gen.options import DatasetOptions, GenRequest, RunOptions
 from sia_pipeline.gen.plan import (
     ShardTasks,
@@ -106,13 +112,21 @@ class GenReport:
         )
 
 
-def _refuse_other_spec(storage: Storage, state: RootState, spec_hash: str, overwrite: bool) -> None:
+def _refuse_other_spec(storage: Storage, state: RootState, spec: GenSpec, overwrite: bool) -> None:
     if state.other_spec and not overwrite:
         msg = (
             f"{storage.url} holds a dataset of a different spec ({state.other_spec}; this run"
-            f" is {spec_hash}): use another --out, or --overwrite to replace it"
+            f" is {spec.spec_hash})"
         )
-        raise GenError(msg)
+        old = recorded_spec(storage)
+        if old and (diffs := spec_differences(spec, old)):
+            msg += f", which differs in {'; '.join(diffs[:3])}"
+            if "strength_min_t" not in old and spec.strength_min_t:
+                msg += (
+                    " (sia-gen's default --strength-min-t was 0 before it became "
+                    f"{DatasetOptions.strength_min_t}: --strength-min-t 0 resumes that dataset)"
+                )
+        raise GenError(msg + ": use another --out, or --overwrite to replace it")
 
 
 def _absolute(url: str | None) -> str | None:
@@ -240,7 +254,7 @@ def _generate(req: GenRequest, slot: LeaseSlot) -> GenReport:
         plan=describe_plan(spec, tasks, done=len(state.done)),
         shards_total=len(tasks),
     )
-    _refuse_other_spec(storage, state, spec.spec_hash, req.actions.overwrite)
+    _refuse_other_spec(storage, state, spec, req.actions.overwrite)
     if req.actions.dry_run:
         report.dry_run = True
         if state.other_spec:

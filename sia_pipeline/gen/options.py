@@ -35,7 +35,9 @@ class DatasetOptions:
     classifier: str | None = None
     classifier_scale: float = 1.0
     precision: str = "fp32"
-    strength_min_t: int = 0  # the strength term only on timesteps >= this; 0: every step
+    # The strength term only on timesteps >= this (0: every step, as the paper). 500: SIA so
+    # made taught RealNet more (bench/results/realnet_quality-sia-t500.md).
+    strength_min_t: int = 500
     out: str = "./sia-data"
 
 

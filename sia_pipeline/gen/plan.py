@@ -148,7 +148,7 @@ def _check_values(opts: DatasetOptions, max_steps: int) -> None:
         (
             isinstance(opts.strength_min_t, int) and 0 <= opts.strength_min_t < max_steps,
             f"--strength-min-t must be in [0, {max_steps}) (the model's timesteps), "
-            f"got {opts.strength_min_t}",
+            f"got {opts.strength_min_t} (0 applies the strength on every step)",
         ),
     ]
     for ok, msg in checks:

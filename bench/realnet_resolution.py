@@ -174,7 +174,7 @@ def measure(
     labels = np.array([it.label for it in items])
     out: dict[str, Any] = {
         "checkpoint": str(ckpt_path),
-        "seed": ckpt.get("seed"),
+        "seed": (ckpt.get("train_config") or {}).get("seed"),
         "train_size": train_size,
         "geometry": geometry(mvtec, train_size, dict(model.strides)),
         "sizes": {},

@@ -225,6 +225,21 @@ def test_sample_count_mismatch_is_named(local_root):
     assert SHARDS[1] in line and f"{SHARD_SIZE} samples != {SHARD_SIZE + 1} in stats" in line
 
 
+def test_stats_without_their_sample_rows_are_named(local_root):
+    """Stats whose rows do not match their count (the manifest is built from the rows): a
+    bad shard, named, nothing written; not a traceback."""
+    stats_path = local_root / f"shards/bottle/{SHARDS[1]}.json"
+    stats = json.loads(stats_path.read_text())
+    stats["samples"] = []
+    stats_path.write_text(json.dumps(stats))
+    before = sorted(p.name for p in local_root.iterdir())
+    res = run(str(local_root))
+    assert res.exit_code == 1
+    (line,) = bad_lines(res.output)
+    assert SHARDS[1] in line and f"0 sample rows != count {SHARD_SIZE} in stats" in line
+    assert sorted(p.name for p in local_root.iterdir()) == before
+
+
 def test_not_a_dataset_and_missing_bucket_exit_2(tmp_path, s3_endpoint, monkeypatch):
     res = run(str(tmp_path))
     assert res.exit_code == 2

@@ -132,6 +132,8 @@ def verify_shard(storage: Storage, stats: ShardStats, keep: set[str] = frozenset
         check.problems.append(f"sha256 {sha[:12]}... != {stats.sha256[:12]}... in stats")
     if error:
         check.problems.append(error)
+    if len(stats.samples) != stats.count:  # the manifest is built from these rows
+        check.problems.append(f"{len(stats.samples)} sample rows != count {stats.count} in stats")
     if len(keys) != stats.count:
         check.problems.append(f"{len(keys)} samples != {stats.count} in stats")
     elif stats.keys and keys != list(stats.keys):

@@ -238,13 +238,17 @@ def _publish(storage: Storage, threads: int, previews_per_bin: int, lease: Lease
     lease.check()  # still ours after the (long) verification: only then write
     recorded = _recorded(storage, index, stats)
     report.rebuilt = _stale_reason(storage, index, stats, recorded)
-    if report.rebuilt:
-        log.info("rebuilding %s and %s: %s", MANIFEST_NAME, INDEX_NAME, report.rebuilt)
-        spec, extra = recorded or ((index or {}).get("spec") or {}, _index_extra(index))
-        manifest, index = rebuild_from_stats(storage, spec, extra, False)
-        report.written += [MANIFEST_NAME, INDEX_NAME, WIDS_NAME, CROISSANT_NAME]
-    else:
-        manifest = manifest_table(stats)
+    try:  # stats that changed since they were verified: one line, not a traceback
+        if report.rebuilt:
+            log.info("rebuilding %s and %s: %s", MANIFEST_NAME, INDEX_NAME, report.rebuilt)
+            spec, extra = recorded or ((index or {}).get("spec") or {}, _index_extra(index))
+            manifest, index = rebuild_from_stats(storage, spec, extra, False)
+            report.written += [MANIFEST_NAME, INDEX_NAME, WIDS_NAME, CROISSANT_NAME]
+        else:
+            manifest = manifest_table(stats)
+    except FormatError as e:
+        msg = f"{e} (was the root written to while sia-publish ran?); rerun sia-publish"
+        raise PublishError(msg) from None
     report.samples = manifest.num_rows
     samples = {k: v for c in checks for k, v in c.samples.items()}
     report.written += _write_card(storage, index, manifest, samples, previews_per_bin)

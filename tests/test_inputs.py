@@ -211,7 +211,9 @@ def test_sia_export_examples(work):
     (bad / "b.png").write_bytes(b"")
     before = files(work)
     args = ["sia", "--data", "bad", "--category", "bottle", "--workers", "0", "--out", "o"]
-    refused(invoke(main, args, work), "not a decodable PNG/JPEG image")
+    refused(
+        invoke(main, args, work), "normal image train/good/a.png is not a decodable PNG/JPEG image"
+    )
     assert not (work / "o").exists() and files(work) == before
 
 

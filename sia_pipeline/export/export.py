@@ -273,7 +273,10 @@ def prepare(
             msg = f"no texture images under {spec.textures}"
             raise ExportError(msg)
     _check_out(out, endpoint_url)
-    samples = [letterbox(decode_image(data.get_bytes(n)), spec.size) for n in normals[:8]]
+    samples = [
+        letterbox(decode_image(data.get_bytes(n), f"normal image {n}"), spec.size)
+        for n in normals[:8]
+    ]
     rule = choose_rule(spec.category, spec.foreground, samples)
     log.info("%s: foreground rule %s", spec.category, rule.describe())
     job = Job(

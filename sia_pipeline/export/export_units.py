@@ -99,7 +99,7 @@ def marker_name(uid: str) -> str:
 def _normal(job: Job, data, name: str, cache: dict) -> tuple[np.ndarray, np.ndarray]:
     """(letterboxed image, content mask) of one normal image, cached per unit."""
     if name not in cache:
-        raw = decode_image(data.get_bytes(name))
+        raw = decode_image(data.get_bytes(name), f"normal image {name}")
         h, w = raw.shape[:2]
         cache[name] = (letterbox(raw, job.size), content_mask(h, w, job.size))
     return cache[name]

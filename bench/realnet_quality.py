@@ -621,11 +621,11 @@ def main() -> None:
     p.add_argument("--backbone-weights", default=None, help="needed by --preset paper")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sia", default=None, help="existing SIA dataset root (else sia-gen)")
-    p.add_argument("--sia-per-category", type=int, default=LEGACY_SIA["per_category"])
+    p.add_argument("--sia-per-category", type=int, default=DEFAULT_SIA["per_category"])
     p.add_argument(
         "--sia-strengths",
         default=None,
-        help=f"sia-gen --strengths of the SIA made here (default {LEGACY_SIA['strengths']})",
+        help=f"sia-gen --strengths of the SIA made here (default {DEFAULT_SIA['strengths']})",
     )
     p.add_argument("--sia-sampler", choices=SAMPLERS, default=None, help="default ddpm")
     p.add_argument("--sia-steps", type=int, default=None, help="default 20")
@@ -698,9 +698,9 @@ def main() -> None:
             try:
                 setting = sia_setting(
                     args.sia_per_category,
-                    args.sia_strengths or LEGACY_SIA["strengths"],
-                    args.sia_sampler or LEGACY_SIA["sampler"],
-                    LEGACY_SIA["steps"] if args.sia_steps is None else args.sia_steps,
+                    args.sia_strengths or DEFAULT_SIA["strengths"],
+                    args.sia_sampler or DEFAULT_SIA["sampler"],
+                    DEFAULT_SIA["steps"] if args.sia_steps is None else args.sia_steps,
                     DEFAULT_SIA["strength_min_t"]
                     if args.sia_strength_min_t is None
                     else args.sia_strength_min_t,

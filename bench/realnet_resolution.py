@@ -52,7 +52,12 @@ sys.path.insert(0, str(ROOT))
 from realnet_train.checkpoint import checkpoint_fit, load_model  # noqa: E402
 from realnet_train.data.mvtec import MVTecCategory, MVTecItem  # noqa: E402
 from realnet_train.evaluate import predict  # noqa: E402
-from realnet_train.metrics import image_auroc, pixel_auroc, pro_auc  # noqa: E402
+from realnet_train.metrics import (  # noqa: E402
+    image_auroc,
+    image_auroc_per_type,
+    pixel_auroc,
+    pro_auc,
+)
 from realnet_train.model.realnet import image_scores  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -90,13 +95,10 @@ def score_rules(maps: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def per_type_auroc(items: list[MVTecItem], scores: np.ndarray) -> dict[str, float]:
-    """Image AUROC of each defect type's images against all good ones."""
+    """Image AUROC of all images and of each defect type's against all good ones."""
     labels = np.array([it.label for it in items])
-    out = {"all": image_auroc(labels, scores)}
-    for d in sorted({it.defect for it in items if it.label}):
-        sel = np.array([it.label == 0 or it.defect == d for it in items])
-        out[d] = image_auroc(labels[sel], scores[sel])
-    return out
+    per_type = image_auroc_per_type(labels, [it.defect for it in items], scores)
+    return {"all": image_auroc(labels, scores), **per_type}
 
 
 def edge_glow(
@@ -229,6 +231,30 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+EDGE_KEYS = ("good_border_over_interior", "good_max_in_border", "defect_max_on_truth")
+
+
+def _metric_cells(at: list[dict[str, Any]], types: list[str]) -> list[str]:
+    """One table row's cells over checkpoints: Image AUROC, Pixel AUROC, PRO, per type, edges."""
+    return [
+        _mean_sd([a["image_auroc"]["all"] for a in at]),
+        _mean_sd([a["pixel_auroc"] for a in at]),
+        _mean_sd([a["pro"] for a in at]),
+        *(_mean_sd([a["image_auroc"][t] for a in at]) for t in types),
+        *(_mean_sd([a["edges"][k] for a in at]) for k in EDGE_KEYS),
+    ]
+
+
+def _metric_header(first: str, types: list[str]) -> list[str]:
+    """The header and rule lines of a table of :func:`_metric_cells` rows."""
+    return [
+        f"| {first} | Image AUROC | Pixel AUROC | PRO | "
+        + " | ".join(types)
+        + " | good border/interior | good max in border | defect max on truth |",
+        "|---|---|---|---|" + "---|" * len(types) + "---|---|---|",
+    ]
+
+
 def markdown(runs: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """The tables: geometry (first checkpoint), score rules and sizes (mean ± sd over runs)."""
     g = runs[0]["geometry"]
@@ -273,24 +299,10 @@ def markdown(runs: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "## Evaluation size (the model trained at "
         f"{train} px, fed larger images; today's score rule)",
         "",
-        "| size | Image AUROC | Pixel AUROC | PRO | "
-        + " | ".join(types)
-        + " | good border/interior "
-        "| good max in border | defect max on truth |",
-        "|---|---|---|---|" + "---|" * len(types) + "---|---|---|",
+        *_metric_header("size", types),
     ]
     for s in sizes:
-        at = [r["sizes"][s] for r in runs]
-        cells = [
-            _mean_sd([a["image_auroc"]["all"] for a in at]),
-            _mean_sd([a["pixel_auroc"] for a in at]),
-            _mean_sd([a["pro"] for a in at]),
-            *(_mean_sd([a["image_auroc"][t] for a in at]) for t in types),
-            *(
-                _mean_sd([a["edges"][k] for a in at])
-                for k in ("good_border_over_interior", "good_max_in_border", "defect_max_on_truth")
-            ),
-        ]
+        cells = _metric_cells([r["sizes"][s] for r in runs], types)
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     if "calibration" in runs[0]:
         cal = [r["calibration"] for r in runs]
@@ -299,29 +311,12 @@ def markdown(runs: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"## Positional calibration at {train} px (the per-pixel mean and spread of the maps "
             f"of {cal[0]['n']} training normals; today's score rule)",
             "",
-            "| map | Image AUROC | Pixel AUROC | PRO | "
-            + " | ".join(types)
-            + " | good border/interior | good max in border | defect max on truth |",
-            "|---|---|---|---|" + "---|" * len(types) + "---|---|---|",
+            *_metric_header("map", types),
         ]
         variants = [("as is", [r["sizes"][train] for r in runs])]
         variants += [(name, [c[name] for c in cal]) for name in cal[0] if name != "n"]
         for name, at in variants:
-            cells = [
-                _mean_sd([a["image_auroc"]["all"] for a in at]),
-                _mean_sd([a["pixel_auroc"] for a in at]),
-                _mean_sd([a["pro"] for a in at]),
-                *(_mean_sd([a["image_auroc"][t] for a in at]) for t in types),
-                *(
-                    _mean_sd([a["edges"][k] for a in at])
-                    for k in (
-                        "good_border_over_interior",
-                        "good_max_in_border",
-                        "defect_max_on_truth",
-                    )
-                ),
-            ]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | " + " | ".join(_metric_cells(at, types)) + " |")
     lines += ["", f"Checkpoints: {', '.join(r['checkpoint'] for r in runs)}"]
     return "\n".join(lines) + "\n"
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from realnet_train.checkpoint import checkpoint_fit, load_model
 from realnet_train.data.mvtec import MVTecCategory
-from realnet_train.metrics import image_auroc, pixel_auroc, pro_auc
+from realnet_train.metrics import image_auroc, image_auroc_per_type, pixel_auroc, pro_auc
 from realnet_train.train import to_tensor
 
 log = logging.getLogger(__name__)
@@ -116,11 +116,7 @@ def evaluate(
     t_model = time.perf_counter()
     maps, scores = predict(model, images, batch_size)
     model_s = time.perf_counter() - t_model
-    per_type = {
-        d: image_auroc(labels[sel], scores[sel])
-        for d in sorted({it.defect for it in items if it.label})
-        if (sel := np.array([it.label == 0 or it.defect == d for it in items])).any()
-    }
+    per_type = image_auroc_per_type(labels, [it.defect for it in items], scores)
     metrics = {
         "category": category,
         "checkpoint": str(checkpoint),

@@ -24,6 +24,21 @@ def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(labels, np.asarray(scores, dtype=np.float64).ravel()))
 
 
+def image_auroc_per_type(
+    labels: np.ndarray, defects: list[str], scores: np.ndarray
+) -> dict[str, float]:
+    """Image AUROC of each defect type's images against all good ones (label 0).
+
+    Args: labels (N,) 0/1, defects (N,) each image's type, scores (N,).
+    """
+    kinds = sorted({d for d, y in zip(defects, labels, strict=True) if y})
+    out = {}
+    for kind in kinds:
+        sel = np.array([y == 0 or d == kind for d, y in zip(defects, labels, strict=True)])
+        out[kind] = image_auroc(labels[sel], scores[sel])
+    return out
+
+
 def _scored(maps: np.ndarray, masks: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
     """The (N, H, W) bool of pixels to score: ``valid``, or all of them."""
     if maps.shape != masks.shape or (valid is not None and np.shape(valid) != maps.shape):

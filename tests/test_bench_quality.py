@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
+from bench_helpers import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location(
-        "realnet_quality", ROOT / "bench" / "realnet_quality.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["realnet_quality"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("realnet_quality")
 
 
 def fit(n_train: int, ratio: float, coreset_s: float) -> dict:

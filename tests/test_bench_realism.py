@@ -3,23 +3,14 @@ sets of the same part, and grows with blur and with a different kind of image.""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from bench_helpers import load_bench
 from PIL import Image, ImageFilter
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def realism():
-    spec = importlib.util.spec_from_file_location("sia_realism", ROOT / "bench" / "sia_realism.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["sia_realism"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("sia_realism")
 
 
 def test_kid_orders_same_blurred_and_foreign_images(realism, shared_data):

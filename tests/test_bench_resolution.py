@@ -3,25 +3,18 @@ and its refusals of bad arguments."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_helpers import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def resolution():
-    spec = importlib.util.spec_from_file_location(
-        "realnet_resolution", ROOT / "bench" / "realnet_resolution.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["realnet_resolution"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("realnet_resolution")
 
 
 def test_thickness_of_lines_and_blobs(resolution):

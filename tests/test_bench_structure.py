@@ -4,25 +4,16 @@ the visible fraction counts exactly the pixels past its threshold. No sampling."
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+from bench_helpers import load_bench
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZE = 128
 
 
 @pytest.fixture(scope="module")
 def structure():
-    path = ROOT / "bench" / "sia_strength_structure.py"
-    spec = importlib.util.spec_from_file_location("sia_strength_structure", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["sia_strength_structure"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("sia_strength_structure")
 
 
 def blob(centre=(64, 64), width=12.0, height=0.3) -> np.ndarray:

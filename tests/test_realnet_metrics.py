@@ -132,3 +132,15 @@ def test_letterbox_padding_is_not_scored():
     assert pixel_auroc(maps, masks) < pixel_auroc(maps, masks, valid)
     with pytest.raises(ValueError, match="differ in shape"):
         pixel_auroc(maps, masks, valid[:, :6])
+
+
+def test_image_auroc_per_type_scores_each_type_against_all_good_images():
+    from realnet_train.metrics import image_auroc_per_type
+
+    labels = np.array([0, 0, 1, 1, 1])
+    defects = ["good", "good", "crack", "crack", "break"]
+    scores = np.array([0.1, 0.5, 0.9, 0.3, 0.2])
+    per_type = image_auroc_per_type(labels, defects, scores)
+    assert list(per_type) == ["break", "crack"]  # sorted, good is not a type
+    assert per_type["crack"] == pytest.approx(0.75)  # 0.9 beats both, 0.3 beats 0.1 only
+    assert per_type["break"] == pytest.approx(0.5)

@@ -23,6 +23,21 @@ def test_a_window_of_an_empty_mask_lies_anywhere_in_the_image():
     assert min(ys) <= 2 and max(ys) >= 30 and min(xs) <= 2 and max(xs) >= 30
 
 
+def test_windows_touch_the_image_edges_as_often_as_they_hold_its_inside():
+    # Uniform windows of a 2x image would touch an edge in 2 of 33 draws per axis; the
+    # evaluated whole image always has its border, so half the windows hold it.
+    rng = np.random.default_rng(0)
+    corners = np.array([crop_window(np.zeros((64, 64)), 32, rng) for _ in range(4000)])
+    for axis in (0, 1):
+        at_first, at_last = np.mean(corners[:, axis] == 0), np.mean(corners[:, axis] == 32)
+        assert 0.24 < at_first < 0.30 and 0.24 < at_last < 0.30
+    mask = np.zeros((64, 64), np.float32)
+    mask[20:22, 40:42] = 1  # windows holding it may start at y 0 but never reach x 0
+    corners = np.array([crop_window(mask, 32, rng) for _ in range(4000)])
+    assert np.mean(corners[:, 0] == 0) > 0.24 and np.mean(corners[:, 0] == 32) == 0
+    assert np.mean(corners[:, 1] == 32) > 0.24 and corners[:, 1].min() >= 9
+
+
 @pytest.mark.parametrize("spot", [(0, 0), (63, 63), (10, 50), (40, 5)])
 def test_a_window_always_holds_part_of_the_anomaly(spot):
     rng = np.random.default_rng(1)

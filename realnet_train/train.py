@@ -44,6 +44,7 @@ from sia_pipeline.compose import choose_rule
 
 log = logging.getLogger(__name__)
 LOG_EVERY_S = 60.0  # progress lines when stderr is not a terminal
+SYNC_EVERY = 25  # steps between reads of the losses from the device (and cross-rank checks)
 
 LOG_NAME = "train_log.json"
 BAD_EXAMPLES = 50  # bad-sample records kept in the log (the count is always complete)
@@ -406,23 +407,42 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict[str, Any]:
         mininterval=5,
         disable=not (dist.is_main and tty),
     )
+    # The losses stay on the device and are read every SYNC_EVERY steps in one transfer:
+    # a GPU is never made to wait for the host in between (no .item() per step).
+    pending: list[torch.Tensor] = []
+
+    def read_losses() -> None:
+        if pending:
+            for recon, seg in torch.stack(pending).tolist():
+                history["recon"].append(recon)
+                history["seg"].append(seg)
+            pending.clear()
+            bar.set_postfix(recon=f"{history['recon'][-1]:.3f}", seg=f"{history['seg'][-1]:.3f}")
+
     last_log = t0
+    total_bad, time_progress = bad.count, 0.0
     while True:
-        elapsed = time.perf_counter() - t0
-        over_time = cfg.time_budget_s is not None and elapsed >= cfg.time_budget_s
-        # One collective per step: every rank stops at the same step, and sees the same
-        # (mean) elapsed time for the lr schedule.
-        timed_out, new_bad, elapsed_sum = distributed.sum_across(
-            [float(over_time), len(bad.new), elapsed], dist
-        )
-        if new_bad:  # rare: merge the ranks' new bad samples, so none is counted twice
-            bad.share(dist)
-        total_bad = bad.count
-        if step >= cfg.steps or total_bad > cfg.max_bad_samples:
-            break
-        if timed_out:
-            log.info("time budget of %.0f s reached at step %d", cfg.time_budget_s, step)
-            break
+        # The stop checks take one collective on several ranks, so there they run every
+        # SYNC_EVERY steps and at the last (every rank at the same step: every rank stops
+        # at the same step, with the same bad samples, and sees the same mean elapsed time
+        # for the lr schedule); on one process they cost nothing and run every step.
+        at_end = step >= cfg.steps
+        if at_end or not dist.enabled or (step - start) % SYNC_EVERY == 0:
+            elapsed = time.perf_counter() - t0
+            over_time = cfg.time_budget_s is not None and elapsed >= cfg.time_budget_s
+            timed_out, new_bad, elapsed_sum = distributed.sum_across(
+                [float(over_time), len(bad.new), elapsed], dist
+            )
+            if new_bad:  # rare: merge the ranks' new bad samples, so none is counted twice
+                bad.share(dist)
+            total_bad = bad.count
+            if at_end or total_bad > cfg.max_bad_samples:
+                break
+            if timed_out:
+                log.info("time budget of %.0f s reached at step %d", cfg.time_budget_s, step)
+                break
+            if cfg.time_budget_s is not None:
+                time_progress = elapsed_sum / dist.world_size / cfg.time_budget_s
         t_wait = time.perf_counter()
         batch = next(batches)
         bad.add_batch(batch)
@@ -431,25 +451,23 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict[str, Any]:
         clean = to_device(batch["clean"], dist.device)
         losses = step_fn(images, clean, batch["mask"].to(dist.device, non_blocking=True))
         # Progress through the run: by steps, or by the time budget when that is further on.
-        progress = step / cfg.steps
-        if cfg.time_budget_s is not None:
-            progress = max(progress, elapsed_sum / dist.world_size / cfg.time_budget_s)
+        progress = max(step / cfg.steps, time_progress)
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg.lr, cfg.lr_schedule, progress)
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         opt.step()
-        if cuda:
-            torch.cuda.synchronize(dist.device)  # compute_s counts the GPU's work, not its queue
+        pending.append(torch.stack([losses["recon"].detach(), losses["seg"].detach()]))
         step += 1
         samples += images.shape[0]
+        bar.update(1)
+        now = time.perf_counter()
+        log_now = dist.is_main and not tty and now - last_log >= LOG_EVERY_S
+        if step % SYNC_EVERY == 0 or log_now:
+            read_losses()  # waits for the device: compute_s counts its work, not its queue
         wait_s += t_compute - t_wait
         compute_s += time.perf_counter() - t_compute
-        history["recon"].append(losses["recon"].item())
-        history["seg"].append(losses["seg"].item())
-        bar.update(1)
-        bar.set_postfix(recon=f"{history['recon'][-1]:.3f}", seg=f"{history['seg'][-1]:.3f}")
-        if dist.is_main and not tty and time.perf_counter() - last_log >= LOG_EVERY_S:
+        if log_now:
             last_log = time.perf_counter()
             log.info(
                 "step %d%s, recon %.3f, seg %.3f, %.2f s/step",
@@ -458,6 +476,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo) -> dict[str, Any]:
             )  # fmt: skip
         if step % cfg.checkpoint_every == 0:
             checkpoint(step)
+    read_losses()
     bar.close()
     calibration = None
     if total_bad > cfg.max_bad_samples:

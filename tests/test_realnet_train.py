@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from realnet_helpers import small_mvtec, tiny_train_config
 
 from realnet_train.evaluate import evaluate
 from realnet_train.model.config import RealNetConfig
@@ -165,3 +166,41 @@ def test_the_optimizer_is_fused_adam_with_the_loop_adams_update():
     # a checkpoint of the loop optimiser's state loads into the fused one (older runs resume)
     fused.load_state_dict(loop.state_dict())
     fused.step()
+
+
+def test_the_loop_reads_the_losses_off_the_device_once_per_sync_interval(
+    shared_data, tiny_sia, tmp_path, monkeypatch
+):
+    # A GPU must not wait for the host every step: the losses are read in one transfer
+    # every SYNC_EVERY steps (and at the end), not by .item() per step.
+    import realnet_train.train as train_module
+
+    monkeypatch.setattr(train_module, "SYNC_EVERY", 4)
+    data = small_mvtec(shared_data, tmp_path / "mvtec", n_train=8)
+    reads = []
+    for name in ("item", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, **kw):
+            reads.append(1)
+            return _real(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    counts = {}
+    for steps in (3, 11):
+        reads.clear()
+        log = train(tiny_train_config(data, tiny_sia, tmp_path / f"run{steps}", steps=steps))
+        counts[steps] = len(reads)
+        assert len(log["history"]["recon"]) == len(log["history"]["seg"]) == steps
+        assert all(np.isfinite(log["history"]["recon"]))
+    assert counts[11] - counts[3] == 2  # reads after steps 4 and 8; per-step reads would be 16
+
+
+def test_a_time_budget_stops_the_run_before_its_steps(shared_data, tiny_sia, tmp_path, caplog):
+    data = small_mvtec(shared_data, tmp_path / "mvtec", n_train=8)
+    cfg = tiny_train_config(data, tiny_sia, tmp_path / "run", steps=1000, time_budget_s=1e-6)
+    with caplog.at_level("INFO", logger="realnet_train.train"):
+        log = train(cfg)
+    assert log["step"] == 0 and log["history"] == {"recon": [], "seg": []}
+    assert (tmp_path / "run" / "last.pt").is_file()
+    assert "time budget of 0 s reached at step 0" in caplog.text

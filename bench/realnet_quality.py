@@ -96,7 +96,9 @@ CORESET_RATIO = 0.01  # anomalib's default, and that of every fit made before th
 METRICS = ("image_auroc", "pixel_auroc", "pro")
 log = logging.getLogger("realnet_quality")
 # The training settings a row depends on; rows made under others are run again.
-COMPARED = ("preset", "steps", "image_size", "crop_size", "lr_schedule", "resize")
+COMPARED = (
+    "preset", "steps", "image_size", "crop_size", "lr_schedule", "resize", "levels", "afs_keep",
+)  # fmt: skip
 # The sia-gen settings of the SIA this bench makes (--sia-*), and those every results file
 # made before they were options used (their rows carry no "sia_setting").
 LEGACY_SIA = {
@@ -109,6 +111,15 @@ LEGACY_SIA = {
 # The SIA this bench makes when not told otherwise: LEGACY_SIA's amount and strengths with
 # sia-gen's default --strength-min-t (the setting that won, realnet_quality-sia-t500.md).
 DEFAULT_SIA = {**LEGACY_SIA, "strength_min_t": DATASET.strength_min_t}
+
+
+def int_tuple(text: str) -> tuple[int, ...]:
+    """``"0,1,2"`` -> ``(0, 1, 2)`` (an argparse type)."""
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        msg = f"{text!r} is not a comma-separated list of ints"
+        raise argparse.ArgumentTypeError(msg) from None
 
 
 def all_square(folder: Path) -> bool:
@@ -127,6 +138,9 @@ def settings_of(meta: dict) -> dict:
     if meta.get("preset") in PRESETS and "image_size" not in meta:
         meta |= {"image_size": PRESETS[meta["preset"]].train["image_size"]}
         meta |= {"crop_size": None, "lr_schedule": "constant"}
+    if meta.get("preset") in PRESETS and "levels" not in meta:  # before --levels
+        model = PRESETS[meta["preset"]].model
+        meta |= {"levels": list(model["levels"]), "afs_keep": list(model["afs_keep"])}
     return {"resize": "letterbox", **{k: meta.get(k) for k in COMPARED if k in meta}}
 
 
@@ -137,8 +151,8 @@ def reusable_rows(old: dict, meta: dict, square: Callable[[str], bool]) -> list[
     categories whose images are all square (``square(category)``): a square image is resized
     alike by letterbox and squash, so the run is the same one (``tests/test_realnet_resize``).
     """
-    before = settings_of(old.get("meta", {}))
-    differ = {k for k in COMPARED if before.get(k) != meta[k]}
+    before, now = settings_of(old.get("meta", {})), settings_of(meta)
+    differ = {k for k in COMPARED if before.get(k) != now.get(k)}
     rows = old.get("runs", [])
     if not differ:
         return list(rows)
@@ -441,7 +455,11 @@ def training_settings(args) -> tuple[dict, RealNetConfig]:
             "lr_schedule": args.lr_schedule,
             "resize": args.resize,
         },
-        {"backbone_weights": args.backbone_weights},
+        {
+            "backbone_weights": args.backbone_weights,
+            "levels": args.levels,
+            "afs_keep": args.afs_keep,
+        },
     )
     return {**train_kw, "time_budget_s": None}, model  # equal steps, not equal seconds
 
@@ -562,7 +580,12 @@ def _size_note(meta: dict) -> str:
         note = f"trained on random {crop} px crops of {size} px images, evaluated at {size} px"
     else:
         note = f"{size} px"
-    return f"{note} ({meta.get('resize', 'letterbox')})"
+    note = f"{note} ({meta.get('resize', 'letterbox')})"
+    preset = PRESETS.get(meta.get("preset"))
+    if preset and meta.get("levels", list(preset.model["levels"])) != list(preset.model["levels"]):
+        keep = "/".join(str(k) for k in meta["afs_keep"])
+        note += f", backbone levels {','.join(map(str, meta['levels']))} (AFS keeps {keep})"
+    return note
 
 
 def markdown(summary: list[dict], patchcore: dict, meta: dict) -> str:
@@ -618,6 +641,8 @@ def main() -> None:
     p.add_argument("--crop-size", type=int, default=None, help="train crops; default: preset's")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None)
     p.add_argument("--resize", choices=FITS, default=None, help="default: preset's")
+    p.add_argument("--levels", type=int_tuple, default=None, help="backbone levels, e.g. 0,1,2,3")
+    p.add_argument("--afs-keep", type=int_tuple, default=None, help="channels kept per level")
     p.add_argument("--backbone-weights", default=None, help="needed by --preset paper")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sia", default=None, help="existing SIA dataset root (else sia-gen)")
@@ -679,7 +704,10 @@ def main() -> None:
     if missing := [c for c, r in roots.items() if r is None or not (r / c).is_dir()]:
         p.error(f"no category folder for {missing} (give --data ROOT holding them)")
     seeds = [int(s) for s in args.seeds.split(",")]
-    settings = training_settings(args)
+    try:
+        settings = training_settings(args)
+    except ValueError as e:
+        p.error(str(e))
     train_kw = settings[0]
     result_json = RESULTS / f"{args.tag}.json"
     old = json.loads(result_json.read_text()) if result_json.is_file() else {}
@@ -748,6 +776,8 @@ def main() -> None:
     meta = {
         "preset": args.preset,
         **{k: train_kw[k] for k in ("steps", "image_size", "crop_size", "lr_schedule", "resize")},
+        "levels": list(settings[1].levels),
+        "afs_keep": list(settings[1].afs_keep),
         "threads": args.threads,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs)",
         "sources_note": "; ".join(notes),

@@ -145,6 +145,10 @@ def test_rows_are_reused_only_when_the_run_would_be_the_same(quality, tmp_path):
     kept = quality.reusable_rows(before, squash, is_square)
     assert kept == [{**runs[0], "resize": "letterbox"}]  # the wide category trains again
     assert quality.reusable_rows(before, {**squash, "steps": 10}, is_square) == []
+    finer = {**squash, "levels": [0, 1, 2, 3], "afs_keep": [16, 24, 40, 56]}
+    assert quality.reusable_rows(before, finer, is_square) == []  # files before --levels: 1-4
+    cpu_levels = {"levels": [1, 2, 3, 4], "afs_keep": [24, 40, 56, 40]}
+    assert quality.reusable_rows(before, {**squash, **cpu_levels}, is_square) == kept
 
     note = quality.reuse_note([*kept, {**runs[1], "from_tag": "t"}], squash)
     assert "square (1 runs) run with --resize letterbox" in note

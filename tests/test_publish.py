@@ -250,6 +250,20 @@ def test_not_a_dataset_and_missing_bucket_exit_2(tmp_path, s3_endpoint, monkeypa
     assert "no-such-bucket-sia" in res.output and "Traceback" not in res.output
 
 
+def test_a_folder_that_is_not_a_dataset_is_refused_before_the_lease(tmp_path, monkeypatch):
+    from sia_pipeline.io.lease import Lease
+
+    def no_lease(self):
+        msg = "the lease was taken on a folder that is not a dataset"
+        raise AssertionError(msg)
+
+    monkeypatch.setattr(Lease, "acquire", no_lease)
+    (tmp_path / "notes.txt").write_text("mine")
+    res = run(str(tmp_path))
+    assert res.exit_code == 2 and "not an SIA dataset root" in res.output
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
 def test_sample_without_metadata_is_named(local_root):
     """A tar that matches its stats byte for byte can still break the format: named too."""
     import webdataset as wds

@@ -156,13 +156,11 @@ def _render_spec(index: dict[str, Any], manifest: pa.Table) -> dict[str, Any]:
     return dict(index, spec=spec)
 
 
-def verify_root(
-    storage: Storage, threads: int = VERIFY_THREADS, per_bin: int = PREVIEWS_PER_BIN
-) -> tuple[list[ShardCheck], list[ShardStats], dict[str, str], dict[str, Any] | None]:
-    """Every check on a root's shards, with the bytes of the preview samples kept.
+def check_root(storage: Storage) -> list[str]:
+    """The root's shard stats names, once it is known to be an SIA dataset root.
 
-    Returns:
-        (checks, stats, sha256 by stats-file name, index.json or None)
+    Raises:
+        PublishError: no shard stats, or a spec.json that fails its schema.
     """
     names = list_stats_names(storage)
     if not names:
@@ -173,6 +171,18 @@ def verify_root(
     except FormatError as e:
         msg = f"{e}; fix or remove it (nothing was published)"
         raise PublishError(msg) from None
+    return names
+
+
+def verify_root(
+    storage: Storage, threads: int = VERIFY_THREADS, per_bin: int = PREVIEWS_PER_BIN
+) -> tuple[list[ShardCheck], list[ShardStats], dict[str, str], dict[str, Any] | None]:
+    """Every check on a root's shards, with the bytes of the preview samples kept.
+
+    Returns:
+        (checks, stats, sha256 by stats-file name, index.json or None)
+    """
+    names = check_root(storage)
     stats, checks, stat_sums = load_stats(storage, names, threads)
     try:
         index = read_index(storage)
@@ -215,6 +225,7 @@ def publish(
         StorageError: the root is unreachable (missing bucket, no credentials).
     """
     storage = open_storage(root, endpoint_url)
+    check_root(storage)  # not a dataset: refused before the lease writes into it
     # One writer per root: not while sia-gen writes shards (the card would describe half a
     # dataset, the index race its commit), and no sia-gen starts while the card is written.
     try:  # writes nothing when a live driver holds it

@@ -13,6 +13,8 @@ Phases (each one bounded in time, its failure recorded and the next one run):
   folder, its images/s against the bare loop's of the same configuration.
 * ``realnet``: 50 ``realnet-train`` steps on CUDA, presets cpu and paper (random backbone
   weights written to a file), on a small synthetic MVTec-layout folder.
+* ``realnet_syncs``: host syncs per ``realnet-train`` step (expected 1 / SYNC_EVERY: the
+  losses read in one transfer every 25 steps), runs of 50 and 100 steps in-process.
 * ``train_diffusion``: ``sia-train-diffusion`` under ``torchrun --nproc_per_node 1`` (bf16).
 * ``cpu_vs_gpu``: the same keys sampled on CPU and on the GPU (the bundled model, fp32):
   mean and max absolute difference in uint8 levels.
@@ -124,6 +126,18 @@ def phase_sampling(args, device, record) -> None:
                 torch._dynamo.reset()  # the next config compiles afresh (no stale guards)
 
 
+def _host_syncs(fn) -> int:
+    """How many host syncs ``fn()`` makes, from torch's CUDA sync debug mode."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def phase_syncs(args, device, record) -> None:
     """Host syncs per step, from torch's own sync debug mode (CUDA only)."""
     model = paper_model(64, device)
@@ -137,15 +151,9 @@ def phase_syncs(args, device, record) -> None:
             g = ClassifierGuidance(clf, 1.0, "random") if guided else None
             s = Sampler(model, sampler_name, steps, guidance=g)
             cat = next(iter(model.categories))
-            s.sample([cat] * 4, [0.0, 0.1, 0.2, 0.3], [1, 2, 3, 4])  # warm (allocations)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-                try:
-                    s.sample([cat] * 4, [0.0, 0.1, 0.2, 0.3], [1, 2, 3, 4])
-                finally:
-                    torch.cuda.set_sync_debug_mode(0)
-            counts.append(sum("synchroniz" in str(w.message) for w in caught))
+            batch = ([cat] * 4, [0.0, 0.1, 0.2, 0.3], [1, 2, 3, 4])
+            s.sample(*batch)  # warm (allocations)
+            counts.append(_host_syncs(lambda s=s, batch=batch: s.sample(*batch)))
         out[name] = {"per_step": (counts[1] - counts[0]) / 3, "per_batch_of_3_steps": counts[0]}
         log.info("syncs %s: %s", name, out[name])
     record["host_syncs"] = out
@@ -222,17 +230,52 @@ def _synthetic_mvtec(root: Path, size: int = 256, n: int = 16) -> Path:
     return root
 
 
-def phase_realnet(args, device, record, work: Path) -> None:
-    import timm
+def _noise_textures(folder: Path) -> Path:
+    """Four random-noise images: the anomaly source of the RealNet phases."""
     from PIL import Image
 
-    data = _synthetic_mvtec(work / "mvtec", size=128 if args.dry else 256)
-    textures = work / "textures"  # the anomaly source: random noise textures
-    textures.mkdir(exist_ok=True)
+    folder.mkdir(exist_ok=True)
     rng = np.random.default_rng(1)
     for i in range(4):
         noise = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
-        Image.fromarray(noise).save(textures / f"t{i}.png")
+        Image.fromarray(noise).save(folder / f"t{i}.png")
+    return folder
+
+
+def phase_realnet_syncs(args, device, record, work: Path) -> None:
+    """Host syncs per realnet-train step: whole in-process runs (cpu preset, 128 px) of 2 and
+    4 x SYNC_EVERY steps, counted by CUDA's sync debug mode; AFS, calibration and the last
+    checkpoint cost both runs alike, so the difference is the loop's. A dry CPU run trains
+    2 and 4 steps and counts nothing (the debug mode is CUDA's)."""
+    from realnet_train.train import SYNC_EVERY, TrainConfig, train
+
+    data = _synthetic_mvtec(work / "mvtec-syncs", size=128)
+    textures = _noise_textures(work / "textures")
+    runs = (2, 4) if args.dry else (2 * SYNC_EVERY, 4 * SYNC_EVERY)
+    counts = []
+    for steps in runs:
+        cfg = TrainConfig(
+            category="bottle", data=str(data), out=str(work / f"syncs-{steps}"),
+            textures=str(textures), mix="normal=0.5,texture=0.5", steps=steps,
+            time_budget_s=None, afs_batches=2, checkpoint_every=10**6, device=device.type,
+            num_workers=2,
+        )  # fmt: skip
+        if device.type == "cuda":
+            counts.append(_host_syncs(lambda cfg=cfg: train(cfg)))
+        else:
+            train(cfg)
+    res = {"steps": list(runs), "expected_per_step": round(1 / SYNC_EVERY, 4)}
+    if counts:
+        res |= {"syncs": counts, "per_step": round((counts[1] - counts[0]) / runs[0], 4)}
+    record["realnet_syncs"] = res
+    log.info("realnet syncs: %s", res)
+
+
+def phase_realnet(args, device, record, work: Path) -> None:
+    import timm
+
+    data = _synthetic_mvtec(work / "mvtec", size=128 if args.dry else 256)
+    textures = _noise_textures(work / "textures")
     weights = work / "wrn50-random.pt"
     torch.save(timm.create_model("wide_resnet50_2", pretrained=False).state_dict(), weights)
     out = record["realnet_train"] = {}
@@ -323,7 +366,8 @@ def markdown(record: dict) -> str:
             f"{'-' if frac is None else f'{100 * frac:.1f}%'} | {r['warmup_s']:.1f} |"
         )
     lines.append("")
-    for key in ("host_syncs", "sia_gen", "realnet_train", "train_diffusion", "cpu_vs_gpu"):
+    keys = ("host_syncs", "sia_gen", "realnet_train", "realnet_syncs", "train_diffusion")
+    for key in (*keys, "cpu_vs_gpu"):
         if key in record:
             lines.append(f"- **{key}**: `{json.dumps(record[key], default=str)[:600]}`")
     for phase, err in record.get("errors", {}).items():
@@ -332,7 +376,9 @@ def markdown(record: dict) -> str:
 
 
 # by priority: a phase that would start past --deadline-s is skipped (and says so)
-PHASES = ("sampling", "syncs", "sia_gen", "cpu_vs_gpu", "realnet", "train_diffusion")
+PHASES = (
+    "sampling", "syncs", "sia_gen", "cpu_vs_gpu", "realnet", "realnet_syncs", "train_diffusion",
+)  # fmt: skip
 
 
 def main() -> int:
@@ -380,7 +426,7 @@ def main() -> int:
             log.info("phase %s", phase)
             fn = globals()[f"phase_{phase}"]
             try:
-                if phase in ("sia_gen", "realnet", "train_diffusion"):
+                if phase in ("sia_gen", "realnet", "realnet_syncs", "train_diffusion"):
                     fn(args, device, record, work)
                 else:
                     fn(args, device, record)

@@ -39,7 +39,7 @@ def test_gpu_check_refuses_without_cuda(tmp_path):
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     out = tmp_path / "check.json"
     cmd = [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--dry"]
-    cmd += ["--phases", "sampling,train_diffusion", "--out", str(out)]
+    cmd += ["--phases", "sampling,realnet_syncs,train_diffusion", "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -52,5 +52,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     }
     assert all(r["images_per_s"] > 0 for r in rows)
     assert record["train_diffusion"]["exit"] == 0
+    # the in-process realnet-train runs ran (their syncs are counted on CUDA only)
+    assert record["realnet_syncs"]["steps"] == [2, 4] and "per_step" not in record["realnet_syncs"]
     table = out.with_suffix(".md").read_text()
     assert "| batch | guided | config | images/s |" in table

@@ -171,10 +171,8 @@ def preset_config(kw: dict) -> tuple[dict, RealNetConfig]:
 def train_config(kw: dict):
     """All of ``realnet-train``'s checks; the :class:`TrainConfig` (creates nothing)."""
     from realnet_train import preflight
-    from realnet_train.train import TrainConfig
 
     endpoint = kw["s3_endpoint_url"]
-    train_kw, model = preset_config(kw)
     sources = {"--data": kw["data"], "--sia": kw["sia"], "--textures": kw["textures"]}
     out = preflight.check_out(kw["out"], inputs=sources)
     mvtec = preflight.open_category(kw["data"], kw["category"], endpoint)
@@ -189,6 +187,7 @@ def train_config(kw: dict):
         raise InputError(msg)
     if kw["sia"]:
         preflight.check_sia(kw["sia"], kw["category"], strengths, endpoint)
+    train_kw, model = preset_config(kw)  # after the paths: it builds the backbone (meta device)
     if kw["textures"]:
         preflight.check_textures(kw["textures"], train_kw["image_size"], endpoint)
     if len(mvtec.train_items) < 2 and kw["holdout"] > 0:
@@ -202,6 +201,8 @@ def train_config(kw: dict):
             raise InputError(msg)
     if kw["resume"]:
         preflight.check_resume(out, kw["category"])
+    from realnet_train.train import TrainConfig  # torch: once every cheap check has passed
+
     return TrainConfig(
         category=kw["category"],
         data=kw["data"],

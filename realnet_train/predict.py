@@ -274,17 +274,18 @@ def main(inputs, checkpoint, out, threshold, target_fpr, batch_size, overlays, t
     held-out good images unless --threshold or --target-fpr says otherwise.
     """
     setup_logging(verbose)
-    import torch
-
     from realnet_train import preflight
-    from realnet_train.checkpoint import checkpoint_fit, load_model
 
     try:
         preflight.check_inputs_exist(list(inputs), s3_endpoint_url)
         # Not into an INPUT folder (the next run would score its own overlays), nor over one.
         sources = {f"INPUT {i + 1}": url for i, url in enumerate(inputs)}
         out_dir = preflight.check_out(out, inputs=sources)
-        ckpt = preflight.check_checkpoint(checkpoint)
+        ckpt = preflight.check_checkpoint(checkpoint)  # imports torch once the paths are sound
+        import torch
+
+        from realnet_train.checkpoint import checkpoint_fit, load_model
+
         thr, source = resolve_threshold(ckpt, threshold, target_fpr)
         refs = list_inputs(list(inputs), s3_endpoint_url)
         if device == "cuda" and not torch.cuda.is_available():

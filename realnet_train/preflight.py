@@ -12,10 +12,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from realnet_train.checkpoint import CheckpointError, read_checkpoint
 from realnet_train.cli_common import InputError
 from realnet_train.data.mvtec import MVTecCategory
-from realnet_train.data.train_stream import TextureSource, parse_mix
+from realnet_train.data.sources import TextureSource, parse_mix
 from sia_pipeline.format.v1 import FormatError, list_shards
 from sia_pipeline.io.inputs import check_input, check_output, local_path, parse_strength_range
 from sia_pipeline.io.storage import (
@@ -128,6 +127,8 @@ def check_textures(textures: str, size: int, endpoint: str | None) -> None:
 def check_checkpoint(path: str, option: str = "--checkpoint") -> dict[str, Any]:
     """The checkpoint dict (read with ``weights_only``); refuses foreign files."""
     check_readable(path, option, folder=False)
+    from realnet_train.checkpoint import CheckpointError, read_checkpoint  # torch: only now
+
     try:
         return read_checkpoint(path)
     except CheckpointError as e:

@@ -36,7 +36,8 @@ from realnet_train.calibration import calibration_record, holdout_split
 from realnet_train.checkpoint import CHECKPOINT_NAME, checkpoint_dict, load_model, save_checkpoint
 from realnet_train.data.mvtec import MVTecCategory
 from realnet_train.data.sia_stream import sia_pipeline
-from realnet_train.data.train_stream import CompositeStream, StreamConfig, TextureSource, parse_mix
+from realnet_train.data.sources import TextureSource, parse_mix
+from realnet_train.data.train_stream import CompositeStream, StreamConfig
 from realnet_train.model.afs import channel_mask_errors
 from realnet_train.model.realnet import RealNet, RealNetConfig, realnet_losses
 from realnet_train.presets import CPU, LR_SCHEDULES

@@ -298,3 +298,30 @@ def test_the_crafted_checkpoint_really_runs_code_when_unpickled(tmp_path):
     marker = tmp_path / "PWNED"
     pickle.loads(pickle.dumps({"model": Exploit(marker)}))
     assert marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("entry", "args"),
+    [
+        ("realnet_train.cli:train_main", ["--category", "bottle", "--data", "NOPE", "--out", "o"]),
+        ("realnet_train.cli:train_main", ["--category", "bottle", "--data", "DATA", "--out", "o"]),
+        ("realnet_train.cli:eval_main", ["--checkpoint", "NOPE.pt", "--data", "DATA"]),
+        ("realnet_train.predict:main", ["--checkpoint", "NOPE.pt", "--out", "o", "DATA"]),
+        ("realnet_train.predict:main", ["--checkpoint", "x.pt", "--out", "o", "NOPE"]),
+    ],
+)
+def test_a_refused_path_is_answered_before_torch_is_imported(entry, args, shared_data, tmp_path):
+    # torch (and timm) take ~0.9 GB and seconds to import: a mistyped path is answered without.
+    data = str(shared_data / "mvtec_ad")
+    argv = [data if a == "DATA" else str(tmp_path / a) if a in ("NOPE", "o") else a for a in args]
+    argv = [str(tmp_path / a) if a.endswith(".pt") else a for a in argv]
+    module, func = entry.split(":")
+    code = (
+        "import sys, importlib\n"
+        f"cmd = getattr(importlib.import_module({module!r}), {func!r})\n"
+        f"try:\n    cmd.main({argv!r})\nexcept SystemExit as e:\n    status = e.code\n"
+        "print('torch' in sys.modules, 'timm' in sys.modules, status)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.split() == ["False", "False", "2"], proc.stderr[-2000:]
+    assert proc.stderr.count("error:") == 1 and not (tmp_path / "o").exists()

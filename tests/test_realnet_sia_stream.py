@@ -69,7 +69,7 @@ def test_resampled_stream_is_endless_and_seeded(tiny_sia):
 
 def test_training_loader_streams_sia_from_s3_in_a_worker(tiny_sia, s3_root, s3_client, shared_data):
     from realnet_train.data.mvtec import MVTecCategory
-    from realnet_train.data.train_stream import SOURCE_ID
+    from realnet_train.data.sources import SOURCE_ID
     from realnet_train.train import TrainConfig, build_loader
 
     upload_tree(tiny_sia, s3_root, s3_client)

@@ -32,9 +32,11 @@ def test_score_rules_pool_and_top_fraction(resolution):
     maps[0, 5, 5] = 1.0  # one hot pixel
     maps[1, 8:24, 8:24] = 0.25  # a wide, faint patch
     rules = resolution.score_rules(maps)
-    assert set(rules) == {"pool 1", "pool 4", "pool 8", "pool 16", "top 0.001", "top 0.01"}
+    pools = {f"pool {k}" for k in (1, 4, 8, 16, 32)}
+    assert set(rules) == pools | {"top 0.001", "top 0.01"}
     assert rules["pool 1"][0] == 1.0 and rules["pool 1"][1] == 0.25
     assert rules["pool 16"][0] == pytest.approx(1 / 256) and rules["pool 16"][1] == 0.25
+    assert rules["pool 32"][0] == pytest.approx(1 / 1024) and rules["pool 32"][1] == 0.0625
     # top 0.1 % of 1024 pixels is one pixel; 1 % is ten
     assert rules["top 0.001"][0] == 1.0 and rules["top 0.01"][0] == pytest.approx(0.1)
 

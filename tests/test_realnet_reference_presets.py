@@ -77,8 +77,9 @@ def test_help_and_docs_list_every_departure():
         assert line in " ".join(doc.split()), line
 
 
-def test_paper_preset_refuses_a_missing_weights_file(tmp_path):
-    base = ["--category", "bottle", "--data", str(tmp_path), "--textures", str(tmp_path)]
+def test_paper_preset_refuses_a_missing_weights_file(shared_data, tmp_path):
+    data, textures = shared_data / "mvtec_ad", shared_data / "dtd" / "images"
+    base = ["--category", "bottle", "--data", str(data), "--textures", str(textures)]
     out = tmp_path / "run"
     for extra in ([], ["--backbone-weights", str(tmp_path / "wrn50.pth")]):
         result = CliRunner().invoke(

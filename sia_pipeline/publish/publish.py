@@ -175,14 +175,19 @@ def check_root(storage: Storage) -> list[str]:
 
 
 def verify_root(
-    storage: Storage, threads: int = VERIFY_THREADS, per_bin: int = PREVIEWS_PER_BIN
+    storage: Storage,
+    threads: int = VERIFY_THREADS,
+    per_bin: int = PREVIEWS_PER_BIN,
+    names: list[str] | None = None,
 ) -> tuple[list[ShardCheck], list[ShardStats], dict[str, str], dict[str, Any] | None]:
     """Every check on a root's shards, with the bytes of the preview samples kept.
+
+    ``names``: the stats names :func:`check_root` returned (checked here when not given).
 
     Returns:
         (checks, stats, sha256 by stats-file name, index.json or None)
     """
-    names = check_root(storage)
+    names = check_root(storage) if names is None else names
     stats, checks, stat_sums = load_stats(storage, names, threads)
     try:
         index = read_index(storage)
@@ -225,7 +230,7 @@ def publish(
         StorageError: the root is unreachable (missing bucket, no credentials).
     """
     storage = open_storage(root, endpoint_url)
-    check_root(storage)  # not a dataset: refused before the lease writes into it
+    names = check_root(storage)  # not a dataset: refused before the lease writes into it
     # One writer per root: not while sia-gen writes shards (the card would describe half a
     # dataset, the index race its commit), and no sia-gen starts while the card is written.
     try:  # writes nothing when a live driver holds it
@@ -233,14 +238,16 @@ def publish(
     except LeaseHeld as e:
         raise PublishError(held_elsewhere(storage.url, e.holder)) from None
     try:
-        return _publish(storage, threads, previews_per_bin, lease)
+        return _publish(storage, threads, previews_per_bin, lease, names)
     finally:
         lease.release()
 
 
-def _publish(storage: Storage, threads: int, previews_per_bin: int, lease: Lease) -> PublishReport:
+def _publish(
+    storage: Storage, threads: int, previews_per_bin: int, lease: Lease, names: list[str]
+) -> PublishReport:
     report = PublishReport(storage.url)
-    checks, stats, stat_sums, index = verify_root(storage, threads, previews_per_bin)
+    checks, stats, stat_sums, index = verify_root(storage, threads, previews_per_bin, names)
     report.checks = checks
     if report.bad:
         log.warning("%d bad shard(s) under %s; publishing nothing", len(report.bad), storage.url)

@@ -67,6 +67,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from realnet_train.cli import parse_int_list
+from realnet_train.cli_common import InputError
 from realnet_train.data.mvtec import IMAGE_SUFFIXES
 from realnet_train.evaluate import evaluate
 from realnet_train.model.config import RealNetConfig
@@ -113,13 +115,16 @@ LEGACY_SIA = {
 DEFAULT_SIA = {**LEGACY_SIA, "strength_min_t": DATASET.strength_min_t}
 
 
-def int_tuple(text: str) -> tuple[int, ...]:
-    """``"0,1,2"`` -> ``(0, 1, 2)`` (an argparse type)."""
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        msg = f"{text!r} is not a comma-separated list of ints"
-        raise argparse.ArgumentTypeError(msg) from None
+def int_list(option: str) -> Callable[[str], tuple[int, ...]]:
+    """An argparse type: realnet-train's own parsing of ``option`` (e.g. ``--levels 1,2,3``)."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            return parse_int_list(text, option)
+        except InputError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
 
 
 def all_square(folder: Path) -> bool:
@@ -641,8 +646,12 @@ def main() -> None:
     p.add_argument("--crop-size", type=int, default=None, help="train crops; default: preset's")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None)
     p.add_argument("--resize", choices=FITS, default=None, help="default: preset's")
-    p.add_argument("--levels", type=int_tuple, default=None, help="backbone levels, e.g. 0,1,2,3")
-    p.add_argument("--afs-keep", type=int_tuple, default=None, help="channels kept per level")
+    p.add_argument(
+        "--levels", type=int_list("--levels"), default=None, help="backbone levels, e.g. 0,1,2,3"
+    )
+    p.add_argument(
+        "--afs-keep", type=int_list("--afs-keep"), default=None, help="channels kept per level"
+    )
     p.add_argument("--backbone-weights", default=None, help="needed by --preset paper")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sia", default=None, help="existing SIA dataset root (else sia-gen)")

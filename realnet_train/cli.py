@@ -63,7 +63,7 @@ def run_or_die(fn, *args, verbose: bool = False, hint: str = ""):
         die(f"{type(e).__name__}: {e}{hint} (rerun with -v for the traceback)", 1)
 
 
-def _int_list(text: str | None, option: str) -> tuple[int, ...] | None:
+def parse_int_list(text: str | None, option: str) -> tuple[int, ...] | None:
     """``"24,40"`` -> (24, 40); ``None`` stays ``None`` (the preset's value)."""
     if text is None:
         return None
@@ -94,17 +94,17 @@ def preset_config(kw: dict) -> tuple[dict, RealNetConfig]:
 
     Raises ``InputError`` when out of range, or when ``--preset paper`` lacks its weights file.
     """
-    levels = _int_list(kw["levels"], "--levels")
+    levels = parse_int_list(kw["levels"], "--levels")
     if levels is not None and (
         not levels or any(lv > 4 for lv in levels) or len(set(levels)) < len(levels)
     ):
         msg = f"--levels {kw['levels']!r} must be distinct backbone levels in 0..4"
         raise InputError(msg)
-    counts = _int_list(kw["rrs_counts"], "--rrs-counts")
+    counts = parse_int_list(kw["rrs_counts"], "--rrs-counts")
     if counts is not None and (len(counts) != 2 or min(counts) < 1):
         msg = f"--rrs-counts {kw['rrs_counts']!r} must be two numbers >= 1 (MAX,MEAN)"
         raise InputError(msg)
-    keep = _int_list(kw["afs_keep"], "--afs-keep")
+    keep = parse_int_list(kw["afs_keep"], "--afs-keep")
     if keep is not None and min(keep, default=0) < 1:
         msg = f"--afs-keep {kw['afs_keep']!r} must be numbers >= 1, one per level"
         raise InputError(msg)
